@@ -1,0 +1,131 @@
+"""The router's own KV event model (DESIGN §3.2).
+
+Every engine adapter (sim, TensorRT-LLM, vLLM / SGLang bridges) translates its
+engine's native events into these three types; the publisher batches them
+into Redis stream entries and the router applies them to its index.
+
+Engine hashes are opaque u64 values used only to apply removals and to find
+a stored block's parent; matching uses the router's own hashes of the token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+
+
+class Tier(IntEnum):
+    """Where a cached block lives; higher tiers are slower to reuse."""
+
+    GPU = 0
+    HOST = 1
+    DISK = 2
+
+    @classmethod
+    def parse(cls, value: str | int | Tier) -> Tier:
+        if isinstance(value, Tier):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        name = value.strip().upper()
+        aliases = {"GPU": "GPU", "DEVICE": "GPU", "HBM": "GPU", "CPU": "HOST", "HOST": "HOST",
+                   "DRAM": "HOST", "DISK": "DISK", "SSD": "DISK", "NVME": "DISK"}
+        if name not in aliases:
+            raise ValueError(f"unknown storage tier {value!r} (expected gpu, host or disk)")
+        return cls[aliases[name]]
+
+    @property
+    def wire(self) -> str:
+        return self.name.lower()
+
+
+def normalise_engine_hash(value: int | bytes) -> int:
+    """Engine hashes are u64 on the wire: accept signed i64 and 32-byte digests.
+
+    A 32-byte (sha256-style) digest is reduced to its low 64 bits, read big-endian
+    as the engines that emit them do.
+    """
+    if isinstance(value, bool):
+        raise TypeError("engine hash must be an int or bytes, not bool")
+    if isinstance(value, bytes | bytearray):
+        if len(value) == 0 or len(value) > 32:
+            raise ValueError(f"engine hash of {len(value)} bytes (expected 1..32)")
+        return int.from_bytes(bytes(value)[-8:], "big")
+    if isinstance(value, int):
+        if -(1 << 63) <= value < 0:
+            return value & U64_MAX
+        if 0 <= value <= U64_MAX:
+            return value
+        raise ValueError(f"engine hash {value} outside the signed or unsigned 64-bit range")
+    raise TypeError(f"engine hash must be an int or bytes, not {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored:
+    """Full blocks a worker now holds, chained under `parent` (None: prompt start).
+
+    Either `token_ids` (block_size tokens per hash, flattened) or `router_hashes`
+    (precomputed router sequence hashes, e.g. from the simulator) is set.
+    """
+
+    hashes: tuple[int, ...]
+    parent: int | None = None
+    token_ids: tuple[int, ...] | None = None
+    block_size: int = 0
+    router_hashes: tuple[int, ...] | None = None
+    tier: Tier = Tier.GPU
+    extra_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not self.hashes:
+            raise ValueError("BlockStored needs at least one block hash")
+        if self.token_ids is None and self.router_hashes is None:
+            raise ValueError("BlockStored needs token_ids or router_hashes")
+        if self.token_ids is not None:
+            if self.block_size <= 0:
+                raise ValueError("BlockStored with token_ids needs block_size > 0")
+            if len(self.token_ids) != self.block_size * len(self.hashes):
+                raise ValueError(
+                    f"BlockStored has {len(self.token_ids)} token ids for {len(self.hashes)} "
+                    f"blocks of {self.block_size}"
+                )
+        if self.router_hashes is not None and len(self.router_hashes) != len(self.hashes):
+            raise ValueError("BlockStored router_hashes and hashes differ in length")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved:
+    hashes: tuple[int, ...]
+    tier: Tier = Tier.GPU
+
+
+@dataclass(frozen=True, slots=True)
+class AllCleared:
+    pass
+
+
+KvEvent = BlockStored | BlockRemoved | AllCleared
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """A worker's own view of its load; corrects the router's reservations."""
+
+    running: int = 0
+    queued: int = 0
+    kv_used_blocks: int = 0
+    kv_free_blocks: int = 0
+    queued_prefill_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """One stream entry: one worker's events in order, with its sequence position."""
+
+    worker: str
+    epoch: str
+    seq: int
+    events: list[KvEvent] = field(default_factory=list)

@@ -1,0 +1,768 @@
+//! The prefix index: which workers hold which blocks of one model (DESIGN §2, §3.1).
+//!
+//! Router sequence hashes chain over their parents, so a prefix match is a walk
+//! down the prompt's hashes: `nodes` maps each router hash to the sorted list of
+//! workers holding it (with a tier mask per worker). This is a radix tree whose
+//! edges are implied by the hash chain, so no child pointers are stored.
+//!
+//! Engines name blocks by their own hashes; each worker keeps an engine-hash ->
+//! router-hash map used only to resolve parents of stored events and to apply
+//! removals (engine hashes are never trusted for matching).
+
+use hashbrown::HashMap;
+use smallvec::SmallVec;
+
+use crate::hashing::{chain_root, hash_blocks_from};
+use crate::payload::{Event, Stored};
+use crate::tier::Tier;
+
+/// One holder of a block: worker slot in the high bits, tier mask in the low 3.
+type Holder = u32;
+type Holders = SmallVec<[Holder; 2]>;
+
+const TIER_BITS: u32 = 3;
+const TIER_MASK: u32 = 0b111;
+/// Slots are dense per index; this bounds workers per model to 2^29.
+const MAX_SLOT: u32 = u32::MAX >> TIER_BITS;
+
+#[inline]
+fn holder_slot(h: Holder) -> u32 {
+    h >> TIER_BITS
+}
+#[inline]
+fn holder_mask(h: Holder) -> u8 {
+    (h & TIER_MASK) as u8
+}
+
+/// Outcome counters of one apply call; also accumulated into [`Stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyResult {
+    pub stored_blocks: u64,
+    pub duplicate_blocks: u64,
+    pub removed_blocks: u64,
+    pub unknown_removals: u64,
+    pub orphan_events: u64,
+    pub cleared_blocks: u64,
+    pub malformed: u64,
+    pub mismatched_events: u64,
+}
+
+impl ApplyResult {
+    pub fn add(&mut self, o: &ApplyResult) {
+        self.stored_blocks += o.stored_blocks;
+        self.duplicate_blocks += o.duplicate_blocks;
+        self.removed_blocks += o.removed_blocks;
+        self.unknown_removals += o.unknown_removals;
+        self.orphan_events += o.orphan_events;
+        self.cleared_blocks += o.cleared_blocks;
+        self.malformed += o.malformed;
+        self.mismatched_events += o.mismatched_events;
+    }
+}
+
+/// Per-worker prefix match: blocks of the contiguous matched prefix, split by the
+/// best tier holding each block.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Overlap {
+    pub gpu: u32,
+    pub host: u32,
+    pub disk: u32,
+}
+
+impl Overlap {
+    #[inline]
+    pub fn total(&self) -> u32 {
+        self.gpu + self.host + self.disk
+    }
+    #[inline]
+    fn bump(&mut self, mask: u8) {
+        match Tier::best(mask) {
+            Some(Tier::Gpu) => self.gpu += 1,
+            Some(Tier::Host) => self.host += 1,
+            Some(Tier::Disk) => self.disk += 1,
+            None => {}
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+struct WorkerState {
+    slot: u32,
+    /// Engine hash -> router hash of the engine block's last router block.
+    blocks: HashMap<u64, u64>,
+    /// Engine hash -> leading router hashes, only for engine blocks that span
+    /// several router blocks (engine block size a multiple of the router's).
+    split: HashMap<u64, Vec<u64>>,
+    /// (router block, worker) pairs held.
+    held: u64,
+}
+
+impl WorkerState {
+    fn router_hashes_of(&self, engine: u64) -> Option<SmallVec<[u64; 4]>> {
+        let last = *self.blocks.get(&engine)?;
+        let mut v: SmallVec<[u64; 4]> = SmallVec::new();
+        if let Some(lead) = self.split.get(&engine) {
+            v.extend_from_slice(lead);
+        }
+        v.push(last);
+        Some(v)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub events: u64,
+    pub totals: ApplyResult,
+    pub queries: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrefixIndex {
+    block_size: u32,
+    nodes: HashMap<u64, Holders>,
+    workers: HashMap<u64, WorkerState>,
+    slots: Vec<Option<u64>>,
+    free_slots: Vec<u32>,
+    stats: Stats,
+}
+
+enum AddOutcome {
+    New,
+    NewTier,
+    Duplicate,
+}
+
+impl PrefixIndex {
+    pub fn new(block_size: u32) -> Result<Self, String> {
+        if block_size == 0 {
+            return Err("block_size must be > 0".into());
+        }
+        Ok(PrefixIndex {
+            block_size,
+            nodes: HashMap::new(),
+            workers: HashMap::new(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn count_queries(&mut self, n: u64) {
+        self.stats.queries += n;
+    }
+
+    fn worker_mut(&mut self, worker: u64) -> Result<&mut WorkerState, String> {
+        if !self.workers.contains_key(&worker) {
+            let slot = match self.free_slots.pop() {
+                Some(s) => s,
+                None => {
+                    let s = self.slots.len() as u32;
+                    if s > MAX_SLOT {
+                        return Err("too many workers for one index".into());
+                    }
+                    self.slots.push(None);
+                    s
+                }
+            };
+            self.slots[slot as usize] = Some(worker);
+            self.workers.insert(worker, WorkerState { slot, ..WorkerState::default() });
+        }
+        Ok(self.workers.get_mut(&worker).expect("just inserted"))
+    }
+
+    fn node_add(nodes: &mut HashMap<u64, Holders>, hash: u64, slot: u32, bit: u8) -> AddOutcome {
+        let holders = nodes.entry(hash).or_default();
+        match holders.binary_search_by_key(&slot, |h| holder_slot(*h)) {
+            Ok(i) => {
+                let h = holders[i];
+                if holder_mask(h) & bit != 0 {
+                    AddOutcome::Duplicate
+                } else {
+                    holders[i] = h | u32::from(bit);
+                    AddOutcome::NewTier
+                }
+            }
+            Err(i) => {
+                holders.insert(i, (slot << TIER_BITS) | u32::from(bit));
+                AddOutcome::New
+            }
+        }
+    }
+
+    /// Clears `bits` of a holder; returns the mask it had (0: not held).
+    fn node_remove(nodes: &mut HashMap<u64, Holders>, hash: u64, slot: u32, bits: u8) -> u8 {
+        let Some(holders) = nodes.get_mut(&hash) else { return 0 };
+        let Ok(i) = holders.binary_search_by_key(&slot, |h| holder_slot(*h)) else { return 0 };
+        let h = holders[i];
+        let old = holder_mask(h);
+        let new = old & !bits;
+        if new == 0 {
+            holders.remove(i);
+            if holders.is_empty() {
+                nodes.remove(&hash);
+            } else if holders.spilled() && holders.len() <= 2 {
+                holders.shrink_to_fit();
+            }
+        } else {
+            holders[i] = (h & !TIER_MASK) | u32::from(new);
+        }
+        old
+    }
+
+    /// Applies a stored event. An unknown parent is an orphan: nothing changes.
+    pub fn apply_stored(&mut self, worker: u64, ev: &Stored) -> ApplyResult {
+        let mut res = ApplyResult::default();
+        if let Err(_e) = ev.validate() {
+            res.malformed = 1;
+            return self.account(res);
+        }
+        // Resolve the chain start before touching anything.
+        let parent_router = match ev.parent {
+            None => chain_root(ev.extra_key.as_deref()),
+            Some(p) => match self.workers.get(&worker).and_then(|w| w.blocks.get(&p)) {
+                Some(r) => *r,
+                None => {
+                    res.orphan_events = 1;
+                    return self.account(res);
+                }
+            },
+        };
+        // Router hashes grouped per engine block.
+        let per_engine: usize;
+        let router: Vec<u64> = match (&ev.router_hashes, &ev.tokens) {
+            (Some(r), _) => {
+                per_engine = 1;
+                r.clone()
+            }
+            (None, Some(tokens)) => {
+                let ebs = ev.block_size;
+                if ebs % self.block_size != 0 {
+                    res.mismatched_events = 1;
+                    return self.account(res);
+                }
+                per_engine = (ebs / self.block_size) as usize;
+                let mut out = Vec::with_capacity(ev.hashes.len() * per_engine);
+                hash_blocks_from(tokens, self.block_size as usize, parent_router, &mut out);
+                out
+            }
+            (None, None) => unreachable!("validated"),
+        };
+        let bit = ev.tier.bit();
+        if self.worker_mut(worker).is_err() {
+            res.malformed = 1;
+            return self.account(res);
+        }
+        // Borrow the worker and the node table as disjoint fields.
+        let ws = self.workers.get_mut(&worker).expect("created above");
+        let slot = ws.slot;
+        let mut added = 0u64;
+        for (engine, group) in ev.hashes.iter().zip(router.chunks_exact(per_engine)) {
+            let last = *group.last().expect("non-empty group");
+            // An engine hash re-stored under another router hash: drop the stale mapping.
+            if let Some(old) = ws.blocks.get(engine).copied() {
+                if old != last {
+                    let stale = ws.router_hashes_of(*engine).unwrap_or_default();
+                    for r in stale {
+                        if Self::node_remove(&mut self.nodes, r, slot, TIER_MASK as u8) != 0 {
+                            ws.held -= 1;
+                        }
+                    }
+                    ws.split.remove(engine);
+                }
+            }
+            for r in group {
+                match Self::node_add(&mut self.nodes, *r, slot, bit) {
+                    AddOutcome::New => {
+                        added += 1;
+                        res.stored_blocks += 1;
+                    }
+                    AddOutcome::NewTier => res.stored_blocks += 1,
+                    AddOutcome::Duplicate => res.duplicate_blocks += 1,
+                }
+            }
+            ws.blocks.insert(*engine, last);
+            if per_engine > 1 {
+                ws.split.insert(*engine, group[..per_engine - 1].to_vec());
+            }
+        }
+        ws.held += added;
+        self.account(res)
+    }
+
+    pub fn apply_removed(&mut self, worker: u64, hashes: &[u64], tier: Tier) -> ApplyResult {
+        let mut res = ApplyResult::default();
+        let Some(ws) = self.workers.get_mut(&worker) else {
+            res.unknown_removals = hashes.len() as u64;
+            return self.account(res);
+        };
+        let slot = ws.slot;
+        let bit = tier.bit();
+        for engine in hashes {
+            let Some(group) = ws.router_hashes_of(*engine) else {
+                res.unknown_removals += 1;
+                continue;
+            };
+            let mut gone = true;
+            let mut any = false;
+            for r in group {
+                let old = Self::node_remove(&mut self.nodes, r, slot, bit);
+                if old & bit != 0 {
+                    any = true;
+                    res.removed_blocks += 1;
+                }
+                if old & !bit != 0 {
+                    gone = false;
+                } else if old != 0 {
+                    ws.held -= 1;
+                }
+            }
+            if !any {
+                res.unknown_removals += 1;
+            }
+            if gone {
+                ws.blocks.remove(engine);
+                ws.split.remove(engine);
+            }
+        }
+        self.account(res)
+    }
+
+    pub fn clear_worker(&mut self, worker: u64) -> ApplyResult {
+        let mut res = ApplyResult::default();
+        let Some(ws) = self.workers.get_mut(&worker) else { return self.account(res) };
+        let slot = ws.slot;
+        for (engine, last) in ws.blocks.drain() {
+            if let Some(lead) = ws.split.get(&engine) {
+                for r in lead {
+                    if Self::node_remove(&mut self.nodes, *r, slot, TIER_MASK as u8) != 0 {
+                        res.cleared_blocks += 1;
+                    }
+                }
+            }
+            if Self::node_remove(&mut self.nodes, last, slot, TIER_MASK as u8) != 0 {
+                res.cleared_blocks += 1;
+            }
+        }
+        ws.split.clear();
+        ws.held = 0;
+        ws.blocks.shrink_to_fit();
+        ws.split.shrink_to_fit();
+        self.account(res)
+    }
+
+    /// Forgets a worker entirely; returns the blocks it held.
+    pub fn remove_worker(&mut self, worker: u64) -> u64 {
+        let cleared = self.clear_worker(worker).cleared_blocks;
+        if let Some(ws) = self.workers.remove(&worker) {
+            self.slots[ws.slot as usize] = None;
+            self.free_slots.push(ws.slot);
+        }
+        cleared
+    }
+
+    pub fn apply_event(&mut self, worker: u64, ev: &Event) -> ApplyResult {
+        match ev {
+            Event::Stored(s) => self.apply_stored(worker, s),
+            Event::Removed { hashes, tier } => self.apply_removed(worker, hashes, *tier),
+            Event::Cleared => self.clear_worker(worker),
+        }
+    }
+
+    /// Records an apply in the lifetime counters and passes it through.
+    fn account(&mut self, res: ApplyResult) -> ApplyResult {
+        self.stats.events += 1;
+        self.stats.totals.add(&res);
+        res
+    }
+
+    pub fn note_malformed(&mut self) -> ApplyResult {
+        let res = ApplyResult { malformed: 1, ..ApplyResult::default() };
+        self.stats.totals.add(&res);
+        res
+    }
+
+    /// Per worker (by id): the matched prefix of `hashes`, by tier.
+    pub fn find_matches(&self, hashes: &[u64]) -> Vec<(u64, Overlap)> {
+        let mut out = Vec::new();
+        self.find_matches_into(hashes, &mut out);
+        out
+    }
+
+    pub fn find_matches_into(&self, hashes: &[u64], out: &mut Vec<(u64, Overlap)>) {
+        out.clear();
+        let Some((first, rest)) = hashes.split_first() else { return };
+        let Some(holders) = self.nodes.get(first) else { return };
+        // Active workers, sorted by slot like every holder list.
+        let mut active: Vec<(u32, Overlap)> = holders
+            .iter()
+            .map(|h| {
+                let mut o = Overlap::default();
+                o.bump(holder_mask(*h));
+                (holder_slot(*h), o)
+            })
+            .collect();
+        let mut finished: Vec<(u32, Overlap)> = Vec::new();
+        for hash in rest {
+            let Some(holders) = self.nodes.get(hash) else { break };
+            // Merge-intersect the two sorted lists in place.
+            let mut keep = 0;
+            let mut j = 0;
+            for i in 0..active.len() {
+                let (slot, mut ov) = active[i];
+                while j < holders.len() && holder_slot(holders[j]) < slot {
+                    j += 1;
+                }
+                if j < holders.len() && holder_slot(holders[j]) == slot {
+                    ov.bump(holder_mask(holders[j]));
+                    active[keep] = (slot, ov);
+                    keep += 1;
+                } else {
+                    finished.push((slot, ov));
+                }
+            }
+            active.truncate(keep);
+            if active.is_empty() {
+                break;
+            }
+        }
+        finished.extend(active);
+        out.extend(finished.into_iter().filter_map(|(slot, ov)| self.slots[slot as usize].map(|w| (w, ov))));
+    }
+
+    pub fn workers(&self) -> Vec<u64> {
+        let mut w: Vec<u64> = self.workers.keys().copied().collect();
+        w.sort_unstable();
+        w
+    }
+
+    pub fn worker_blocks(&self, worker: u64) -> u64 {
+        self.workers.get(&worker).map_or(0, |w| w.held)
+    }
+
+    /// (router hash, tier mask) of every block a worker holds, sorted.
+    pub fn worker_router_hashes(&self, worker: u64) -> Vec<(u64, u8)> {
+        let Some(ws) = self.workers.get(&worker) else { return Vec::new() };
+        let mut out: Vec<(u64, u8)> = Vec::with_capacity(ws.held as usize);
+        let mut push = |r: u64| {
+            if let Some(holders) = self.nodes.get(&r) {
+                if let Ok(i) = holders.binary_search_by_key(&ws.slot, |h| holder_slot(*h)) {
+                    out.push((r, holder_mask(holders[i])));
+                }
+            }
+        };
+        for (engine, last) in &ws.blocks {
+            if let Some(lead) = ws.split.get(engine) {
+                lead.iter().for_each(|r| push(*r));
+            }
+            push(*last);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    pub fn worker_engine_hashes(&self, worker: u64) -> Vec<u64> {
+        let mut v: Vec<u64> = self.workers.get(&worker).map(|w| w.blocks.keys().copied().collect()).unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn num_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn num_entries(&self) -> u64 {
+        self.workers.values().map(|w| w.held).sum()
+    }
+
+    /// Heap bytes held by the index (tables at their capacity plus spilled lists).
+    pub fn memory_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let table = |cap: usize, entry: usize| cap * (entry + 1);
+        let mut total = table(self.nodes.capacity(), size_of::<(u64, Holders)>());
+        total += self.nodes.values().filter(|h| h.spilled()).map(|h| h.capacity() * size_of::<Holder>()).sum::<usize>();
+        total += table(self.workers.capacity(), size_of::<(u64, WorkerState)>());
+        for w in self.workers.values() {
+            total += table(w.blocks.capacity(), size_of::<(u64, u64)>());
+            total += table(w.split.capacity(), size_of::<(u64, Vec<u64>)>());
+            total += w.split.values().map(|v| v.capacity() * 8).sum::<usize>();
+        }
+        total + self.slots.capacity() * size_of::<Option<u64>>() + self.free_slots.capacity() * 4
+    }
+
+    // ---- snapshots -----------------------------------------------------------
+
+    /// The whole index as bytes: header, per-worker block maps with tier masks,
+    /// lifetime counters and a trailing xxh3 checksum.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.num_entries() as usize * 25);
+        out.extend_from_slice(SNAP_MAGIC);
+        out.extend_from_slice(&SNAP_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.block_size.to_le_bytes());
+        let mut ids = self.workers();
+        ids.sort_unstable();
+        out.extend_from_slice(&(ids.len() as u64).to_le_bytes());
+        for id in ids {
+            let ws = &self.workers[&id];
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&(ws.blocks.len() as u64).to_le_bytes());
+            // Sorted so that equal indexes give equal bytes (replicas can be compared).
+            let mut blocks: Vec<(&u64, &u64)> = ws.blocks.iter().collect();
+            blocks.sort_unstable();
+            for (engine, last) in blocks {
+                let lead: &[u64] = ws.split.get(engine).map_or(&[], |v| v.as_slice());
+                out.extend_from_slice(&engine.to_le_bytes());
+                out.extend_from_slice(&((lead.len() + 1) as u32).to_le_bytes());
+                for r in lead.iter().chain(std::iter::once(last)) {
+                    let mask = self
+                        .nodes
+                        .get(r)
+                        .and_then(|h| h.binary_search_by_key(&ws.slot, |x| holder_slot(*x)).ok().map(|i| holder_mask(h[i])))
+                        .unwrap_or(0);
+                    out.extend_from_slice(&r.to_le_bytes());
+                    out.push(mask);
+                }
+            }
+        }
+        let t = &self.stats.totals;
+        for v in [
+            self.stats.events,
+            t.stored_blocks,
+            t.duplicate_blocks,
+            t.removed_blocks,
+            t.unknown_removals,
+            t.orphan_events,
+            t.cleared_blocks,
+            t.malformed,
+            t.mismatched_events,
+        ] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        let sum = xxhash_rust::xxh3::xxh3_64(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    pub fn from_snapshot(data: &[u8]) -> Result<PrefixIndex, String> {
+        if data.len() < SNAP_MAGIC.len() + 8 + 8 + 8 {
+            return Err("snapshot too short".into());
+        }
+        let (body, sum) = data.split_at(data.len() - 8);
+        let expected = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
+        if &body[..SNAP_MAGIC.len()] != SNAP_MAGIC {
+            return Err("not a kvrouter index snapshot (bad magic)".into());
+        }
+        if xxhash_rust::xxh3::xxh3_64(body) != expected {
+            return Err("snapshot checksum mismatch (truncated or corrupted)".into());
+        }
+        let mut c = Cursor { buf: body, pos: SNAP_MAGIC.len() };
+        let version = c.u32()?;
+        if version != SNAP_VERSION {
+            return Err(format!("unsupported snapshot version {version} (expected {SNAP_VERSION})"));
+        }
+        let mut idx = PrefixIndex::new(c.u32()?)?;
+        let n_workers = c.u64()?;
+        for _ in 0..n_workers {
+            let id = c.u64()?;
+            if idx.workers.contains_key(&id) {
+                return Err(format!("snapshot lists worker {id} twice"));
+            }
+            let n_blocks = c.u64()?;
+            let slot = idx.worker_mut(id)?.slot;
+            let mut held = 0u64;
+            for _ in 0..n_blocks {
+                let engine = c.u64()?;
+                let k = c.u32()? as usize;
+                if k == 0 || k > 1 << 16 {
+                    return Err(format!("snapshot block group of {k} router blocks"));
+                }
+                let mut group = Vec::with_capacity(k);
+                for _ in 0..k {
+                    let r = c.u64()?;
+                    let mask = c.u8()?;
+                    if mask > 0b111 {
+                        return Err(format!("snapshot tier mask {mask:#b} out of range"));
+                    }
+                    if mask != 0 {
+                        for t in Tier::ALL {
+                            if mask & t.bit() != 0 {
+                                if let AddOutcome::New = Self::node_add(&mut idx.nodes, r, slot, t.bit()) {
+                                    held += 1;
+                                }
+                            }
+                        }
+                    }
+                    group.push(r);
+                }
+                let ws = idx.workers.get_mut(&id).expect("created above");
+                ws.blocks.insert(engine, *group.last().expect("k > 0"));
+                if k > 1 {
+                    group.pop();
+                    ws.split.insert(engine, group);
+                }
+            }
+            idx.workers.get_mut(&id).expect("created above").held = held;
+        }
+        let mut counters = [0u64; 9];
+        for v in counters.iter_mut() {
+            *v = c.u64()?;
+        }
+        if c.pos != body.len() {
+            return Err(format!("{} unexpected bytes at the end of the snapshot", body.len() - c.pos));
+        }
+        idx.stats.events = counters[0];
+        idx.stats.totals = ApplyResult {
+            stored_blocks: counters[1],
+            duplicate_blocks: counters[2],
+            removed_blocks: counters[3],
+            unknown_removals: counters[4],
+            orphan_events: counters[5],
+            cleared_blocks: counters[6],
+            malformed: counters[7],
+            mismatched_events: counters[8],
+        };
+        Ok(idx)
+    }
+}
+
+const SNAP_MAGIC: &[u8; 8] = b"KVRSNAP\x01";
+const SNAP_VERSION: u32 = 1;
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.pos + n > self.buf.len() {
+            return Err("snapshot truncated".into());
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hashing::hash_blocks;
+
+    fn stored_tokens(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> Stored {
+        Stored { hashes, parent, tokens: Some(tokens), block_size: bs, ..Stored::default() }
+    }
+
+    #[test]
+    fn store_and_match() {
+        let mut idx = PrefixIndex::new(4).unwrap();
+        let toks: Vec<u32> = (0..16).collect();
+        let r = idx.apply_stored(7, &stored_tokens(vec![1, 2, 3, 4], None, toks.clone(), 4));
+        assert_eq!(r.stored_blocks, 4);
+        let q = hash_blocks(&toks, 4, None);
+        assert_eq!(idx.find_matches(&q), vec![(7, Overlap { gpu: 4, host: 0, disk: 0 })]);
+        // Continue the chain from a parent.
+        let more: Vec<u32> = (16..24).collect();
+        let r = idx.apply_stored(7, &stored_tokens(vec![5, 6], Some(4), more, 4));
+        assert_eq!(r.stored_blocks, 2);
+        let all: Vec<u32> = (0..24).collect();
+        assert_eq!(idx.find_matches(&hash_blocks(&all, 4, None))[0].1.gpu, 6);
+    }
+
+    #[test]
+    fn orphan_changes_nothing() {
+        let mut idx = PrefixIndex::new(4).unwrap();
+        let r = idx.apply_stored(1, &stored_tokens(vec![9], Some(42), vec![1, 2, 3, 4], 4));
+        assert_eq!(r.orphan_events, 1);
+        assert_eq!(idx.num_nodes(), 0);
+        assert!(idx.workers().is_empty());
+    }
+
+    #[test]
+    fn removal_and_tiers() {
+        let mut idx = PrefixIndex::new(2).unwrap();
+        let toks: Vec<u32> = (0..6).collect();
+        idx.apply_stored(1, &stored_tokens(vec![10, 11, 12], None, toks.clone(), 2));
+        let mut host = stored_tokens(vec![10, 11, 12], None, toks.clone(), 2);
+        host.tier = Tier::Host;
+        idx.apply_stored(1, &host);
+        let q = hash_blocks(&toks, 2, None);
+        let r = idx.apply_removed(1, &[11], Tier::Gpu);
+        assert_eq!(r.removed_blocks, 1);
+        assert_eq!(idx.find_matches(&q), vec![(1, Overlap { gpu: 2, host: 1, disk: 0 })]);
+        let r = idx.apply_removed(1, &[11], Tier::Host);
+        assert_eq!(r.removed_blocks, 1);
+        assert_eq!(idx.find_matches(&q), vec![(1, Overlap { gpu: 1, host: 0, disk: 0 })]);
+        let r = idx.apply_removed(1, &[11, 99], Tier::Gpu);
+        assert_eq!(r.unknown_removals, 2);
+        assert_eq!(idx.worker_blocks(1), 2);
+    }
+
+    #[test]
+    fn several_workers_diverge() {
+        let mut idx = PrefixIndex::new(1).unwrap();
+        idx.apply_stored(1, &Stored { hashes: vec![1, 2, 3], router_hashes: Some(vec![1, 2, 3]), ..Stored::default() });
+        idx.apply_stored(2, &Stored { hashes: vec![1, 2], router_hashes: Some(vec![1, 2]), ..Stored::default() });
+        idx.apply_stored(3, &Stored { hashes: vec![1], router_hashes: Some(vec![1]), ..Stored::default() });
+        let mut m = idx.find_matches(&[1, 2, 3, 4]);
+        m.sort_by_key(|x| x.0);
+        let depths: Vec<(u64, u32)> = m.iter().map(|(w, o)| (*w, o.total())).collect();
+        assert_eq!(depths, vec![(1, 3), (2, 2), (3, 1)]);
+    }
+
+    #[test]
+    fn split_engine_blocks() {
+        let mut idx = PrefixIndex::new(16).unwrap();
+        let toks: Vec<u32> = (0..64).collect();
+        let r = idx.apply_stored(1, &stored_tokens(vec![100, 200], None, toks.clone(), 32));
+        assert_eq!(r.stored_blocks, 4);
+        assert_eq!(idx.find_matches(&hash_blocks(&toks, 16, None))[0].1.gpu, 4);
+        let r = idx.apply_removed(1, &[200], Tier::Gpu);
+        assert_eq!(r.removed_blocks, 2);
+        assert_eq!(idx.find_matches(&hash_blocks(&toks, 16, None))[0].1.gpu, 2);
+        let r = idx.apply_stored(1, &stored_tokens(vec![5], None, vec![0; 24], 24));
+        assert_eq!(r.mismatched_events, 1);
+    }
+
+    #[test]
+    fn clear_and_remove_worker_and_snapshot() {
+        let mut idx = PrefixIndex::new(4).unwrap();
+        let toks: Vec<u32> = (0..32).collect();
+        idx.apply_stored(1, &stored_tokens((1..=8).collect(), None, toks.clone(), 4));
+        idx.apply_stored(2, &stored_tokens((1..=4).collect(), None, toks[..16].to_vec(), 4));
+        let snap = idx.snapshot();
+        let back = PrefixIndex::from_snapshot(&snap).unwrap();
+        let q = hash_blocks(&toks, 4, None);
+        let mut a = idx.find_matches(&q);
+        let mut b = back.find_matches(&q);
+        a.sort_by_key(|x| x.0);
+        b.sort_by_key(|x| x.0);
+        assert_eq!(a, b);
+        assert_eq!(back.snapshot(), snap);
+        let mut bad = snap.clone();
+        bad[20] ^= 1;
+        assert!(PrefixIndex::from_snapshot(&bad).is_err());
+        assert!(PrefixIndex::from_snapshot(&snap[..snap.len() - 1]).is_err());
+        assert_eq!(idx.clear_worker(1).cleared_blocks, 8);
+        assert_eq!(idx.find_matches(&q), vec![(2, Overlap { gpu: 4, host: 0, disk: 0 })]);
+        assert_eq!(idx.remove_worker(2), 4);
+        assert_eq!(idx.num_nodes(), 0);
+    }
+}

@@ -1,0 +1,201 @@
+//! Load accounting (DESIGN §2 load path): what the router reserved itself, what
+//! engines report, and what other router replicas reserved.
+//!
+//! The load a scorer sees is the larger of the router's own reservations and the
+//! engine's last fresh report (reports catch traffic the router never saw;
+//! reservations lead reports in time), plus other replicas' in-flight load.
+
+use hashbrown::HashMap;
+
+use crate::scoring::LoadView;
+
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub worker: u64,
+    pub prefill_tokens: u64,
+    pub decode_blocks: u64,
+    pub prefill_done: bool,
+    pub expires_at: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Report {
+    pub running: u64,
+    pub queued: u64,
+    pub kv_used_blocks: u64,
+    pub kv_free_blocks: u64,
+    pub queued_prefill_tokens: u64,
+    pub at: f64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct External {
+    pub prefill_tokens: u64,
+    pub decode_blocks: u64,
+    pub requests: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct WorkerLoad {
+    pub routable: bool,
+    pub reserved_prefill_tokens: u64,
+    pub reserved_decode_blocks: u64,
+    pub reserved_requests: u64,
+    /// Reservations still waiting for prefill.
+    pub waiting_requests: u64,
+    pub report: Option<Report>,
+    pub external: External,
+}
+
+impl WorkerLoad {
+    pub fn view(&self, now: f64, report_ttl_s: f64) -> LoadView {
+        let fresh = self.report.filter(|r| now - r.at <= report_ttl_s);
+        let (r_prefill, r_decode, r_queue) =
+            fresh.map_or((0, 0, 0), |r| (r.queued_prefill_tokens, r.kv_used_blocks, r.queued));
+        LoadView {
+            prefill_tokens: self.reserved_prefill_tokens.max(r_prefill) + self.external.prefill_tokens,
+            decode_blocks: self.reserved_decode_blocks.max(r_decode) + self.external.decode_blocks,
+            queue: self.waiting_requests.max(r_queue) + self.external.requests,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadTable {
+    pub workers: HashMap<u64, WorkerLoad>,
+    /// Sorted routable worker ids, kept for deterministic candidate order.
+    routable: Vec<u64>,
+    reservations: HashMap<String, Reservation>,
+}
+
+impl LoadTable {
+    pub fn add_worker(&mut self, worker: u64) {
+        self.workers.entry(worker).or_insert_with(|| WorkerLoad { routable: true, ..WorkerLoad::default() });
+        self.refresh_routable();
+    }
+
+    /// Forgets a worker and its reservations; returns the dropped request ids.
+    pub fn remove_worker(&mut self, worker: u64) -> Vec<String> {
+        self.workers.remove(&worker);
+        let dropped: Vec<String> =
+            self.reservations.iter().filter(|(_, r)| r.worker == worker).map(|(k, _)| k.clone()).collect();
+        for id in &dropped {
+            self.reservations.remove(id);
+        }
+        self.refresh_routable();
+        dropped
+    }
+
+    pub fn set_routable(&mut self, worker: u64, routable: bool) -> Result<(), String> {
+        let w = self.workers.get_mut(&worker).ok_or_else(|| format!("unknown worker {worker}"))?;
+        w.routable = routable;
+        self.refresh_routable();
+        Ok(())
+    }
+
+    fn refresh_routable(&mut self) {
+        self.routable = self.workers.iter().filter(|(_, w)| w.routable).map(|(id, _)| *id).collect();
+        self.routable.sort_unstable();
+    }
+
+    pub fn routable(&self) -> &[u64] {
+        &self.routable
+    }
+
+    pub fn reserve(&mut self, request_id: &str, res: Reservation) -> Result<(), String> {
+        if self.reservations.contains_key(request_id) {
+            return Err(format!("request {request_id:?} already holds a reservation"));
+        }
+        let w = self.workers.get_mut(&res.worker).ok_or_else(|| format!("unknown worker {}", res.worker))?;
+        w.reserved_prefill_tokens += res.prefill_tokens;
+        w.reserved_decode_blocks += res.decode_blocks;
+        w.reserved_requests += 1;
+        w.waiting_requests += 1;
+        self.reservations.insert(request_id.to_owned(), res);
+        Ok(())
+    }
+
+    pub fn mark_prefill_done(&mut self, request_id: &str, new_expiry: f64) -> bool {
+        let Some(r) = self.reservations.get_mut(request_id) else { return false };
+        r.expires_at = r.expires_at.max(new_expiry);
+        if r.prefill_done {
+            return true;
+        }
+        r.prefill_done = true;
+        if let Some(w) = self.workers.get_mut(&r.worker) {
+            w.reserved_prefill_tokens -= r.prefill_tokens;
+            w.waiting_requests -= 1;
+        }
+        true
+    }
+
+    pub fn release(&mut self, request_id: &str) -> bool {
+        let Some(r) = self.reservations.remove(request_id) else { return false };
+        if let Some(w) = self.workers.get_mut(&r.worker) {
+            if !r.prefill_done {
+                w.reserved_prefill_tokens -= r.prefill_tokens;
+                w.waiting_requests -= 1;
+            }
+            w.reserved_decode_blocks -= r.decode_blocks;
+            w.reserved_requests -= 1;
+        }
+        true
+    }
+
+    pub fn has(&self, request_id: &str) -> bool {
+        self.reservations.contains_key(request_id)
+    }
+
+    /// Releases every reservation whose lease ran out; returns their ids.
+    pub fn expire(&mut self, now: f64) -> Vec<String> {
+        let ids: Vec<String> =
+            self.reservations.iter().filter(|(_, r)| r.expires_at <= now).map(|(k, _)| k.clone()).collect();
+        for id in &ids {
+            self.release(id);
+        }
+        ids
+    }
+
+    pub fn reservations(&self) -> usize {
+        self.reservations.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(worker: u64) -> Reservation {
+        Reservation { worker, prefill_tokens: 100, decode_blocks: 10, prefill_done: false, expires_at: 10.0 }
+    }
+
+    #[test]
+    fn reserve_done_release() {
+        let mut t = LoadTable::default();
+        t.add_worker(1);
+        t.reserve("a", res(1)).unwrap();
+        assert!(t.reserve("a", res(1)).is_err());
+        let v = t.workers[&1].view(0.0, 5.0);
+        assert_eq!((v.prefill_tokens, v.decode_blocks, v.queue), (100, 10, 1));
+        assert!(t.mark_prefill_done("a", 20.0));
+        let v = t.workers[&1].view(0.0, 5.0);
+        assert_eq!((v.prefill_tokens, v.decode_blocks, v.queue), (0, 10, 0));
+        assert!(t.release("a"));
+        assert!(!t.release("a"));
+        let v = t.workers[&1].view(0.0, 5.0);
+        assert_eq!(v, LoadView::default());
+    }
+
+    #[test]
+    fn expiry_and_reports() {
+        let mut t = LoadTable::default();
+        t.add_worker(1);
+        t.reserve("a", res(1)).unwrap();
+        assert!(t.expire(5.0).is_empty());
+        assert_eq!(t.expire(10.0), vec!["a".to_string()]);
+        let w = t.workers.get_mut(&1).unwrap();
+        w.report = Some(Report { queued: 3, kv_used_blocks: 50, at: 1.0, ..Report::default() });
+        assert_eq!(w.view(2.0, 5.0).decode_blocks, 50);
+        assert_eq!(w.view(7.0, 5.0).decode_blocks, 0, "stale report ignored");
+    }
+}

@@ -1,0 +1,211 @@
+//! A small, strict msgpack reader over a byte slice: enough for event payloads.
+//!
+//! Every read is bounds-checked and nesting is limited, so arbitrary (hostile)
+//! bytes yield an error, never a panic or an unbounded allocation.
+
+const MAX_DEPTH: u32 = 32;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Nil,
+    Bool(bool),
+    UInt(u64),
+    /// Negative integers only (non-negative ones are UInt).
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bin(Vec<u8>),
+    Array(Vec<Value>),
+    Map(Vec<(String, Value)>),
+    Ext,
+}
+
+impl Value {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Nil => "nil",
+            Value::Bool(_) => "bool",
+            Value::UInt(_) | Value::Int(_) => "int",
+            Value::Float(_) => "float",
+            Value::Str(_) => "str",
+            Value::Bin(_) => "bytes",
+            Value::Array(_) => "array",
+            Value::Map(_) => "map",
+            Value::Ext => "ext",
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Value::UInt(u) => u.to_string(),
+            Value::Int(i) => i.to_string(),
+            other => other.kind().to_string(),
+        }
+    }
+}
+
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    pub fn is_at_end(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.remaining() {
+            return Err(format!("truncated payload: need {n} bytes at offset {}", self.pos));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn be(&mut self, n: usize) -> Result<u64, String> {
+        Ok(self.take(n)?.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)))
+    }
+
+    fn len_checked(&self, n: u64, min_item: usize) -> Result<usize, String> {
+        // Each element takes at least `min_item` bytes: reject lengths the rest of
+        // the buffer cannot hold before allocating for them.
+        let n = usize::try_from(n).map_err(|_| "length overflow".to_string())?;
+        if n.saturating_mul(min_item) > self.remaining() {
+            return Err(format!("declared length {n} exceeds the {} bytes left", self.remaining()));
+        }
+        Ok(n)
+    }
+
+    fn str_of(&mut self, n: u64) -> Result<String, String> {
+        let n = self.len_checked(n, 1)?;
+        let b = self.take(n)?;
+        std::str::from_utf8(b).map(str::to_owned).map_err(|_| "invalid utf-8 in string".to_string())
+    }
+
+    fn bin_of(&mut self, n: u64) -> Result<Vec<u8>, String> {
+        let n = self.len_checked(n, 1)?;
+        Ok(self.take(n)?.to_vec())
+    }
+
+    fn array_of(&mut self, n: u64, depth: u32) -> Result<Value, String> {
+        let n = self.len_checked(n, 1)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            v.push(self.read_value(depth + 1)?);
+        }
+        Ok(Value::Array(v))
+    }
+
+    fn map_of(&mut self, n: u64, depth: u32) -> Result<Value, String> {
+        let n = self.len_checked(n, 2)?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = match self.read_value(depth + 1)? {
+                Value::Str(s) => s,
+                Value::Bin(b) => String::from_utf8(b).map_err(|_| "invalid utf-8 in map key".to_string())?,
+                other => return Err(format!("map key must be a string, got {}", other.kind())),
+            };
+            let val = self.read_value(depth + 1)?;
+            v.push((key, val));
+        }
+        Ok(Value::Map(v))
+    }
+
+    pub fn read_value(&mut self, depth: u32) -> Result<Value, String> {
+        if depth > MAX_DEPTH {
+            return Err("payload nested too deeply".into());
+        }
+        let m = self.u8()?;
+        Ok(match m {
+            0x00..=0x7f => Value::UInt(u64::from(m)),
+            0x80..=0x8f => return self.map_of(u64::from(m & 0x0f), depth),
+            0x90..=0x9f => return self.array_of(u64::from(m & 0x0f), depth),
+            0xa0..=0xbf => Value::Str(self.str_of(u64::from(m & 0x1f))?),
+            0xc0 => Value::Nil,
+            0xc2 => Value::Bool(false),
+            0xc3 => Value::Bool(true),
+            0xc4 => {
+                let n = self.be(1)?;
+                Value::Bin(self.bin_of(n)?)
+            }
+            0xc5 => {
+                let n = self.be(2)?;
+                Value::Bin(self.bin_of(n)?)
+            }
+            0xc6 => {
+                let n = self.be(4)?;
+                Value::Bin(self.bin_of(n)?)
+            }
+            0xc7..=0xc9 => {
+                let n = self.be([1, 2, 4][(m - 0xc7) as usize])?;
+                let n = self.len_checked(n, 1)?;
+                self.take(1 + n)?;
+                Value::Ext
+            }
+            0xca => Value::Float(f64::from(f32::from_bits(self.be(4)? as u32))),
+            0xcb => Value::Float(f64::from_bits(self.be(8)?)),
+            0xcc => Value::UInt(self.be(1)?),
+            0xcd => Value::UInt(self.be(2)?),
+            0xce => Value::UInt(self.be(4)?),
+            0xcf => Value::UInt(self.be(8)?),
+            0xd0 => int(i64::from(self.be(1)? as u8 as i8)),
+            0xd1 => int(i64::from(self.be(2)? as u16 as i16)),
+            0xd2 => int(i64::from(self.be(4)? as u32 as i32)),
+            0xd3 => int(self.be(8)? as i64),
+            0xd4..=0xd8 => {
+                self.take(1 + [1, 2, 4, 8, 16][(m - 0xd4) as usize])?;
+                Value::Ext
+            }
+            0xd9 => {
+                let n = self.be(1)?;
+                Value::Str(self.str_of(n)?)
+            }
+            0xda => {
+                let n = self.be(2)?;
+                Value::Str(self.str_of(n)?)
+            }
+            0xdb => {
+                let n = self.be(4)?;
+                Value::Str(self.str_of(n)?)
+            }
+            0xdc => {
+                let n = self.be(2)?;
+                return self.array_of(n, depth);
+            }
+            0xdd => {
+                let n = self.be(4)?;
+                return self.array_of(n, depth);
+            }
+            0xde => {
+                let n = self.be(2)?;
+                return self.map_of(n, depth);
+            }
+            0xdf => {
+                let n = self.be(4)?;
+                return self.map_of(n, depth);
+            }
+            0xe0..=0xff => Value::Int(i64::from(m as i8)),
+            0xc1 => return Err("invalid msgpack marker 0xc1".into()),
+        })
+    }
+}
+
+fn int(i: i64) -> Value {
+    if i >= 0 {
+        Value::UInt(i as u64)
+    } else {
+        Value::Int(i)
+    }
+}

@@ -1,0 +1,360 @@
+//! Python face of the prefix index and of block hashing.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+use super::convert;
+use crate::hashing;
+use crate::index::{ApplyResult, Overlap, PrefixIndex};
+use crate::payload::{self, Event, Stored};
+
+#[pyfunction]
+#[pyo3(signature = (tokens, block_size, extra_key=None))]
+pub fn hash_blocks(
+    py: Python<'_>,
+    tokens: &Bound<'_, PyAny>,
+    block_size: i64,
+    extra_key: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<u64>> {
+    let bs = convert::block_size(block_size, "block_size")?;
+    let toks = convert::tokens(tokens)?;
+    let key = convert::extra_key(extra_key)?;
+    Ok(py.allow_threads(|| hashing::hash_blocks(&toks, bs as usize, key.as_deref())))
+}
+
+#[pyfunction]
+pub fn local_block_hash(tokens: &Bound<'_, PyAny>) -> PyResult<u64> {
+    Ok(hashing::local_hash(&convert::tokens(tokens)?))
+}
+
+#[pyfunction]
+pub fn decode_payload<'py>(py: Python<'py>, payload: &[u8]) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    let events = py.allow_threads(|| payload::decode_payload(payload)).map_err(PyValueError::new_err)?;
+    events
+        .into_iter()
+        .map(|e| match e {
+            Event::Stored(s) => {
+                let tokens = s.tokens.map(|t| PyBytes::new(py, &t.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+                let extra = s.extra_key.map(|k| PyBytes::new(py, &k));
+                (
+                    "stored",
+                    s.hashes,
+                    s.parent,
+                    tokens,
+                    s.block_size,
+                    s.router_hashes,
+                    s.tier.name(),
+                    extra,
+                )
+                    .into_pyobject(py)
+            }
+            Event::Removed { hashes, tier } => ("removed", hashes, tier.name()).into_pyobject(py),
+            Event::Cleared => ("cleared",).into_pyobject(py),
+        })
+        .collect()
+}
+
+/// Counters of one apply call.
+#[pyclass(name = "ApplyResult", module = "kvrouter._core", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyApplyResult {
+    pub stored_blocks: u64,
+    pub duplicate_blocks: u64,
+    pub removed_blocks: u64,
+    pub unknown_removals: u64,
+    pub orphan_events: u64,
+    pub cleared_blocks: u64,
+    pub malformed: u64,
+    pub mismatched_events: u64,
+    /// Why a payload was rejected, if it was.
+    pub error: Option<String>,
+}
+
+impl PyApplyResult {
+    fn ok(r: ApplyResult) -> Self {
+        PyApplyResult {
+            stored_blocks: r.stored_blocks,
+            duplicate_blocks: r.duplicate_blocks,
+            removed_blocks: r.removed_blocks,
+            unknown_removals: r.unknown_removals,
+            orphan_events: r.orphan_events,
+            cleared_blocks: r.cleared_blocks,
+            malformed: r.malformed,
+            mismatched_events: r.mismatched_events,
+            error: None,
+        }
+    }
+}
+
+#[pymethods]
+impl PyApplyResult {
+    fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("stored_blocks", self.stored_blocks)?;
+        d.set_item("duplicate_blocks", self.duplicate_blocks)?;
+        d.set_item("removed_blocks", self.removed_blocks)?;
+        d.set_item("unknown_removals", self.unknown_removals)?;
+        d.set_item("orphan_events", self.orphan_events)?;
+        d.set_item("cleared_blocks", self.cleared_blocks)?;
+        d.set_item("malformed", self.malformed)?;
+        d.set_item("mismatched_events", self.mismatched_events)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ApplyResult(stored={}, duplicate={}, removed={}, unknown_removals={}, orphans={}, cleared={}, malformed={}, mismatched={}{})",
+            self.stored_blocks,
+            self.duplicate_blocks,
+            self.removed_blocks,
+            self.unknown_removals,
+            self.orphan_events,
+            self.cleared_blocks,
+            self.malformed,
+            self.mismatched_events,
+            self.error.as_ref().map(|e| format!(", error={e:?}")).unwrap_or_default()
+        )
+    }
+}
+
+/// Decodes and applies one payload; a malformed payload changes nothing.
+pub(crate) fn apply_payload_to(idx: &mut PrefixIndex, worker: u64, events: Result<Vec<Event>, String>) -> PyApplyResult {
+    match events {
+        Ok(events) => {
+            let mut total = ApplyResult::default();
+            for e in &events {
+                total.add(&idx.apply_event(worker, e));
+            }
+            PyApplyResult::ok(total)
+        }
+        Err(msg) => {
+            let mut r = PyApplyResult::ok(idx.note_malformed());
+            r.error = Some(msg);
+            r
+        }
+    }
+}
+
+pub(crate) fn overlaps_dict<'py>(py: Python<'py>, m: &[(u64, Overlap)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (w, o) in m {
+        d.set_item(*w, (o.gpu, o.host, o.disk))?;
+    }
+    Ok(d)
+}
+
+/// Which workers hold which blocks, for one model. Thread-safe: queries share a
+/// read lock, updates take the write lock; long calls release the GIL.
+#[pyclass(name = "PrefixIndex", module = "kvrouter._core", frozen)]
+pub struct PyPrefixIndex {
+    pub(crate) inner: Arc<RwLock<PrefixIndex>>,
+    #[pyo3(get)]
+    block_size: u32,
+}
+
+#[pymethods]
+impl PyPrefixIndex {
+    #[new]
+    fn new(block_size: i64) -> PyResult<Self> {
+        let bs = convert::block_size(block_size, "block_size")?;
+        let idx = PrefixIndex::new(bs).map_err(PyValueError::new_err)?;
+        Ok(PyPrefixIndex { inner: Arc::new(RwLock::new(idx)), block_size: bs })
+    }
+
+    #[pyo3(signature = (worker, hashes, parent=None, token_ids=None, router_hashes=None, tier="gpu", extra_key=None, engine_block_size=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn apply_stored(
+        &self,
+        py: Python<'_>,
+        worker: u64,
+        hashes: &Bound<'_, PyAny>,
+        parent: Option<&Bound<'_, PyAny>>,
+        token_ids: Option<&Bound<'_, PyAny>>,
+        router_hashes: Option<&Bound<'_, PyAny>>,
+        tier: &str,
+        extra_key: Option<&Bound<'_, PyAny>>,
+        engine_block_size: Option<i64>,
+    ) -> PyResult<PyApplyResult> {
+        let ev = Stored {
+            hashes: convert::hashes(hashes)?,
+            parent: match parent {
+                Some(p) if !p.is_none() => Some(convert::hash_value(p)?),
+                _ => None,
+            },
+            tokens: match token_ids {
+                Some(t) if !t.is_none() => Some(convert::tokens(t)?),
+                _ => None,
+            },
+            block_size: match engine_block_size {
+                Some(b) => convert::block_size(b, "engine_block_size")?,
+                None => self.block_size,
+            },
+            router_hashes: match router_hashes {
+                Some(r) if !r.is_none() => Some(convert::hashes(r)?),
+                _ => None,
+            },
+            tier: convert::tier(tier)?,
+            extra_key: convert::extra_key(extra_key)?,
+        };
+        ev.validate().map_err(PyValueError::new_err)?;
+        let r = py.allow_threads(|| self.inner.write().apply_stored(worker, &ev));
+        Ok(PyApplyResult::ok(r))
+    }
+
+    #[pyo3(signature = (worker, hashes, tier="gpu"))]
+    fn apply_removed(&self, py: Python<'_>, worker: u64, hashes: &Bound<'_, PyAny>, tier: &str) -> PyResult<PyApplyResult> {
+        let hashes = convert::hashes(hashes)?;
+        let tier = convert::tier(tier)?;
+        Ok(PyApplyResult::ok(py.allow_threads(|| self.inner.write().apply_removed(worker, &hashes, tier))))
+    }
+
+    fn clear_worker(&self, py: Python<'_>, worker: u64) -> PyApplyResult {
+        PyApplyResult::ok(py.allow_threads(|| self.inner.write().clear_worker(worker)))
+    }
+
+    fn remove_worker(&self, py: Python<'_>, worker: u64) -> u64 {
+        py.allow_threads(|| self.inner.write().remove_worker(worker))
+    }
+
+    fn apply_payload(&self, py: Python<'_>, worker: u64, payload: &[u8]) -> PyApplyResult {
+        py.allow_threads(|| {
+            let events = payload::decode_payload(payload);
+            apply_payload_to(&mut self.inner.write(), worker, events)
+        })
+    }
+
+    fn apply_payloads(&self, py: Python<'_>, batch: Vec<(u64, Vec<u8>)>) -> Vec<PyApplyResult> {
+        py.allow_threads(|| {
+            // Decode outside the write lock so queries keep flowing meanwhile.
+            let decoded: Vec<(u64, Result<Vec<Event>, String>)> =
+                batch.iter().map(|(w, p)| (*w, payload::decode_payload(p))).collect();
+            let mut idx = self.inner.write();
+            decoded.into_iter().map(|(w, ev)| apply_payload_to(&mut idx, w, ev)).collect()
+        })
+    }
+
+    fn find_matches<'py>(&self, py: Python<'py>, router_hashes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+        let hashes = convert::hashes(router_hashes)?;
+        let m = py.allow_threads(|| self.inner.read().find_matches(&hashes));
+        overlaps_dict(py, &m)
+    }
+
+    #[pyo3(signature = (tokens, extra_key=None))]
+    fn find_matches_tokens<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        extra_key: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let toks = convert::tokens(tokens)?;
+        let key = convert::extra_key(extra_key)?;
+        let bs = self.block_size as usize;
+        let m = py.allow_threads(|| {
+            let hashes = hashing::hash_blocks(&toks, bs, key.as_deref());
+            self.inner.read().find_matches(&hashes)
+        });
+        overlaps_dict(py, &m)
+    }
+
+    fn find_matches_batch<'py>(&self, py: Python<'py>, queries: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let qs: Vec<Vec<u64>> = queries.try_iter()?.map(|q| convert::hashes(&q?)).collect::<PyResult<_>>()?;
+        let results = py.allow_threads(|| {
+            let idx = self.inner.read();
+            let mut out = Vec::with_capacity(qs.len());
+            for q in &qs {
+                out.push(idx.find_matches(q));
+            }
+            out
+        });
+        results.iter().map(|m| overlaps_dict(py, m)).collect()
+    }
+
+    fn workers(&self) -> Vec<u64> {
+        self.inner.read().workers()
+    }
+
+    fn blocks_per_worker<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let idx = self.inner.read();
+        let d = PyDict::new(py);
+        for w in idx.workers() {
+            d.set_item(w, idx.worker_blocks(w))?;
+        }
+        Ok(d)
+    }
+
+    fn worker_blocks(&self, worker: u64) -> u64 {
+        self.inner.read().worker_blocks(worker)
+    }
+
+    fn worker_router_hashes(&self, py: Python<'_>, worker: u64) -> Vec<(u64, u8)> {
+        py.allow_threads(|| self.inner.read().worker_router_hashes(worker))
+    }
+
+    fn worker_engine_hashes(&self, worker: u64) -> Vec<u64> {
+        self.inner.read().worker_engine_hashes(worker)
+    }
+
+    fn num_nodes(&self) -> usize {
+        self.inner.read().num_nodes()
+    }
+
+    fn num_entries(&self) -> u64 {
+        self.inner.read().num_entries()
+    }
+
+    fn memory_bytes(&self, py: Python<'_>) -> usize {
+        py.allow_threads(|| self.inner.read().memory_bytes())
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let idx = self.inner.read();
+        let s = idx.stats();
+        let d = PyApplyResult::ok(s.totals).as_dict(py)?;
+        d.set_item("events", s.events)?;
+        d.set_item("queries", s.queries)?;
+        d.set_item("nodes", idx.num_nodes())?;
+        d.set_item("entries", idx.num_entries())?;
+        d.set_item("workers", idx.workers().len())?;
+        Ok(d)
+    }
+
+    fn snapshot<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let bytes = py.allow_threads(|| self.inner.read().snapshot());
+        PyBytes::new(py, &bytes)
+    }
+
+    #[staticmethod]
+    fn from_snapshot(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
+        let idx = py.allow_threads(|| PrefixIndex::from_snapshot(data)).map_err(PyValueError::new_err)?;
+        let bs = idx.block_size();
+        Ok(PyPrefixIndex { inner: Arc::new(RwLock::new(idx)), block_size: bs })
+    }
+
+    fn load_snapshot(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let idx = py.allow_threads(|| PrefixIndex::from_snapshot(data)).map_err(PyValueError::new_err)?;
+        if idx.block_size() != self.block_size {
+            return Err(PyValueError::new_err(format!(
+                "snapshot block size {} differs from this index's {}",
+                idx.block_size(),
+                self.block_size
+            )));
+        }
+        *self.inner.write() = idx;
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        let idx = self.inner.read();
+        format!(
+            "PrefixIndex(block_size={}, workers={}, nodes={}, entries={})",
+            self.block_size,
+            idx.workers().len(),
+            idx.num_nodes(),
+            idx.num_entries()
+        )
+    }
+}

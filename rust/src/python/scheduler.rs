@@ -1,0 +1,458 @@
+//! Python face of the scheduler: one call hashes, matches, scores and reserves.
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use pyo3::exceptions::{PyKeyError, PyValueError};
+use pyo3::prelude::*;
+
+use super::convert;
+use super::index::PyPrefixIndex;
+use crate::hashing;
+use crate::index::PrefixIndex;
+use crate::load::{External, Report, WorkerLoad};
+use crate::scheduler::{Config, Decision, RouteRequest, Scheduler};
+use crate::scoring::{Candidate, Policy, Weights};
+
+#[pyclass(name = "Candidate", module = "kvrouter._core", frozen, get_all)]
+#[derive(Clone)]
+pub struct PyCandidate {
+    worker: u64,
+    gpu_blocks: u32,
+    host_blocks: u32,
+    disk_blocks: u32,
+    new_prefill_tokens: u64,
+    decode_blocks: u64,
+    queue: u64,
+    cost: f64,
+}
+
+impl From<&Candidate> for PyCandidate {
+    fn from(c: &Candidate) -> Self {
+        PyCandidate {
+            worker: c.worker,
+            gpu_blocks: c.overlap.gpu,
+            host_blocks: c.overlap.host,
+            disk_blocks: c.overlap.disk,
+            new_prefill_tokens: c.new_prefill_tokens,
+            decode_blocks: c.decode_blocks,
+            queue: c.queue,
+            cost: c.cost,
+        }
+    }
+}
+
+#[pymethods]
+impl PyCandidate {
+    fn __repr__(&self) -> String {
+        format!(
+            "Candidate(worker={}, gpu={}, host={}, disk={}, new_prefill_tokens={}, decode_blocks={}, queue={}, cost={:.3})",
+            self.worker, self.gpu_blocks, self.host_blocks, self.disk_blocks, self.new_prefill_tokens, self.decode_blocks, self.queue, self.cost
+        )
+    }
+}
+
+#[pyclass(name = "Decision", module = "kvrouter._core", frozen)]
+pub struct PyDecision {
+    d: Decision,
+    #[pyo3(get)]
+    request_id: Option<String>,
+}
+
+#[pymethods]
+impl PyDecision {
+    #[getter]
+    fn worker(&self) -> u64 {
+        self.d.worker
+    }
+    #[getter]
+    fn overlap_blocks(&self) -> u32 {
+        self.d.overlap.total()
+    }
+    #[getter]
+    fn gpu_blocks(&self) -> u32 {
+        self.d.overlap.gpu
+    }
+    #[getter]
+    fn host_blocks(&self) -> u32 {
+        self.d.overlap.host
+    }
+    #[getter]
+    fn disk_blocks(&self) -> u32 {
+        self.d.overlap.disk
+    }
+    #[getter]
+    fn prompt_blocks(&self) -> u64 {
+        self.d.prompt_blocks
+    }
+    #[getter]
+    fn prompt_tokens(&self) -> u64 {
+        self.d.prompt_tokens
+    }
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.d.policy.name()
+    }
+    #[getter]
+    fn candidates(&self) -> Vec<PyCandidate> {
+        self.d.candidates.iter().map(PyCandidate::from).collect()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "Decision(worker={}, overlap_blocks={}, prompt_blocks={}, policy={})",
+            self.d.worker,
+            self.d.overlap.total(),
+            self.d.prompt_blocks,
+            self.d.policy.name()
+        )
+    }
+}
+
+#[pyclass(name = "WorkerLoad", module = "kvrouter._core", frozen, get_all)]
+pub struct PyWorkerLoad {
+    worker: u64,
+    routable: bool,
+    reserved_prefill_tokens: u64,
+    reserved_decode_blocks: u64,
+    reserved_requests: u64,
+    waiting_requests: u64,
+    reported_running: u64,
+    reported_queued: u64,
+    reported_kv_used_blocks: u64,
+    reported_kv_free_blocks: u64,
+    external_prefill_tokens: u64,
+    external_decode_blocks: u64,
+    external_requests: u64,
+    prefill_tokens: u64,
+    decode_blocks: u64,
+    queue: u64,
+}
+
+impl PyWorkerLoad {
+    fn new(worker: u64, w: &WorkerLoad, now: f64, ttl: f64) -> Self {
+        let v = w.view(now, ttl);
+        let r = w.report.unwrap_or_default();
+        PyWorkerLoad {
+            worker,
+            routable: w.routable,
+            reserved_prefill_tokens: w.reserved_prefill_tokens,
+            reserved_decode_blocks: w.reserved_decode_blocks,
+            reserved_requests: w.reserved_requests,
+            waiting_requests: w.waiting_requests,
+            reported_running: r.running,
+            reported_queued: r.queued,
+            reported_kv_used_blocks: r.kv_used_blocks,
+            reported_kv_free_blocks: r.kv_free_blocks,
+            external_prefill_tokens: w.external.prefill_tokens,
+            external_decode_blocks: w.external.decode_blocks,
+            external_requests: w.external.requests,
+            prefill_tokens: v.prefill_tokens,
+            decode_blocks: v.decode_blocks,
+            queue: v.queue,
+        }
+    }
+}
+
+#[pymethods]
+impl PyWorkerLoad {
+    fn __repr__(&self) -> String {
+        format!(
+            "WorkerLoad(worker={}, routable={}, prefill_tokens={}, decode_blocks={}, queue={}, reserved_requests={})",
+            self.worker, self.routable, self.prefill_tokens, self.decode_blocks, self.queue, self.reserved_requests
+        )
+    }
+}
+
+fn policy(name: Option<&str>) -> PyResult<Option<Policy>> {
+    name.map(|n| Policy::parse(n).map_err(PyValueError::new_err)).transpose()
+}
+
+fn finite(v: f64, what: &str) -> PyResult<f64> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(PyValueError::new_err(format!("{what} must be a finite number >= 0, got {v}")));
+    }
+    Ok(v)
+}
+
+/// Scores workers for one model (DESIGN §3.3) and accounts the load it creates.
+#[pyclass(name = "Scheduler", module = "kvrouter._core", frozen)]
+pub struct PyScheduler {
+    index: Arc<RwLock<PrefixIndex>>,
+    block_size: u32,
+    inner: Mutex<Scheduler>,
+}
+
+impl PyScheduler {
+    fn at(&self, s: &Scheduler, now: Option<f64>) -> f64 {
+        now.unwrap_or_else(|| s.clock())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn route_impl(
+        &self,
+        py: Python<'_>,
+        hashes: Vec<u64>,
+        prompt_tokens: u64,
+        request_id: Option<String>,
+        expected_output_tokens: i64,
+        candidates: Option<Vec<u64>>,
+        policy_name: Option<&str>,
+        explain: bool,
+        reserve: bool,
+        now: Option<f64>,
+    ) -> PyResult<PyDecision> {
+        let expected = convert::non_negative(expected_output_tokens, "expected_output_tokens")?;
+        let policy = policy(policy_name)?;
+        if let Some(id) = &request_id {
+            if id.is_empty() {
+                return Err(PyValueError::new_err("request_id must not be empty"));
+            }
+        }
+        let d = py.allow_threads(|| {
+            let idx = self.index.read();
+            let mut s = self.inner.lock();
+            let now = self.at(&s, now);
+            let req = RouteRequest {
+                hashes: &hashes,
+                prompt_tokens,
+                request_id: request_id.as_deref(),
+                expected_output_tokens: expected,
+                candidates: candidates.as_deref(),
+                policy,
+                explain,
+                reserve,
+                now,
+            };
+            s.route(&idx, &req)
+        });
+        let d = d.map_err(PyValueError::new_err)?;
+        Ok(PyDecision { d, request_id })
+    }
+}
+
+#[pymethods]
+impl PyScheduler {
+    #[new]
+    #[pyo3(signature = (index, policy="kv", prefill_weight=1.0, decode_weight=1.0, queue_weight=0.0, temperature=0.0, host_credit=0.5, disk_credit=0.25, lease_s=300.0, report_ttl_s=5.0, seed=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        index: &PyPrefixIndex,
+        policy: &str,
+        prefill_weight: f64,
+        decode_weight: f64,
+        queue_weight: f64,
+        temperature: f64,
+        host_credit: f64,
+        disk_credit: f64,
+        lease_s: f64,
+        report_ttl_s: f64,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let config = Config {
+            policy: Policy::parse(policy).map_err(PyValueError::new_err)?,
+            weights: Weights { prefill: prefill_weight, decode: decode_weight, queue: queue_weight, temperature, host_credit, disk_credit },
+            lease_s: finite(lease_s, "lease_s")?,
+            report_ttl_s: finite(report_ttl_s, "report_ttl_s")?,
+        };
+        let seed = seed.unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        let s = Scheduler::new(config, seed).map_err(PyValueError::new_err)?;
+        Ok(PyScheduler { index: index.inner.clone(), block_size: index.inner.read().block_size(), inner: Mutex::new(s) })
+    }
+
+    #[getter]
+    fn policy(&self) -> &'static str {
+        self.inner.lock().config.policy.name()
+    }
+
+    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn configure(
+        &self,
+        policy: Option<&str>,
+        prefill_weight: Option<f64>,
+        decode_weight: Option<f64>,
+        queue_weight: Option<f64>,
+        temperature: Option<f64>,
+        host_credit: Option<f64>,
+        disk_credit: Option<f64>,
+        lease_s: Option<f64>,
+        report_ttl_s: Option<f64>,
+    ) -> PyResult<()> {
+        let mut s = self.inner.lock();
+        let mut c = s.config.clone();
+        if let Some(p) = policy {
+            c.policy = Policy::parse(p).map_err(PyValueError::new_err)?;
+        }
+        let w = &mut c.weights;
+        w.prefill = prefill_weight.unwrap_or(w.prefill);
+        w.decode = decode_weight.unwrap_or(w.decode);
+        w.queue = queue_weight.unwrap_or(w.queue);
+        w.temperature = temperature.unwrap_or(w.temperature);
+        w.host_credit = host_credit.unwrap_or(w.host_credit);
+        w.disk_credit = disk_credit.unwrap_or(w.disk_credit);
+        w.validate().map_err(PyValueError::new_err)?;
+        if let Some(l) = lease_s {
+            c.lease_s = finite(l, "lease_s")?;
+        }
+        if let Some(t) = report_ttl_s {
+            c.report_ttl_s = finite(t, "report_ttl_s")?;
+        }
+        s.config = c;
+        Ok(())
+    }
+
+    fn add_worker(&self, worker: u64) {
+        self.inner.lock().load.add_worker(worker);
+    }
+
+    fn remove_worker(&self, worker: u64) -> Vec<String> {
+        self.inner.lock().load.remove_worker(worker)
+    }
+
+    fn set_routable(&self, worker: u64, routable: bool) -> PyResult<()> {
+        self.inner.lock().load.set_routable(worker, routable).map_err(PyKeyError::new_err)
+    }
+
+    fn workers(&self) -> Vec<u64> {
+        let s = self.inner.lock();
+        let mut v: Vec<u64> = s.load.workers.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[pyo3(signature = (tokens, extra_key=None, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        extra_key: Option<&Bound<'_, PyAny>>,
+        request_id: Option<String>,
+        expected_output_tokens: i64,
+        candidates: Option<Vec<u64>>,
+        policy: Option<&str>,
+        explain: bool,
+        reserve: bool,
+        now: Option<f64>,
+    ) -> PyResult<PyDecision> {
+        let toks = convert::tokens(tokens)?;
+        if toks.is_empty() {
+            return Err(PyValueError::new_err("prompt has no tokens"));
+        }
+        let key = convert::extra_key(extra_key)?;
+        let bs = self.block_size as usize;
+        let hashes = py.allow_threads(|| hashing::hash_blocks(&toks, bs, key.as_deref()));
+        self.route_impl(py, hashes, toks.len() as u64, request_id, expected_output_tokens, candidates, policy, explain, reserve, now)
+    }
+
+    #[pyo3(signature = (router_hashes, prompt_tokens, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn route_hashes(
+        &self,
+        py: Python<'_>,
+        router_hashes: &Bound<'_, PyAny>,
+        prompt_tokens: i64,
+        request_id: Option<String>,
+        expected_output_tokens: i64,
+        candidates: Option<Vec<u64>>,
+        policy: Option<&str>,
+        explain: bool,
+        reserve: bool,
+        now: Option<f64>,
+    ) -> PyResult<PyDecision> {
+        let hashes = convert::hashes(router_hashes)?;
+        let prompt = convert::non_negative(prompt_tokens, "prompt_tokens")?;
+        if prompt == 0 {
+            return Err(PyValueError::new_err("prompt has no tokens"));
+        }
+        self.route_impl(py, hashes, prompt, request_id, expected_output_tokens, candidates, policy, explain, reserve, now)
+    }
+
+    #[pyo3(signature = (worker, request_id, prefill_tokens, decode_blocks, now=None))]
+    fn reserve(&self, worker: u64, request_id: &str, prefill_tokens: i64, decode_blocks: i64, now: Option<f64>) -> PyResult<()> {
+        let p = convert::non_negative(prefill_tokens, "prefill_tokens")?;
+        let d = convert::non_negative(decode_blocks, "decode_blocks")?;
+        let mut s = self.inner.lock();
+        let now = self.at(&s, now);
+        s.reserve(worker, request_id, p, d, now).map_err(PyValueError::new_err)
+    }
+
+    #[pyo3(signature = (request_id, now=None))]
+    fn mark_prefill_done(&self, request_id: &str, now: Option<f64>) -> bool {
+        let mut s = self.inner.lock();
+        let now = self.at(&s, now);
+        s.mark_prefill_done(request_id, now)
+    }
+
+    fn release(&self, request_id: &str) -> bool {
+        self.inner.lock().load.release(request_id)
+    }
+
+    fn has_reservation(&self, request_id: &str) -> bool {
+        self.inner.lock().load.has(request_id)
+    }
+
+    #[pyo3(signature = (now=None))]
+    fn expire(&self, now: Option<f64>) -> Vec<String> {
+        let mut s = self.inner.lock();
+        let now = self.at(&s, now);
+        s.load.expire(now)
+    }
+
+    #[pyo3(signature = (worker, running, queued, kv_used_blocks, kv_free_blocks, queued_prefill_tokens=0, now=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn report_load(
+        &self,
+        worker: u64,
+        running: i64,
+        queued: i64,
+        kv_used_blocks: i64,
+        kv_free_blocks: i64,
+        queued_prefill_tokens: i64,
+        now: Option<f64>,
+    ) -> PyResult<()> {
+        let report = Report {
+            running: convert::non_negative(running, "running")?,
+            queued: convert::non_negative(queued, "queued")?,
+            kv_used_blocks: convert::non_negative(kv_used_blocks, "kv_used_blocks")?,
+            kv_free_blocks: convert::non_negative(kv_free_blocks, "kv_free_blocks")?,
+            queued_prefill_tokens: convert::non_negative(queued_prefill_tokens, "queued_prefill_tokens")?,
+            at: 0.0,
+        };
+        let mut s = self.inner.lock();
+        let at = self.at(&s, now);
+        s.report_load(worker, Report { at, ..report }).map_err(PyKeyError::new_err)
+    }
+
+    fn set_external_load(&self, worker: u64, prefill_tokens: i64, decode_blocks: i64, requests: i64) -> PyResult<()> {
+        let ext = External {
+            prefill_tokens: convert::non_negative(prefill_tokens, "prefill_tokens")?,
+            decode_blocks: convert::non_negative(decode_blocks, "decode_blocks")?,
+            requests: convert::non_negative(requests, "requests")?,
+        };
+        self.inner.lock().set_external(worker, ext).map_err(PyKeyError::new_err)
+    }
+
+    #[pyo3(signature = (worker, now=None))]
+    fn load(&self, worker: u64, now: Option<f64>) -> PyResult<PyWorkerLoad> {
+        let s = self.inner.lock();
+        let now = self.at(&s, now);
+        let w = s.load.workers.get(&worker).ok_or_else(|| PyKeyError::new_err(format!("unknown worker {worker}")))?;
+        Ok(PyWorkerLoad::new(worker, w, now, s.config.report_ttl_s))
+    }
+
+    #[pyo3(signature = (now=None))]
+    fn loads(&self, now: Option<f64>) -> Vec<PyWorkerLoad> {
+        let s = self.inner.lock();
+        let now = self.at(&s, now);
+        let mut ids: Vec<u64> = s.load.workers.keys().copied().collect();
+        ids.sort_unstable();
+        ids.iter().map(|id| PyWorkerLoad::new(*id, &s.load.workers[id], now, s.config.report_ttl_s)).collect()
+    }
+
+    fn now(&self) -> f64 {
+        self.inner.lock().clock()
+    }
+}

@@ -1,0 +1,194 @@
+//! The scheduler of one model: match, score, choose and reserve in one call.
+//! The gRPC service, the fleet simulator and the benchmarks all route through here.
+
+use std::time::Instant;
+
+use crate::index::{Overlap, PrefixIndex};
+use crate::load::{External, LoadTable, Report, Reservation};
+use crate::scoring::{choose, cost_all, Candidate, LoadView, Policy, Rng, Weights};
+
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub worker: u64,
+    pub overlap: Overlap,
+    pub prompt_blocks: u64,
+    pub prompt_tokens: u64,
+    pub policy: Policy,
+    /// Every candidate's breakdown, when asked for.
+    pub candidates: Vec<Candidate>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub policy: Policy,
+    pub weights: Weights,
+    pub lease_s: f64,
+    pub report_ttl_s: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { policy: Policy::Kv, weights: Weights::default(), lease_s: 300.0, report_ttl_s: 5.0 }
+    }
+}
+
+pub struct RouteRequest<'a> {
+    pub hashes: &'a [u64],
+    pub prompt_tokens: u64,
+    pub request_id: Option<&'a str>,
+    pub expected_output_tokens: u64,
+    pub candidates: Option<&'a [u64]>,
+    pub policy: Option<Policy>,
+    pub explain: bool,
+    pub reserve: bool,
+    pub now: f64,
+}
+
+pub struct Scheduler {
+    pub config: Config,
+    pub load: LoadTable,
+    rng: Rng,
+    rr: u64,
+    epoch: Instant,
+}
+
+impl Scheduler {
+    pub fn new(config: Config, seed: u64) -> Result<Scheduler, String> {
+        config.weights.validate()?;
+        Ok(Scheduler { config, load: LoadTable::default(), rng: Rng::new(seed), rr: 0, epoch: Instant::now() })
+    }
+
+    /// Seconds on this scheduler's monotonic clock.
+    pub fn clock(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    pub fn view(&self, worker: u64, now: f64) -> LoadView {
+        self.load.workers.get(&worker).map_or_else(LoadView::default, |w| w.view(now, self.config.report_ttl_s))
+    }
+
+    pub fn route(&mut self, index: &PrefixIndex, req: &RouteRequest<'_>) -> Result<Decision, String> {
+        let policy = req.policy.unwrap_or(self.config.policy);
+        let block_size = index.block_size();
+        let pool: Vec<u64> = match req.candidates {
+            None => self.load.routable().to_vec(),
+            Some(subset) => {
+                let mut v: Vec<u64> = subset
+                    .iter()
+                    .copied()
+                    .filter(|w| self.load.workers.get(w).is_some_and(|l| l.routable))
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+        };
+        if pool.is_empty() {
+            return Err("no routable worker for this model".into());
+        }
+        let overlaps = if matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain {
+            Vec::new()
+        } else {
+            index.find_matches(req.hashes)
+        };
+        let mut cands: Vec<(Candidate, LoadView)> = pool
+            .iter()
+            .map(|&w| (Candidate { worker: w, ..Candidate::default() }, self.view(w, req.now)))
+            .collect();
+        for (w, ov) in overlaps {
+            if let Ok(i) = pool.binary_search(&w) {
+                cands[i].0.overlap = ov;
+            }
+        }
+        cost_all(policy, &self.config.weights, req.prompt_tokens, block_size, &mut cands);
+        let scored: Vec<Candidate> = cands.iter().map(|(c, _)| *c).collect();
+        let pick = choose(policy, &self.config.weights, block_size, &scored, &mut self.rng, &mut self.rr);
+        let chosen = scored[pick];
+        if req.reserve {
+            if let Some(id) = req.request_id {
+                let load_prefill = cands[pick].1.prefill_tokens;
+                let bs = u64::from(block_size);
+                self.load.reserve(
+                    id,
+                    Reservation {
+                        worker: chosen.worker,
+                        prefill_tokens: chosen.new_prefill_tokens - load_prefill,
+                        decode_blocks: (req.prompt_tokens + req.expected_output_tokens).div_ceil(bs),
+                        prefill_done: false,
+                        expires_at: req.now + self.config.lease_s,
+                    },
+                )?;
+            }
+        }
+        Ok(Decision {
+            worker: chosen.worker,
+            overlap: chosen.overlap,
+            prompt_blocks: req.hashes.len() as u64,
+            prompt_tokens: req.prompt_tokens,
+            policy,
+            candidates: if req.explain { scored } else { Vec::new() },
+        })
+    }
+
+    pub fn reserve(&mut self, worker: u64, request_id: &str, prefill_tokens: u64, decode_blocks: u64, now: f64) -> Result<(), String> {
+        self.load.reserve(
+            request_id,
+            Reservation { worker, prefill_tokens, decode_blocks, prefill_done: false, expires_at: now + self.config.lease_s },
+        )
+    }
+
+    pub fn mark_prefill_done(&mut self, request_id: &str, now: f64) -> bool {
+        let lease = self.config.lease_s;
+        self.load.mark_prefill_done(request_id, now + lease)
+    }
+
+    pub fn report_load(&mut self, worker: u64, report: Report) -> Result<(), String> {
+        let w = self.load.workers.get_mut(&worker).ok_or_else(|| format!("unknown worker {worker}"))?;
+        w.report = Some(report);
+        Ok(())
+    }
+
+    pub fn set_external(&mut self, worker: u64, ext: External) -> Result<(), String> {
+        let w = self.load.workers.get_mut(&worker).ok_or_else(|| format!("unknown worker {worker}"))?;
+        w.external = ext;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::Stored;
+
+    #[test]
+    fn route_reserve_release() {
+        let mut idx = PrefixIndex::new(1).unwrap();
+        idx.apply_stored(2, &Stored { hashes: vec![1, 2], router_hashes: Some(vec![1, 2]), ..Stored::default() });
+        let mut s = Scheduler::new(Config::default(), 7).unwrap();
+        s.load.add_worker(1);
+        s.load.add_worker(2);
+        let req = RouteRequest {
+            hashes: &[1, 2, 3],
+            prompt_tokens: 3,
+            request_id: Some("r1"),
+            expected_output_tokens: 2,
+            candidates: None,
+            policy: None,
+            explain: true,
+            reserve: true,
+            now: 0.0,
+        };
+        let d = s.route(&idx, &req).unwrap();
+        assert_eq!(d.worker, 2);
+        assert_eq!(d.overlap.gpu, 2);
+        assert_eq!(d.candidates.len(), 2);
+        let v = s.view(2, 0.0);
+        assert_eq!((v.prefill_tokens, v.decode_blocks, v.queue), (1, 5, 1));
+        assert!(s.route(&idx, &req).is_err(), "duplicate request id");
+        assert!(s.load.release("r1"));
+        assert_eq!(s.view(2, 0.0), LoadView::default());
+        s.load.set_routable(2, false).unwrap();
+        let req2 = RouteRequest { request_id: None, ..req };
+        assert_eq!(s.route(&idx, &req2).unwrap().worker, 1);
+    }
+}

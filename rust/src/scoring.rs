@@ -1,0 +1,265 @@
+//! Scoring (DESIGN §3.3): which worker should take a request. Lowest cost wins.
+//!
+//! ```text
+//! cost(w) = a * new_prefill_tokens(w) / block_size + b * decode_blocks(w) + c * queue(w)
+//! ```
+//!
+//! new_prefill_tokens = prompt tokens - cached overlap on w (host and disk hits
+//! earn partial credit) + tokens already queued for prefill on w. Ties break by
+//! least load, then at random (seedable). A temperature > 0 samples from a
+//! softmax over normalised costs instead of taking the minimum.
+
+use crate::index::Overlap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    Kv,
+    PrefixOnly,
+    LeastLoaded,
+    RoundRobin,
+    Random,
+}
+
+impl Policy {
+    pub fn parse(name: &str) -> Result<Policy, String> {
+        match name {
+            "kv" => Ok(Policy::Kv),
+            "prefix_only" => Ok(Policy::PrefixOnly),
+            "least_loaded" => Ok(Policy::LeastLoaded),
+            "round_robin" => Ok(Policy::RoundRobin),
+            "random" => Ok(Policy::Random),
+            other => Err(format!(
+                "unknown policy {other:?} (expected kv, prefix_only, least_loaded, round_robin or random)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Kv => "kv",
+            Policy::PrefixOnly => "prefix_only",
+            Policy::LeastLoaded => "least_loaded",
+            Policy::RoundRobin => "round_robin",
+            Policy::Random => "random",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Weights {
+    pub prefill: f64,
+    pub decode: f64,
+    pub queue: f64,
+    pub temperature: f64,
+    pub host_credit: f64,
+    pub disk_credit: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights { prefill: 1.0, decode: 1.0, queue: 0.0, temperature: 0.0, host_credit: 0.5, disk_credit: 0.25 }
+    }
+}
+
+impl Weights {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("prefill_weight", self.prefill),
+            ("decode_weight", self.decode),
+            ("queue_weight", self.queue),
+            ("temperature", self.temperature),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{name} must be a finite number >= 0, got {v}"));
+            }
+        }
+        for (name, v) in [("host_credit", self.host_credit), ("disk_credit", self.disk_credit)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} must be within [0, 1], got {v}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The load a scorer sees for one worker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadView {
+    pub prefill_tokens: u64,
+    pub decode_blocks: u64,
+    pub queue: u64,
+}
+
+/// One scored worker; the per-candidate breakdown that Explain returns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Candidate {
+    pub worker: u64,
+    pub overlap: Overlap,
+    pub new_prefill_tokens: u64,
+    pub decode_blocks: u64,
+    pub queue: u64,
+    pub cost: f64,
+}
+
+/// Small seedable generator (SplitMix64): deterministic tie-breaks and sampling.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Cached prompt tokens a worker contributes, with partial credit for slow tiers.
+pub fn effective_cached_tokens(ov: &Overlap, block_size: u32, w: &Weights) -> f64 {
+    let bs = f64::from(block_size);
+    bs * (f64::from(ov.gpu) + w.host_credit * f64::from(ov.host) + w.disk_credit * f64::from(ov.disk))
+}
+
+/// Fills in each candidate's breakdown and cost.
+pub fn cost_all(policy: Policy, w: &Weights, prompt_tokens: u64, block_size: u32, cands: &mut [(Candidate, LoadView)]) {
+    let bs = f64::from(block_size);
+    for (c, load) in cands.iter_mut() {
+        let cached = effective_cached_tokens(&c.overlap, block_size, w).min(prompt_tokens as f64);
+        let new_tokens = (prompt_tokens as f64 - cached).max(0.0).round() as u64;
+        c.new_prefill_tokens = new_tokens + load.prefill_tokens;
+        c.decode_blocks = load.decode_blocks;
+        c.queue = load.queue;
+        c.cost = match policy {
+            Policy::Kv => {
+                w.prefill * c.new_prefill_tokens as f64 / bs + w.decode * c.decode_blocks as f64 + w.queue * c.queue as f64
+            }
+            Policy::PrefixOnly => -cached / bs,
+            Policy::LeastLoaded => load_of(c, bs) + c.queue as f64,
+            Policy::RoundRobin | Policy::Random => 0.0,
+        };
+    }
+}
+
+#[inline]
+fn load_of(c: &Candidate, bs: f64) -> f64 {
+    c.decode_blocks as f64 + (c.new_prefill_tokens as f64) / bs
+}
+
+/// Picks a candidate index. `rr` is the round-robin cursor, advanced on use.
+pub fn choose(policy: Policy, w: &Weights, block_size: u32, cands: &[Candidate], rng: &mut Rng, rr: &mut u64) -> usize {
+    debug_assert!(!cands.is_empty());
+    let bs = f64::from(block_size);
+    match policy {
+        Policy::RoundRobin => {
+            let i = (*rr % cands.len() as u64) as usize;
+            *rr = rr.wrapping_add(1);
+            i
+        }
+        Policy::Random => rng.below(cands.len()),
+        _ if w.temperature > 0.0 => sample_softmax(cands, w.temperature, rng),
+        _ => {
+            let min = cands.iter().map(|c| c.cost).fold(f64::INFINITY, f64::min);
+            let tol = 1e-9 * min.abs().max(1.0);
+            // Among the cheapest, least load; among those, uniformly at random.
+            let mut best: Vec<usize> = Vec::new();
+            let mut best_load = f64::INFINITY;
+            for (i, c) in cands.iter().enumerate() {
+                if c.cost > min + tol {
+                    continue;
+                }
+                let l = load_of(c, bs);
+                if l < best_load - 1e-9 {
+                    best_load = l;
+                    best.clear();
+                    best.push(i);
+                } else if (l - best_load).abs() <= 1e-9 {
+                    best.push(i);
+                }
+            }
+            if best.len() == 1 {
+                best[0]
+            } else {
+                best[rng.below(best.len())]
+            }
+        }
+    }
+}
+
+fn sample_softmax(cands: &[Candidate], temperature: f64, rng: &mut Rng) -> usize {
+    let min = cands.iter().map(|c| c.cost).fold(f64::INFINITY, f64::min);
+    let max = cands.iter().map(|c| c.cost).fold(f64::NEG_INFINITY, f64::max);
+    let span = (max - min).max(1e-12);
+    // Costs normalised to [0, 1] so the temperature does not depend on units.
+    let weights: Vec<f64> = cands.iter().map(|c| (-(c.cost - min) / span / temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut x = rng.unit() * total;
+    for (i, wt) in weights.iter().enumerate() {
+        x -= wt;
+        if x <= 0.0 {
+            return i;
+        }
+    }
+    cands.len() - 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(worker: u64, gpu: u32) -> (Candidate, LoadView) {
+        (Candidate { worker, overlap: Overlap { gpu, host: 0, disk: 0 }, ..Candidate::default() }, LoadView::default())
+    }
+
+    #[test]
+    fn longest_prefix_wins_at_equal_load() {
+        let w = Weights::default();
+        let mut c = vec![cand(1, 2), cand(2, 8), cand(3, 0)];
+        cost_all(Policy::Kv, &w, 160, 16, &mut c);
+        let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
+        assert_eq!(choose(Policy::Kv, &w, 16, &cs, &mut Rng::new(1), &mut 0), 1);
+        assert_eq!(cs[1].new_prefill_tokens, 160 - 128);
+    }
+
+    #[test]
+    fn loaded_worker_loses() {
+        let w = Weights::default();
+        let mut c = vec![cand(1, 8), cand(2, 0)];
+        c[0].1.decode_blocks = 1000;
+        cost_all(Policy::Kv, &w, 160, 16, &mut c);
+        let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
+        assert_eq!(choose(Policy::Kv, &w, 16, &cs, &mut Rng::new(1), &mut 0), 1);
+    }
+
+    #[test]
+    fn ties_are_seeded() {
+        let w = Weights::default();
+        let mut c = vec![cand(1, 0), cand(2, 0), cand(3, 0)];
+        cost_all(Policy::Kv, &w, 64, 16, &mut c);
+        let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
+        let pick = |seed| (0..20).map(|_| 0).fold((Rng::new(seed), vec![]), |(mut r, mut v), _: i32| {
+            v.push(choose(Policy::Kv, &w, 16, &cs, &mut r, &mut 0));
+            (r, v)
+        }).1;
+        assert_eq!(pick(5), pick(5));
+        assert!(pick(5).iter().any(|&i| i != pick(5)[0]));
+    }
+
+    #[test]
+    fn round_robin_rotates() {
+        let w = Weights::default();
+        let c = vec![Candidate::default(); 3];
+        let mut rr = 0;
+        let picks: Vec<usize> = (0..4).map(|_| choose(Policy::RoundRobin, &w, 16, &c, &mut Rng::new(0), &mut rr)).collect();
+        assert_eq!(picks, vec![0, 1, 2, 0]);
+    }
+}
