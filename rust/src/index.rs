@@ -224,6 +224,11 @@ impl PrefixIndex {
             res.malformed = 1;
             return self.account(res);
         }
+        // A block-size mismatch is a configuration problem: report it before anything else.
+        if ev.router_hashes.is_none() && ev.block_size % self.block_size != 0 {
+            res.mismatched_events = 1;
+            return self.account(res);
+        }
         // Resolve the chain start before touching anything.
         let parent_router = match ev.parent {
             None => chain_root(ev.extra_key.as_deref()),
@@ -243,12 +248,7 @@ impl PrefixIndex {
                 r.clone()
             }
             (None, Some(tokens)) => {
-                let ebs = ev.block_size;
-                if ebs % self.block_size != 0 {
-                    res.mismatched_events = 1;
-                    return self.account(res);
-                }
-                per_engine = (ebs / self.block_size) as usize;
+                per_engine = (ev.block_size / self.block_size) as usize;
                 let mut out = Vec::with_capacity(ev.hashes.len() * per_engine);
                 hash_blocks_from(tokens, self.block_size as usize, parent_router, &mut out);
                 out

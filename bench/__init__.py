@@ -1,0 +1,1 @@
+"""kvrouter benchmarks: `python -m bench.<name> --quick --json PATH`."""
