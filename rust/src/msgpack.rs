@@ -44,6 +44,7 @@ impl Value {
     }
 }
 
+#[derive(Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -207,5 +208,118 @@ fn int(i: i64) -> Value {
         Value::UInt(i as u64)
     } else {
         Value::Int(i)
+    }
+}
+
+/// Typed, borrowing reads for hot decoders (no intermediate [`Value`] tree).
+impl<'a> Reader<'a> {
+    fn peek(&self) -> Result<u8, String> {
+        self.buf.get(self.pos).copied().ok_or_else(|| format!("truncated payload at offset {}", self.pos))
+    }
+
+    /// Consumes a nil if one is next.
+    pub fn read_nil(&mut self) -> Result<bool, String> {
+        if self.peek()? == 0xc0 {
+            self.pos += 1;
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    pub fn read_array_len(&mut self) -> Result<usize, String> {
+        let m = self.u8()?;
+        let n = match m {
+            0x90..=0x9f => u64::from(m & 0x0f),
+            0xdc => self.be(2)?,
+            0xdd => self.be(4)?,
+            _ => return Err(format!("expected an array, got marker {m:#04x}")),
+        };
+        self.len_checked(n, 1)
+    }
+
+    pub fn read_map_len(&mut self) -> Result<usize, String> {
+        let m = self.u8()?;
+        let n = match m {
+            0x80..=0x8f => u64::from(m & 0x0f),
+            0xde => self.be(2)?,
+            0xdf => self.be(4)?,
+            _ => return Err(format!("expected a map, got marker {m:#04x}")),
+        };
+        self.len_checked(n, 2)
+    }
+
+    pub fn read_str(&mut self) -> Result<&'a str, String> {
+        let m = self.u8()?;
+        let n = match m {
+            0xa0..=0xbf => u64::from(m & 0x1f),
+            0xd9 => self.be(1)?,
+            0xda => self.be(2)?,
+            0xdb => self.be(4)?,
+            0xc4 => self.be(1)?,
+            0xc5 => self.be(2)?,
+            0xc6 => self.be(4)?,
+            _ => return Err(format!("expected a string, got marker {m:#04x}")),
+        };
+        let n = self.len_checked(n, 1)?;
+        std::str::from_utf8(self.take(n)?).map_err(|_| "invalid utf-8 in string".to_string())
+    }
+
+    pub fn read_bin(&mut self) -> Result<&'a [u8], String> {
+        let m = self.u8()?;
+        let n = match m {
+            0xc4 => self.be(1)?,
+            0xc5 => self.be(2)?,
+            0xc6 => self.be(4)?,
+            _ => return Err(format!("expected bytes, got marker {m:#04x}")),
+        };
+        let n = self.len_checked(n, 1)?;
+        self.take(n)
+    }
+
+    /// An integer as u64 (negative values as their two's complement).
+    pub fn read_int_u64(&mut self) -> Result<u64, String> {
+        let m = self.u8()?;
+        Ok(match m {
+            0x00..=0x7f => u64::from(m),
+            0xcc => self.be(1)?,
+            0xcd => self.be(2)?,
+            0xce => self.be(4)?,
+            0xcf => self.be(8)?,
+            0xd0 => i64::from(self.be(1)? as u8 as i8) as u64,
+            0xd1 => i64::from(self.be(2)? as u16 as i16) as u64,
+            0xd2 => i64::from(self.be(4)? as u32 as i32) as u64,
+            0xd3 => self.be(8)?,
+            0xe0..=0xff => i64::from(m as i8) as u64,
+            _ => return Err(format!("expected an integer, got marker {m:#04x}")),
+        })
+    }
+
+    /// A non-negative integer.
+    pub fn read_uint(&mut self) -> Result<u64, String> {
+        let m = self.peek()?;
+        if matches!(m, 0xd0..=0xd3 | 0xe0..=0xff) {
+            let v = self.read_int_u64()? as i64;
+            if v < 0 {
+                return Err(format!("expected a non-negative integer, got {v}"));
+            }
+            return Ok(v as u64);
+        }
+        self.read_int_u64()
+    }
+
+    pub fn is_int_next(&self) -> Result<bool, String> {
+        Ok(matches!(self.peek()?, 0x00..=0x7f | 0xcc..=0xd3 | 0xe0..=0xff))
+    }
+
+    pub fn skip_value(&mut self) -> Result<(), String> {
+        self.read_value(0).map(|_| ())
+    }
+}
+
+impl Reader<'_> {
+    /// Whether an array comes next (without consuming it).
+    pub fn is_array_next(&self) -> Result<bool, String> {
+        Ok(matches!(self.peek()?, 0x90..=0x9f | 0xdc | 0xdd))
     }
 }

@@ -5,7 +5,7 @@
 //! all-or-nothing: a malformed payload yields an error and no events, which lets
 //! the index apply a batch atomically.
 
-use crate::msgpack::{Reader, Value};
+use crate::msgpack::Reader;
 use crate::tier::Tier;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,125 +62,133 @@ impl Stored {
     }
 }
 
-/// Normalises an engine hash value: u64, negative i64 (two's complement) or up to
-/// 32 bytes (low 64 bits, big-endian, as sha256-style digests are truncated).
-fn engine_hash(v: &Value) -> Result<u64, String> {
-    match v {
-        Value::UInt(u) => Ok(*u),
-        Value::Int(i) => Ok(*i as u64),
-        Value::Bin(b) if !b.is_empty() && b.len() <= 32 => {
-            let tail = &b[b.len().saturating_sub(8)..];
-            Ok(tail.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+/// An engine hash: u64, negative i64 (two's complement) or up to 32 bytes (low 64
+/// bits, big-endian, as sha256-style digests are truncated).
+fn engine_hash(r: &mut Reader<'_>) -> Result<u64, String> {
+    if r.is_int_next()? {
+        return r.read_int_u64();
+    }
+    let b = r.read_bin().map_err(|_| "block hash must be an integer or 1..32 bytes".to_string())?;
+    if b.is_empty() || b.len() > 32 {
+        return Err(format!("block hash of {} bytes (expected 1..32)", b.len()));
+    }
+    let tail = &b[b.len().saturating_sub(8)..];
+    Ok(tail.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+}
+
+fn hash_list(r: &mut Reader<'_>, what: &str) -> Result<Vec<u64>, String> {
+    let n = r.read_array_len().map_err(|e| format!("{what}: {e}"))?;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(engine_hash(r).map_err(|e| format!("{what}: {e}"))?);
+    }
+    Ok(v)
+}
+
+fn tokens(r: &mut Reader<'_>) -> Result<Option<Vec<u32>>, String> {
+    if r.read_nil()? {
+        return Ok(None);
+    }
+    if r.is_array_next()? {
+        let n = r.read_array_len()?;
+        let mut v = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = r.read_uint()?;
+            v.push(u32::try_from(t).map_err(|_| format!("token id must be a u32, got {t}"))?);
         }
-        other => Err(format!("block hash must be an integer or 1..32 bytes, got {}", other.kind())),
+        return Ok(Some(v));
     }
+    let b = r.read_bin().map_err(|_| "tokens must be bytes or an array".to_string())?;
+    if b.len() % 4 != 0 {
+        return Err(format!("tokens: {} bytes is not a whole number of u32", b.len()));
+    }
+    Ok(Some(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
 }
 
-fn hash_list(v: &Value, what: &str) -> Result<Vec<u64>, String> {
-    match v {
-        Value::Array(items) => items.iter().map(engine_hash).collect::<Result<_, _>>().map_err(|e| format!("{what}: {e}")),
-        other => Err(format!("{what} must be an array, got {}", other.kind())),
+fn tier(r: &mut Reader<'_>) -> Result<Tier, String> {
+    if r.read_nil()? {
+        return Ok(Tier::Gpu);
     }
+    if r.is_int_next()? {
+        return Tier::from_index(r.read_uint()?);
+    }
+    Tier::parse(r.read_str().map_err(|_| "tier must be a string".to_string())?)
 }
 
-fn tokens_from(v: &Value) -> Result<Option<Vec<u32>>, String> {
-    match v {
-        Value::Nil => Ok(None),
-        Value::Bin(b) => {
-            if b.len() % 4 != 0 {
-                return Err(format!("tokens: {} bytes is not a whole number of u32", b.len()));
+fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
+    let n = r.read_map_len().map_err(|_| "event must be a map".to_string())?;
+    let mut kind: Option<&str> = None;
+    let mut s = Stored::default();
+    let mut has_hashes = false;
+    for _ in 0..n {
+        let key = r.read_str().map_err(|_| "event keys must be strings".to_string())?;
+        match key {
+            "type" => kind = Some(r.read_str().map_err(|_| "event type must be a string".to_string())?),
+            "hashes" => {
+                s.hashes = hash_list(r, "hashes")?;
+                has_hashes = true;
             }
-            Ok(Some(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+            "parent" => {
+                s.parent = if r.read_nil()? { None } else { Some(engine_hash(r).map_err(|e| format!("parent: {e}"))?) }
+            }
+            "tokens" => s.tokens = tokens(r)?,
+            "block_size" => {
+                if !r.read_nil()? {
+                    let b = r.read_uint()?;
+                    s.block_size = u32::try_from(b).map_err(|_| format!("block_size must be a u32, got {b}"))?;
+                }
+            }
+            "router_hashes" => {
+                s.router_hashes = if r.read_nil()? { None } else { Some(hash_list(r, "router_hashes")?) }
+            }
+            "tier" => s.tier = tier(r)?,
+            "extra_key" => {
+                s.extra_key = if r.read_nil()? {
+                    None
+                } else {
+                    let before = r.clone();
+                    match r.read_bin() {
+                        Ok(b) => Some(b.to_vec()),
+                        Err(_) => {
+                            *r = before;
+                            Some(r.read_str().map_err(|_| "extra_key must be bytes or str".to_string())?.as_bytes().to_vec())
+                        }
+                    }
+                }
+            }
+            _ => r.skip_value()?,
         }
-        Value::Array(items) => items
-            .iter()
-            .map(|x| match x {
-                Value::UInt(u) if *u <= u64::from(u32::MAX) => Ok(*u as u32),
-                other => Err(format!("token id must be a u32, got {}", other.describe())),
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        other => Err(format!("tokens must be bytes or an array, got {}", other.kind())),
     }
-}
-
-fn tier_from(v: &Value) -> Result<Tier, String> {
-    match v {
-        Value::Nil => Ok(Tier::Gpu),
-        Value::Str(s) => Tier::parse(s),
-        Value::UInt(u) => Tier::from_index(*u),
-        other => Err(format!("tier must be a string, got {}", other.kind())),
-    }
-}
-
-fn decode_event(v: &Value) -> Result<Event, String> {
-    let Value::Map(fields) = v else {
-        return Err(format!("event must be a map, got {}", v.kind()));
-    };
-    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-    let kind = match get("type") {
-        Some(Value::Str(s)) => s.as_str(),
-        Some(other) => return Err(format!("event type must be a string, got {}", other.kind())),
-        None => return Err("event without a type".into()),
-    };
     match kind {
-        "stored" => {
-            let mut s = Stored {
-                hashes: hash_list(get("hashes").ok_or("stored event without hashes")?, "hashes")?,
-                ..Stored::default()
-            };
-            s.parent = match get("parent") {
-                None | Some(Value::Nil) => None,
-                Some(p) => Some(engine_hash(p).map_err(|e| format!("parent: {e}"))?),
-            };
-            s.tokens = match get("tokens") {
-                None => None,
-                Some(t) => tokens_from(t)?,
-            };
-            s.block_size = match get("block_size") {
-                None | Some(Value::Nil) => 0,
-                Some(Value::UInt(u)) if *u <= u64::from(u32::MAX) => *u as u32,
-                Some(other) => return Err(format!("block_size must be a u32, got {}", other.describe())),
-            };
-            s.router_hashes = match get("router_hashes") {
-                None | Some(Value::Nil) => None,
-                Some(r) => Some(hash_list(r, "router_hashes")?),
-            };
-            s.tier = match get("tier") {
-                None => Tier::Gpu,
-                Some(t) => tier_from(t)?,
-            };
-            s.extra_key = match get("extra_key") {
-                None | Some(Value::Nil) => None,
-                Some(Value::Bin(b)) => Some(b.clone()),
-                Some(Value::Str(s)) => Some(s.as_bytes().to_vec()),
-                Some(other) => return Err(format!("extra_key must be bytes or str, got {}", other.kind())),
-            };
+        None => Err("event without a type".into()),
+        Some("stored") => {
+            if !has_hashes {
+                return Err("stored event without hashes".into());
+            }
             s.validate()?;
             Ok(Event::Stored(s))
         }
-        "removed" => {
-            let hashes = hash_list(get("hashes").ok_or("removed event without hashes")?, "hashes")?;
-            let tier = match get("tier") {
-                None => Tier::Gpu,
-                Some(t) => tier_from(t)?,
-            };
-            Ok(Event::Removed { hashes, tier })
+        Some("removed") => {
+            if !has_hashes {
+                return Err("removed event without hashes".into());
+            }
+            Ok(Event::Removed { hashes: s.hashes, tier: s.tier })
         }
-        "cleared" => Ok(Event::Cleared),
-        other => Err(format!("unknown event type {other:?}")),
+        Some("cleared") => Ok(Event::Cleared),
+        Some(other) => Err(format!("unknown event type {other:?}")),
     }
 }
 
 /// Decodes a whole payload, or fails without partial results.
 pub fn decode_payload(bytes: &[u8]) -> Result<Vec<Event>, String> {
     let mut r = Reader::new(bytes);
-    let v = r.read_value(0)?;
+    let n = r.read_array_len().map_err(|_| "payload must be an array of events".to_string())?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        out.push(decode_event(&mut r).map_err(|m| format!("event {i}: {m}"))?);
+    }
     if !r.is_at_end() {
         return Err(format!("{} trailing bytes after the payload", r.remaining()));
     }
-    let Value::Array(items) = v else {
-        return Err(format!("payload must be an array of events, got {}", v.kind()));
-    };
-    items.iter().enumerate().map(|(i, e)| decode_event(e).map_err(|m| format!("event {i}: {m}"))).collect()
+    Ok(out)
 }

@@ -114,8 +114,18 @@ pub fn hashes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
     if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
         return Err(PyTypeError::new_err("hashes must be a sequence of ints"));
     }
-    if let Ok(buf) = PyBuffer::<u64>::get(obj) {
-        return Ok(buf.to_vec(obj.py())?);
+    // Lists first: probing the buffer protocol on a list raises (slowly) inside.
+    if let Ok(list) = obj.downcast::<PyList>() {
+        let mut out = Vec::with_capacity(list.len());
+        for item in list.iter() {
+            out.push(hash_value(&item)?);
+        }
+        return Ok(out);
+    }
+    if !obj.is_instance_of::<PyTuple>() {
+        if let Ok(buf) = PyBuffer::<u64>::get(obj) {
+            return Ok(buf.to_vec(obj.py())?);
+        }
     }
     obj.try_iter()
         .map_err(|_| PyTypeError::new_err("hashes must be a sequence of ints"))?
