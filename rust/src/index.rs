@@ -173,7 +173,13 @@ impl PrefixIndex {
                 }
             };
             self.slots[slot as usize] = Some(worker);
-            self.workers.insert(worker, WorkerState { slot, ..WorkerState::default() });
+            self.workers.insert(
+                worker,
+                WorkerState {
+                    slot,
+                    ..WorkerState::default()
+                },
+            );
         }
         Ok(self.workers.get_mut(&worker).expect("just inserted"))
     }
@@ -199,8 +205,12 @@ impl PrefixIndex {
 
     /// Clears `bits` of a holder; returns the mask it had (0: not held).
     fn node_remove(nodes: &mut HashMap<u64, Holders>, hash: u64, slot: u32, bits: u8) -> u8 {
-        let Some(holders) = nodes.get_mut(&hash) else { return 0 };
-        let Ok(i) = holders.binary_search_by_key(&slot, |h| holder_slot(*h)) else { return 0 };
+        let Some(holders) = nodes.get_mut(&hash) else {
+            return 0;
+        };
+        let Ok(i) = holders.binary_search_by_key(&slot, |h| holder_slot(*h)) else {
+            return 0;
+        };
         let h = holders[i];
         let old = holder_mask(h);
         let new = old & !bits;
@@ -225,7 +235,7 @@ impl PrefixIndex {
             return self.account(res);
         }
         // A block-size mismatch is a configuration problem: report it before anything else.
-        if ev.router_hashes.is_none() && ev.block_size % self.block_size != 0 {
+        if ev.router_hashes.is_none() && !ev.block_size.is_multiple_of(self.block_size) {
             res.mismatched_events = 1;
             return self.account(res);
         }
@@ -337,7 +347,9 @@ impl PrefixIndex {
 
     pub fn clear_worker(&mut self, worker: u64) -> ApplyResult {
         let mut res = ApplyResult::default();
-        let Some(ws) = self.workers.get_mut(&worker) else { return self.account(res) };
+        let Some(ws) = self.workers.get_mut(&worker) else {
+            return self.account(res);
+        };
         let slot = ws.slot;
         for (engine, last) in ws.blocks.drain() {
             if let Some(lead) = ws.split.get(&engine) {
@@ -384,7 +396,10 @@ impl PrefixIndex {
     }
 
     pub fn note_malformed(&mut self) -> ApplyResult {
-        let res = ApplyResult { malformed: 1, ..ApplyResult::default() };
+        let res = ApplyResult {
+            malformed: 1,
+            ..ApplyResult::default()
+        };
         self.stats.totals.add(&res);
         res
     }
@@ -398,8 +413,12 @@ impl PrefixIndex {
 
     pub fn find_matches_into(&self, hashes: &[u64], out: &mut Vec<(u64, Overlap)>) {
         out.clear();
-        let Some((first, rest)) = hashes.split_first() else { return };
-        let Some(holders) = self.nodes.get(first) else { return };
+        let Some((first, rest)) = hashes.split_first() else {
+            return;
+        };
+        let Some(holders) = self.nodes.get(first) else {
+            return;
+        };
         // Active workers, sorted by slot like every holder list.
         let mut active: Vec<(u32, Overlap)> = holders
             .iter()
@@ -411,7 +430,9 @@ impl PrefixIndex {
             .collect();
         let mut finished: Vec<(u32, Overlap)> = Vec::new();
         for hash in rest {
-            let Some(holders) = self.nodes.get(hash) else { break };
+            let Some(holders) = self.nodes.get(hash) else {
+                break;
+            };
             // Merge-intersect the two sorted lists in place.
             let mut keep = 0;
             let mut j = 0;
@@ -434,7 +455,11 @@ impl PrefixIndex {
             }
         }
         finished.extend(active);
-        out.extend(finished.into_iter().filter_map(|(slot, ov)| self.slots[slot as usize].map(|w| (w, ov))));
+        out.extend(
+            finished
+                .into_iter()
+                .filter_map(|(slot, ov)| self.slots[slot as usize].map(|w| (w, ov))),
+        );
     }
 
     pub fn workers(&self) -> Vec<u64> {
@@ -449,7 +474,9 @@ impl PrefixIndex {
 
     /// (router hash, tier mask) of every block a worker holds, sorted.
     pub fn worker_router_hashes(&self, worker: u64) -> Vec<(u64, u8)> {
-        let Some(ws) = self.workers.get(&worker) else { return Vec::new() };
+        let Some(ws) = self.workers.get(&worker) else {
+            return Vec::new();
+        };
         let mut out: Vec<(u64, u8)> = Vec::with_capacity(ws.held as usize);
         let mut push = |r: u64| {
             if let Some(holders) = self.nodes.get(&r) {
@@ -470,7 +497,11 @@ impl PrefixIndex {
     }
 
     pub fn worker_engine_hashes(&self, worker: u64) -> Vec<u64> {
-        let mut v: Vec<u64> = self.workers.get(&worker).map(|w| w.blocks.keys().copied().collect()).unwrap_or_default();
+        let mut v: Vec<u64> = self
+            .workers
+            .get(&worker)
+            .map(|w| w.blocks.keys().copied().collect())
+            .unwrap_or_default();
         v.sort_unstable();
         v
     }
@@ -488,7 +519,12 @@ impl PrefixIndex {
         use std::mem::size_of;
         let table = |cap: usize, entry: usize| cap * (entry + 1);
         let mut total = table(self.nodes.capacity(), size_of::<(u64, Holders)>());
-        total += self.nodes.values().filter(|h| h.spilled()).map(|h| h.capacity() * size_of::<Holder>()).sum::<usize>();
+        total += self
+            .nodes
+            .values()
+            .filter(|h| h.spilled())
+            .map(|h| h.capacity() * size_of::<Holder>())
+            .sum::<usize>();
         total += table(self.workers.capacity(), size_of::<(u64, WorkerState)>());
         for w in self.workers.values() {
             total += table(w.blocks.capacity(), size_of::<(u64, u64)>());
@@ -525,7 +561,11 @@ impl PrefixIndex {
                     let mask = self
                         .nodes
                         .get(r)
-                        .and_then(|h| h.binary_search_by_key(&ws.slot, |x| holder_slot(*x)).ok().map(|i| holder_mask(h[i])))
+                        .and_then(|h| {
+                            h.binary_search_by_key(&ws.slot, |x| holder_slot(*x))
+                                .ok()
+                                .map(|i| holder_mask(h[i]))
+                        })
                         .unwrap_or(0);
                     out.extend_from_slice(&r.to_le_bytes());
                     out.push(mask);
@@ -563,10 +603,15 @@ impl PrefixIndex {
         if xxhash_rust::xxh3::xxh3_64(body) != expected {
             return Err("snapshot checksum mismatch (truncated or corrupted)".into());
         }
-        let mut c = Cursor { buf: body, pos: SNAP_MAGIC.len() };
+        let mut c = Cursor {
+            buf: body,
+            pos: SNAP_MAGIC.len(),
+        };
         let version = c.u32()?;
         if version != SNAP_VERSION {
-            return Err(format!("unsupported snapshot version {version} (expected {SNAP_VERSION})"));
+            return Err(format!(
+                "unsupported snapshot version {version} (expected {SNAP_VERSION})"
+            ));
         }
         let mut idx = PrefixIndex::new(c.u32()?)?;
         let n_workers = c.u64()?;
@@ -594,7 +639,9 @@ impl PrefixIndex {
                     if mask != 0 {
                         for t in Tier::ALL {
                             if mask & t.bit() != 0 {
-                                if let AddOutcome::New = Self::node_add(&mut idx.nodes, r, slot, t.bit()) {
+                                if let AddOutcome::New =
+                                    Self::node_add(&mut idx.nodes, r, slot, t.bit())
+                                {
                                     held += 1;
                                 }
                             }
@@ -616,7 +663,10 @@ impl PrefixIndex {
             *v = c.u64()?;
         }
         if c.pos != body.len() {
-            return Err(format!("{} unexpected bytes at the end of the snapshot", body.len() - c.pos));
+            return Err(format!(
+                "{} unexpected bytes at the end of the snapshot",
+                body.len() - c.pos
+            ));
         }
         idx.stats.events = counters[0];
         idx.stats.totals = ApplyResult {
@@ -654,10 +704,14 @@ impl Cursor<'_> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -667,7 +721,13 @@ mod tests {
     use crate::hashing::hash_blocks;
 
     fn stored_tokens(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> Stored {
-        Stored { hashes, parent, tokens: Some(tokens), block_size: bs, ..Stored::default() }
+        Stored {
+            hashes,
+            parent,
+            tokens: Some(tokens),
+            block_size: bs,
+            ..Stored::default()
+        }
     }
 
     #[test]
@@ -677,7 +737,17 @@ mod tests {
         let r = idx.apply_stored(7, &stored_tokens(vec![1, 2, 3, 4], None, toks.clone(), 4));
         assert_eq!(r.stored_blocks, 4);
         let q = hash_blocks(&toks, 4, None);
-        assert_eq!(idx.find_matches(&q), vec![(7, Overlap { gpu: 4, host: 0, disk: 0 })]);
+        assert_eq!(
+            idx.find_matches(&q),
+            vec![(
+                7,
+                Overlap {
+                    gpu: 4,
+                    host: 0,
+                    disk: 0
+                }
+            )]
+        );
         // Continue the chain from a parent.
         let more: Vec<u32> = (16..24).collect();
         let r = idx.apply_stored(7, &stored_tokens(vec![5, 6], Some(4), more, 4));
@@ -706,10 +776,30 @@ mod tests {
         let q = hash_blocks(&toks, 2, None);
         let r = idx.apply_removed(1, &[11], Tier::Gpu);
         assert_eq!(r.removed_blocks, 1);
-        assert_eq!(idx.find_matches(&q), vec![(1, Overlap { gpu: 2, host: 1, disk: 0 })]);
+        assert_eq!(
+            idx.find_matches(&q),
+            vec![(
+                1,
+                Overlap {
+                    gpu: 2,
+                    host: 1,
+                    disk: 0
+                }
+            )]
+        );
         let r = idx.apply_removed(1, &[11], Tier::Host);
         assert_eq!(r.removed_blocks, 1);
-        assert_eq!(idx.find_matches(&q), vec![(1, Overlap { gpu: 1, host: 0, disk: 0 })]);
+        assert_eq!(
+            idx.find_matches(&q),
+            vec![(
+                1,
+                Overlap {
+                    gpu: 1,
+                    host: 0,
+                    disk: 0
+                }
+            )]
+        );
         let r = idx.apply_removed(1, &[11, 99], Tier::Gpu);
         assert_eq!(r.unknown_removals, 2);
         assert_eq!(idx.worker_blocks(1), 2);
@@ -718,9 +808,30 @@ mod tests {
     #[test]
     fn several_workers_diverge() {
         let mut idx = PrefixIndex::new(1).unwrap();
-        idx.apply_stored(1, &Stored { hashes: vec![1, 2, 3], router_hashes: Some(vec![1, 2, 3]), ..Stored::default() });
-        idx.apply_stored(2, &Stored { hashes: vec![1, 2], router_hashes: Some(vec![1, 2]), ..Stored::default() });
-        idx.apply_stored(3, &Stored { hashes: vec![1], router_hashes: Some(vec![1]), ..Stored::default() });
+        idx.apply_stored(
+            1,
+            &Stored {
+                hashes: vec![1, 2, 3],
+                router_hashes: Some(vec![1, 2, 3]),
+                ..Stored::default()
+            },
+        );
+        idx.apply_stored(
+            2,
+            &Stored {
+                hashes: vec![1, 2],
+                router_hashes: Some(vec![1, 2]),
+                ..Stored::default()
+            },
+        );
+        idx.apply_stored(
+            3,
+            &Stored {
+                hashes: vec![1],
+                router_hashes: Some(vec![1]),
+                ..Stored::default()
+            },
+        );
         let mut m = idx.find_matches(&[1, 2, 3, 4]);
         m.sort_by_key(|x| x.0);
         let depths: Vec<(u64, u32)> = m.iter().map(|(w, o)| (*w, o.total())).collect();
@@ -746,7 +857,10 @@ mod tests {
         let mut idx = PrefixIndex::new(4).unwrap();
         let toks: Vec<u32> = (0..32).collect();
         idx.apply_stored(1, &stored_tokens((1..=8).collect(), None, toks.clone(), 4));
-        idx.apply_stored(2, &stored_tokens((1..=4).collect(), None, toks[..16].to_vec(), 4));
+        idx.apply_stored(
+            2,
+            &stored_tokens((1..=4).collect(), None, toks[..16].to_vec(), 4),
+        );
         let snap = idx.snapshot();
         let back = PrefixIndex::from_snapshot(&snap).unwrap();
         let q = hash_blocks(&toks, 4, None);
@@ -761,7 +875,17 @@ mod tests {
         assert!(PrefixIndex::from_snapshot(&bad).is_err());
         assert!(PrefixIndex::from_snapshot(&snap[..snap.len() - 1]).is_err());
         assert_eq!(idx.clear_worker(1).cleared_blocks, 8);
-        assert_eq!(idx.find_matches(&q), vec![(2, Overlap { gpu: 4, host: 0, disk: 0 })]);
+        assert_eq!(
+            idx.find_matches(&q),
+            vec![(
+                2,
+                Overlap {
+                    gpu: 4,
+                    host: 0,
+                    disk: 0
+                }
+            )]
+        );
         assert_eq!(idx.remove_worker(2), 4);
         assert_eq!(idx.num_nodes(), 0);
     }

@@ -50,10 +50,12 @@ pub struct WorkerLoad {
 impl WorkerLoad {
     pub fn view(&self, now: f64, report_ttl_s: f64) -> LoadView {
         let fresh = self.report.filter(|r| now - r.at <= report_ttl_s);
-        let (r_prefill, r_decode, r_queue) =
-            fresh.map_or((0, 0, 0), |r| (r.queued_prefill_tokens, r.kv_used_blocks, r.queued));
+        let (r_prefill, r_decode, r_queue) = fresh.map_or((0, 0, 0), |r| {
+            (r.queued_prefill_tokens, r.kv_used_blocks, r.queued)
+        });
         LoadView {
-            prefill_tokens: self.reserved_prefill_tokens.max(r_prefill) + self.external.prefill_tokens,
+            prefill_tokens: self.reserved_prefill_tokens.max(r_prefill)
+                + self.external.prefill_tokens,
             decode_blocks: self.reserved_decode_blocks.max(r_decode) + self.external.decode_blocks,
             queue: self.waiting_requests.max(r_queue) + self.external.requests,
         }
@@ -70,15 +72,22 @@ pub struct LoadTable {
 
 impl LoadTable {
     pub fn add_worker(&mut self, worker: u64) {
-        self.workers.entry(worker).or_insert_with(|| WorkerLoad { routable: true, ..WorkerLoad::default() });
+        self.workers.entry(worker).or_insert_with(|| WorkerLoad {
+            routable: true,
+            ..WorkerLoad::default()
+        });
         self.refresh_routable();
     }
 
     /// Forgets a worker and its reservations; returns the dropped request ids.
     pub fn remove_worker(&mut self, worker: u64) -> Vec<String> {
         self.workers.remove(&worker);
-        let dropped: Vec<String> =
-            self.reservations.iter().filter(|(_, r)| r.worker == worker).map(|(k, _)| k.clone()).collect();
+        let dropped: Vec<String> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.worker == worker)
+            .map(|(k, _)| k.clone())
+            .collect();
         for id in &dropped {
             self.reservations.remove(id);
         }
@@ -87,14 +96,22 @@ impl LoadTable {
     }
 
     pub fn set_routable(&mut self, worker: u64, routable: bool) -> Result<(), String> {
-        let w = self.workers.get_mut(&worker).ok_or_else(|| format!("unknown worker {worker}"))?;
+        let w = self
+            .workers
+            .get_mut(&worker)
+            .ok_or_else(|| format!("unknown worker {worker}"))?;
         w.routable = routable;
         self.refresh_routable();
         Ok(())
     }
 
     fn refresh_routable(&mut self) {
-        self.routable = self.workers.iter().filter(|(_, w)| w.routable).map(|(id, _)| *id).collect();
+        self.routable = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.routable)
+            .map(|(id, _)| *id)
+            .collect();
         self.routable.sort_unstable();
     }
 
@@ -104,9 +121,14 @@ impl LoadTable {
 
     pub fn reserve(&mut self, request_id: &str, res: Reservation) -> Result<(), String> {
         if self.reservations.contains_key(request_id) {
-            return Err(format!("request {request_id:?} already holds a reservation"));
+            return Err(format!(
+                "request {request_id:?} already holds a reservation"
+            ));
         }
-        let w = self.workers.get_mut(&res.worker).ok_or_else(|| format!("unknown worker {}", res.worker))?;
+        let w = self
+            .workers
+            .get_mut(&res.worker)
+            .ok_or_else(|| format!("unknown worker {}", res.worker))?;
         w.reserved_prefill_tokens += res.prefill_tokens;
         w.reserved_decode_blocks += res.decode_blocks;
         w.reserved_requests += 1;
@@ -116,7 +138,9 @@ impl LoadTable {
     }
 
     pub fn mark_prefill_done(&mut self, request_id: &str, new_expiry: f64) -> bool {
-        let Some(r) = self.reservations.get_mut(request_id) else { return false };
+        let Some(r) = self.reservations.get_mut(request_id) else {
+            return false;
+        };
         r.expires_at = r.expires_at.max(new_expiry);
         if r.prefill_done {
             return true;
@@ -130,7 +154,9 @@ impl LoadTable {
     }
 
     pub fn release(&mut self, request_id: &str) -> bool {
-        let Some(r) = self.reservations.remove(request_id) else { return false };
+        let Some(r) = self.reservations.remove(request_id) else {
+            return false;
+        };
         if let Some(w) = self.workers.get_mut(&r.worker) {
             if !r.prefill_done {
                 w.reserved_prefill_tokens -= r.prefill_tokens;
@@ -148,8 +174,12 @@ impl LoadTable {
 
     /// Releases every reservation whose lease ran out; returns their ids.
     pub fn expire(&mut self, now: f64) -> Vec<String> {
-        let ids: Vec<String> =
-            self.reservations.iter().filter(|(_, r)| r.expires_at <= now).map(|(k, _)| k.clone()).collect();
+        let ids: Vec<String> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.expires_at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
         for id in &ids {
             self.release(id);
         }
@@ -166,7 +196,13 @@ mod tests {
     use super::*;
 
     fn res(worker: u64) -> Reservation {
-        Reservation { worker, prefill_tokens: 100, decode_blocks: 10, prefill_done: false, expires_at: 10.0 }
+        Reservation {
+            worker,
+            prefill_tokens: 100,
+            decode_blocks: 10,
+            prefill_done: false,
+            expires_at: 10.0,
+        }
     }
 
     #[test]
@@ -194,7 +230,12 @@ mod tests {
         assert!(t.expire(5.0).is_empty());
         assert_eq!(t.expire(10.0), vec!["a".to_string()]);
         let w = t.workers.get_mut(&1).unwrap();
-        w.report = Some(Report { queued: 3, kv_used_blocks: 50, at: 1.0, ..Report::default() });
+        w.report = Some(Report {
+            queued: 3,
+            kv_used_blocks: 50,
+            at: 1.0,
+            ..Report::default()
+        });
         assert_eq!(w.view(2.0, 5.0).decode_blocks, 50);
         assert_eq!(w.view(7.0, 5.0).decode_blocks, 0, "stale report ignored");
     }

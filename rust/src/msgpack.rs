@@ -65,7 +65,10 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if n > self.remaining() {
-            return Err(format!("truncated payload: need {n} bytes at offset {}", self.pos));
+            return Err(format!(
+                "truncated payload: need {n} bytes at offset {}",
+                self.pos
+            ));
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -76,7 +79,10 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn be(&mut self, n: usize) -> Result<u64, String> {
-        Ok(self.take(n)?.iter().fold(0u64, |a, b| (a << 8) | u64::from(*b)))
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |a, b| (a << 8) | u64::from(*b)))
     }
 
     fn len_checked(&self, n: u64, min_item: usize) -> Result<usize, String> {
@@ -84,7 +90,10 @@ impl<'a> Reader<'a> {
         // the buffer cannot hold before allocating for them.
         let n = usize::try_from(n).map_err(|_| "length overflow".to_string())?;
         if n.saturating_mul(min_item) > self.remaining() {
-            return Err(format!("declared length {n} exceeds the {} bytes left", self.remaining()));
+            return Err(format!(
+                "declared length {n} exceeds the {} bytes left",
+                self.remaining()
+            ));
         }
         Ok(n)
     }
@@ -92,7 +101,9 @@ impl<'a> Reader<'a> {
     fn str_of(&mut self, n: u64) -> Result<String, String> {
         let n = self.len_checked(n, 1)?;
         let b = self.take(n)?;
-        std::str::from_utf8(b).map(str::to_owned).map_err(|_| "invalid utf-8 in string".to_string())
+        std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| "invalid utf-8 in string".to_string())
     }
 
     fn bin_of(&mut self, n: u64) -> Result<Vec<u8>, String> {
@@ -115,7 +126,9 @@ impl<'a> Reader<'a> {
         for _ in 0..n {
             let key = match self.read_value(depth + 1)? {
                 Value::Str(s) => s,
-                Value::Bin(b) => String::from_utf8(b).map_err(|_| "invalid utf-8 in map key".to_string())?,
+                Value::Bin(b) => {
+                    String::from_utf8(b).map_err(|_| "invalid utf-8 in map key".to_string())?
+                }
                 other => return Err(format!("map key must be a string, got {}", other.kind())),
             };
             let val = self.read_value(depth + 1)?;
@@ -214,7 +227,10 @@ fn int(i: i64) -> Value {
 /// Typed, borrowing reads for hot decoders (no intermediate [`Value`] tree).
 impl<'a> Reader<'a> {
     fn peek(&self) -> Result<u8, String> {
-        self.buf.get(self.pos).copied().ok_or_else(|| format!("truncated payload at offset {}", self.pos))
+        self.buf
+            .get(self.pos)
+            .copied()
+            .ok_or_else(|| format!("truncated payload at offset {}", self.pos))
     }
 
     /// Consumes a nil if one is next.

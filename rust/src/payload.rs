@@ -68,7 +68,9 @@ fn engine_hash(r: &mut Reader<'_>) -> Result<u64, String> {
     if r.is_int_next()? {
         return r.read_int_u64();
     }
-    let b = r.read_bin().map_err(|_| "block hash must be an integer or 1..32 bytes".to_string())?;
+    let b = r
+        .read_bin()
+        .map_err(|_| "block hash must be an integer or 1..32 bytes".to_string())?;
     if b.is_empty() || b.len() > 32 {
         return Err(format!("block hash of {} bytes (expected 1..32)", b.len()));
     }
@@ -98,11 +100,20 @@ fn tokens(r: &mut Reader<'_>) -> Result<Option<Vec<u32>>, String> {
         }
         return Ok(Some(v));
     }
-    let b = r.read_bin().map_err(|_| "tokens must be bytes or an array".to_string())?;
+    let b = r
+        .read_bin()
+        .map_err(|_| "tokens must be bytes or an array".to_string())?;
     if b.len() % 4 != 0 {
-        return Err(format!("tokens: {} bytes is not a whole number of u32", b.len()));
+        return Err(format!(
+            "tokens: {} bytes is not a whole number of u32",
+            b.len()
+        ));
     }
-    Ok(Some(b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+    Ok(Some(
+        b.chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    ))
 }
 
 fn tier(r: &mut Reader<'_>) -> Result<Tier, String> {
@@ -112,34 +123,55 @@ fn tier(r: &mut Reader<'_>) -> Result<Tier, String> {
     if r.is_int_next()? {
         return Tier::from_index(r.read_uint()?);
     }
-    Tier::parse(r.read_str().map_err(|_| "tier must be a string".to_string())?)
+    Tier::parse(
+        r.read_str()
+            .map_err(|_| "tier must be a string".to_string())?,
+    )
 }
 
 fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
-    let n = r.read_map_len().map_err(|_| "event must be a map".to_string())?;
+    let n = r
+        .read_map_len()
+        .map_err(|_| "event must be a map".to_string())?;
     let mut kind: Option<&str> = None;
     let mut s = Stored::default();
     let mut has_hashes = false;
     for _ in 0..n {
-        let key = r.read_str().map_err(|_| "event keys must be strings".to_string())?;
+        let key = r
+            .read_str()
+            .map_err(|_| "event keys must be strings".to_string())?;
         match key {
-            "type" => kind = Some(r.read_str().map_err(|_| "event type must be a string".to_string())?),
+            "type" => {
+                kind = Some(
+                    r.read_str()
+                        .map_err(|_| "event type must be a string".to_string())?,
+                )
+            }
             "hashes" => {
                 s.hashes = hash_list(r, "hashes")?;
                 has_hashes = true;
             }
             "parent" => {
-                s.parent = if r.read_nil()? { None } else { Some(engine_hash(r).map_err(|e| format!("parent: {e}"))?) }
+                s.parent = if r.read_nil()? {
+                    None
+                } else {
+                    Some(engine_hash(r).map_err(|e| format!("parent: {e}"))?)
+                }
             }
             "tokens" => s.tokens = tokens(r)?,
             "block_size" => {
                 if !r.read_nil()? {
                     let b = r.read_uint()?;
-                    s.block_size = u32::try_from(b).map_err(|_| format!("block_size must be a u32, got {b}"))?;
+                    s.block_size = u32::try_from(b)
+                        .map_err(|_| format!("block_size must be a u32, got {b}"))?;
                 }
             }
             "router_hashes" => {
-                s.router_hashes = if r.read_nil()? { None } else { Some(hash_list(r, "router_hashes")?) }
+                s.router_hashes = if r.read_nil()? {
+                    None
+                } else {
+                    Some(hash_list(r, "router_hashes")?)
+                }
             }
             "tier" => s.tier = tier(r)?,
             "extra_key" => {
@@ -151,7 +183,12 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
                         Ok(b) => Some(b.to_vec()),
                         Err(_) => {
                             *r = before;
-                            Some(r.read_str().map_err(|_| "extra_key must be bytes or str".to_string())?.as_bytes().to_vec())
+                            Some(
+                                r.read_str()
+                                    .map_err(|_| "extra_key must be bytes or str".to_string())?
+                                    .as_bytes()
+                                    .to_vec(),
+                            )
                         }
                     }
                 }
@@ -172,7 +209,10 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
             if !has_hashes {
                 return Err("removed event without hashes".into());
             }
-            Ok(Event::Removed { hashes: s.hashes, tier: s.tier })
+            Ok(Event::Removed {
+                hashes: s.hashes,
+                tier: s.tier,
+            })
         }
         Some("cleared") => Ok(Event::Cleared),
         Some(other) => Err(format!("unknown event type {other:?}")),
@@ -182,13 +222,18 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
 /// Decodes a whole payload, or fails without partial results.
 pub fn decode_payload(bytes: &[u8]) -> Result<Vec<Event>, String> {
     let mut r = Reader::new(bytes);
-    let n = r.read_array_len().map_err(|_| "payload must be an array of events".to_string())?;
+    let n = r
+        .read_array_len()
+        .map_err(|_| "payload must be an array of events".to_string())?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         out.push(decode_event(&mut r).map_err(|m| format!("event {i}: {m}"))?);
     }
     if !r.is_at_end() {
-        return Err(format!("{} trailing bytes after the payload", r.remaining()));
+        return Err(format!(
+            "{} trailing bytes after the payload",
+            r.remaining()
+        ));
     }
     Ok(out)
 }

@@ -28,7 +28,12 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { policy: Policy::Kv, weights: Weights::default(), lease_s: 300.0, report_ttl_s: 5.0 }
+        Config {
+            policy: Policy::Kv,
+            weights: Weights::default(),
+            lease_s: 300.0,
+            report_ttl_s: 5.0,
+        }
     }
 }
 
@@ -55,7 +60,13 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn new(config: Config, seed: u64) -> Result<Scheduler, String> {
         config.weights.validate()?;
-        Ok(Scheduler { config, load: LoadTable::default(), rng: Rng::new(seed), rr: 0, epoch: Instant::now() })
+        Ok(Scheduler {
+            config,
+            load: LoadTable::default(),
+            rng: Rng::new(seed),
+            rr: 0,
+            epoch: Instant::now(),
+        })
     }
 
     /// Seconds on this scheduler's monotonic clock.
@@ -64,10 +75,17 @@ impl Scheduler {
     }
 
     pub fn view(&self, worker: u64, now: f64) -> LoadView {
-        self.load.workers.get(&worker).map_or_else(LoadView::default, |w| w.view(now, self.config.report_ttl_s))
+        self.load
+            .workers
+            .get(&worker)
+            .map_or_else(LoadView::default, |w| w.view(now, self.config.report_ttl_s))
     }
 
-    pub fn route(&mut self, index: &PrefixIndex, req: &RouteRequest<'_>) -> Result<Decision, String> {
+    pub fn route(
+        &mut self,
+        index: &PrefixIndex,
+        req: &RouteRequest<'_>,
+    ) -> Result<Decision, String> {
         let policy = req.policy.unwrap_or(self.config.policy);
         let block_size = index.block_size();
         let pool: Vec<u64> = match req.candidates {
@@ -93,16 +111,37 @@ impl Scheduler {
         };
         let mut cands: Vec<(Candidate, LoadView)> = pool
             .iter()
-            .map(|&w| (Candidate { worker: w, ..Candidate::default() }, self.view(w, req.now)))
+            .map(|&w| {
+                (
+                    Candidate {
+                        worker: w,
+                        ..Candidate::default()
+                    },
+                    self.view(w, req.now),
+                )
+            })
             .collect();
         for (w, ov) in overlaps {
             if let Ok(i) = pool.binary_search(&w) {
                 cands[i].0.overlap = ov;
             }
         }
-        cost_all(policy, &self.config.weights, req.prompt_tokens, block_size, &mut cands);
+        cost_all(
+            policy,
+            &self.config.weights,
+            req.prompt_tokens,
+            block_size,
+            &mut cands,
+        );
         let scored: Vec<Candidate> = cands.iter().map(|(c, _)| *c).collect();
-        let pick = choose(policy, &self.config.weights, block_size, &scored, &mut self.rng, &mut self.rr);
+        let pick = choose(
+            policy,
+            &self.config.weights,
+            block_size,
+            &scored,
+            &mut self.rng,
+            &mut self.rr,
+        );
         let chosen = scored[pick];
         if req.reserve {
             if let Some(id) = req.request_id {
@@ -113,7 +152,8 @@ impl Scheduler {
                     Reservation {
                         worker: chosen.worker,
                         prefill_tokens: chosen.new_prefill_tokens - load_prefill,
-                        decode_blocks: (req.prompt_tokens + req.expected_output_tokens).div_ceil(bs),
+                        decode_blocks: (req.prompt_tokens + req.expected_output_tokens)
+                            .div_ceil(bs),
                         prefill_done: false,
                         expires_at: req.now + self.config.lease_s,
                     },
@@ -130,10 +170,23 @@ impl Scheduler {
         })
     }
 
-    pub fn reserve(&mut self, worker: u64, request_id: &str, prefill_tokens: u64, decode_blocks: u64, now: f64) -> Result<(), String> {
+    pub fn reserve(
+        &mut self,
+        worker: u64,
+        request_id: &str,
+        prefill_tokens: u64,
+        decode_blocks: u64,
+        now: f64,
+    ) -> Result<(), String> {
         self.load.reserve(
             request_id,
-            Reservation { worker, prefill_tokens, decode_blocks, prefill_done: false, expires_at: now + self.config.lease_s },
+            Reservation {
+                worker,
+                prefill_tokens,
+                decode_blocks,
+                prefill_done: false,
+                expires_at: now + self.config.lease_s,
+            },
         )
     }
 
@@ -143,13 +196,21 @@ impl Scheduler {
     }
 
     pub fn report_load(&mut self, worker: u64, report: Report) -> Result<(), String> {
-        let w = self.load.workers.get_mut(&worker).ok_or_else(|| format!("unknown worker {worker}"))?;
+        let w = self
+            .load
+            .workers
+            .get_mut(&worker)
+            .ok_or_else(|| format!("unknown worker {worker}"))?;
         w.report = Some(report);
         Ok(())
     }
 
     pub fn set_external(&mut self, worker: u64, ext: External) -> Result<(), String> {
-        let w = self.load.workers.get_mut(&worker).ok_or_else(|| format!("unknown worker {worker}"))?;
+        let w = self
+            .load
+            .workers
+            .get_mut(&worker)
+            .ok_or_else(|| format!("unknown worker {worker}"))?;
         w.external = ext;
         Ok(())
     }
@@ -163,7 +224,14 @@ mod tests {
     #[test]
     fn route_reserve_release() {
         let mut idx = PrefixIndex::new(1).unwrap();
-        idx.apply_stored(2, &Stored { hashes: vec![1, 2], router_hashes: Some(vec![1, 2]), ..Stored::default() });
+        idx.apply_stored(
+            2,
+            &Stored {
+                hashes: vec![1, 2],
+                router_hashes: Some(vec![1, 2]),
+                ..Stored::default()
+            },
+        );
         let mut s = Scheduler::new(Config::default(), 7).unwrap();
         s.load.add_worker(1);
         s.load.add_worker(2);
@@ -188,7 +256,10 @@ mod tests {
         assert!(s.load.release("r1"));
         assert_eq!(s.view(2, 0.0), LoadView::default());
         s.load.set_routable(2, false).unwrap();
-        let req2 = RouteRequest { request_id: None, ..req };
+        let req2 = RouteRequest {
+            request_id: None,
+            ..req
+        };
         assert_eq!(s.route(&idx, &req2).unwrap().worker, 1);
     }
 }

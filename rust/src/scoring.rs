@@ -57,7 +57,14 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Weights { prefill: 1.0, decode: 1.0, queue: 0.0, temperature: 0.0, host_credit: 0.5, disk_credit: 0.25 }
+        Weights {
+            prefill: 1.0,
+            decode: 1.0,
+            queue: 0.0,
+            temperature: 0.0,
+            host_credit: 0.5,
+            disk_credit: 0.25,
+        }
     }
 }
 
@@ -73,7 +80,10 @@ impl Weights {
                 return Err(format!("{name} must be a finite number >= 0, got {v}"));
             }
         }
-        for (name, v) in [("host_credit", self.host_credit), ("disk_credit", self.disk_credit)] {
+        for (name, v) in [
+            ("host_credit", self.host_credit),
+            ("disk_credit", self.disk_credit),
+        ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("{name} must be within [0, 1], got {v}"));
             }
@@ -127,11 +137,19 @@ impl Rng {
 /// Cached prompt tokens a worker contributes, with partial credit for slow tiers.
 pub fn effective_cached_tokens(ov: &Overlap, block_size: u32, w: &Weights) -> f64 {
     let bs = f64::from(block_size);
-    bs * (f64::from(ov.gpu) + w.host_credit * f64::from(ov.host) + w.disk_credit * f64::from(ov.disk))
+    bs * (f64::from(ov.gpu)
+        + w.host_credit * f64::from(ov.host)
+        + w.disk_credit * f64::from(ov.disk))
 }
 
 /// Fills in each candidate's breakdown and cost.
-pub fn cost_all(policy: Policy, w: &Weights, prompt_tokens: u64, block_size: u32, cands: &mut [(Candidate, LoadView)]) {
+pub fn cost_all(
+    policy: Policy,
+    w: &Weights,
+    prompt_tokens: u64,
+    block_size: u32,
+    cands: &mut [(Candidate, LoadView)],
+) {
     let bs = f64::from(block_size);
     for (c, load) in cands.iter_mut() {
         let cached = effective_cached_tokens(&c.overlap, block_size, w).min(prompt_tokens as f64);
@@ -141,7 +159,9 @@ pub fn cost_all(policy: Policy, w: &Weights, prompt_tokens: u64, block_size: u32
         c.queue = load.queue;
         c.cost = match policy {
             Policy::Kv => {
-                w.prefill * c.new_prefill_tokens as f64 / bs + w.decode * c.decode_blocks as f64 + w.queue * c.queue as f64
+                w.prefill * c.new_prefill_tokens as f64 / bs
+                    + w.decode * c.decode_blocks as f64
+                    + w.queue * c.queue as f64
             }
             Policy::PrefixOnly => -cached / bs,
             Policy::LeastLoaded => load_of(c, bs) + c.queue as f64,
@@ -156,7 +176,14 @@ fn load_of(c: &Candidate, bs: f64) -> f64 {
 }
 
 /// Picks a candidate index. `rr` is the round-robin cursor, advanced on use.
-pub fn choose(policy: Policy, w: &Weights, block_size: u32, cands: &[Candidate], rng: &mut Rng, rr: &mut u64) -> usize {
+pub fn choose(
+    policy: Policy,
+    w: &Weights,
+    block_size: u32,
+    cands: &[Candidate],
+    rng: &mut Rng,
+    rr: &mut u64,
+) -> usize {
     debug_assert!(!cands.is_empty());
     let bs = f64::from(block_size);
     match policy {
@@ -197,10 +224,16 @@ pub fn choose(policy: Policy, w: &Weights, block_size: u32, cands: &[Candidate],
 
 fn sample_softmax(cands: &[Candidate], temperature: f64, rng: &mut Rng) -> usize {
     let min = cands.iter().map(|c| c.cost).fold(f64::INFINITY, f64::min);
-    let max = cands.iter().map(|c| c.cost).fold(f64::NEG_INFINITY, f64::max);
+    let max = cands
+        .iter()
+        .map(|c| c.cost)
+        .fold(f64::NEG_INFINITY, f64::max);
     let span = (max - min).max(1e-12);
     // Costs normalised to [0, 1] so the temperature does not depend on units.
-    let weights: Vec<f64> = cands.iter().map(|c| (-(c.cost - min) / span / temperature).exp()).collect();
+    let weights: Vec<f64> = cands
+        .iter()
+        .map(|c| (-(c.cost - min) / span / temperature).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     let mut x = rng.unit() * total;
     for (i, wt) in weights.iter().enumerate() {
@@ -217,7 +250,18 @@ mod tests {
     use super::*;
 
     fn cand(worker: u64, gpu: u32) -> (Candidate, LoadView) {
-        (Candidate { worker, overlap: Overlap { gpu, host: 0, disk: 0 }, ..Candidate::default() }, LoadView::default())
+        (
+            Candidate {
+                worker,
+                overlap: Overlap {
+                    gpu,
+                    host: 0,
+                    disk: 0,
+                },
+                ..Candidate::default()
+            },
+            LoadView::default(),
+        )
     }
 
     #[test]
@@ -246,10 +290,15 @@ mod tests {
         let mut c = vec![cand(1, 0), cand(2, 0), cand(3, 0)];
         cost_all(Policy::Kv, &w, 64, 16, &mut c);
         let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
-        let pick = |seed| (0..20).map(|_| 0).fold((Rng::new(seed), vec![]), |(mut r, mut v), _: i32| {
-            v.push(choose(Policy::Kv, &w, 16, &cs, &mut r, &mut 0));
-            (r, v)
-        }).1;
+        let pick = |seed| {
+            (0..20)
+                .map(|_| 0)
+                .fold((Rng::new(seed), vec![]), |(mut r, mut v), _: i32| {
+                    v.push(choose(Policy::Kv, &w, 16, &cs, &mut r, &mut 0));
+                    (r, v)
+                })
+                .1
+        };
         assert_eq!(pick(5), pick(5));
         assert!(pick(5).iter().any(|&i| i != pick(5)[0]));
     }
@@ -259,7 +308,9 @@ mod tests {
         let w = Weights::default();
         let c = vec![Candidate::default(); 3];
         let mut rr = 0;
-        let picks: Vec<usize> = (0..4).map(|_| choose(Policy::RoundRobin, &w, 16, &c, &mut Rng::new(0), &mut rr)).collect();
+        let picks: Vec<usize> = (0..4)
+            .map(|_| choose(Policy::RoundRobin, &w, 16, &c, &mut Rng::new(0), &mut rr))
+            .collect();
         assert_eq!(picks, vec![0, 1, 2, 0]);
     }
 }

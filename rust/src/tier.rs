@@ -16,7 +16,9 @@ impl Tier {
             "gpu" | "device" | "hbm" => Ok(Tier::Gpu),
             "host" | "cpu" | "dram" => Ok(Tier::Host),
             "disk" | "ssd" | "nvme" => Ok(Tier::Disk),
-            other => Err(format!("unknown storage tier {other:?} (expected gpu, host or disk)")),
+            other => Err(format!(
+                "unknown storage tier {other:?} (expected gpu, host or disk)"
+            )),
         }
     }
 
@@ -25,7 +27,9 @@ impl Tier {
             0 => Ok(Tier::Gpu),
             1 => Ok(Tier::Host),
             2 => Ok(Tier::Disk),
-            other => Err(format!("unknown storage tier index {other} (expected 0, 1 or 2)")),
+            other => Err(format!(
+                "unknown storage tier index {other} (expected 0, 1 or 2)"
+            )),
         }
     }
 

@@ -8,21 +8,25 @@ use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 use crate::tier::Tier;
 
 fn le_u32s(bytes: &[u8]) -> PyResult<Vec<u32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(PyValueError::new_err(format!(
             "token bytes must be little-endian u32 ids: {} bytes is not a multiple of 4",
             bytes.len()
         )));
     }
-    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 fn check_range<T: Copy + TryInto<u32> + std::fmt::Display>(v: Vec<T>) -> PyResult<Vec<u32>> {
     v.iter()
         .enumerate()
         .map(|(i, x)| {
-            (*x).try_into()
-                .map_err(|_| PyValueError::new_err(format!("token id {x} at position {i} is outside 0..2^32")))
+            (*x).try_into().map_err(|_| {
+                PyValueError::new_err(format!("token id {x} at position {i} is outside 0..2^32"))
+            })
         })
         .collect()
 }
@@ -38,7 +42,9 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         return le_u32s(&b.to_vec());
     }
     if obj.is_instance_of::<PyString>() {
-        return Err(PyTypeError::new_err("token ids must be integers, not a str"));
+        return Err(PyTypeError::new_err(
+            "token ids must be integers, not a str",
+        ));
     }
     if let Ok(list) = obj.downcast::<PyList>() {
         return seq_items(list.iter());
@@ -47,7 +53,7 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         return seq_items(tuple.iter());
     }
     if let Ok(buf) = PyBuffer::<u32>::get(obj) {
-        return Ok(buf.to_vec(py)?);
+        return buf.to_vec(py);
     }
     if let Ok(buf) = PyBuffer::<i64>::get(obj) {
         return check_range(buf.to_vec(py)?);
@@ -84,7 +90,9 @@ fn seq_items<'py>(items: impl Iterator<Item = Bound<'py, PyAny>>) -> PyResult<Ve
             Ok(v) => out.push(v),
             Err(_) => {
                 return Err(match item.extract::<i128>() {
-                    Ok(v) => PyValueError::new_err(format!("token id {v} at position {i} is outside 0..2^32")),
+                    Ok(v) => PyValueError::new_err(format!(
+                        "token id {v} at position {i} is outside 0..2^32"
+                    )),
                     Err(_) => PyTypeError::new_err(format!(
                         "token id at position {i} must be an int, not {}",
                         item.get_type().name()?
@@ -104,8 +112,13 @@ pub fn hash_value(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     match obj.extract::<i64>() {
         Ok(v) => Ok(v as u64),
         Err(_) => Err(match obj.extract::<i128>() {
-            Ok(v) => PyValueError::new_err(format!("hash {v} is outside the signed or unsigned 64-bit range")),
-            Err(_) => PyTypeError::new_err(format!("hash must be an int, not {}", obj.get_type().name()?)),
+            Ok(v) => PyValueError::new_err(format!(
+                "hash {v} is outside the signed or unsigned 64-bit range"
+            )),
+            Err(_) => PyTypeError::new_err(format!(
+                "hash must be an int, not {}",
+                obj.get_type().name()?
+            )),
         }),
     }
 }
@@ -124,7 +137,7 @@ pub fn hashes(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
     }
     if !obj.is_instance_of::<PyTuple>() {
         if let Ok(buf) = PyBuffer::<u64>::get(obj) {
-            return Ok(buf.to_vec(obj.py())?);
+            return buf.to_vec(obj.py());
         }
     }
     obj.try_iter()
@@ -144,7 +157,10 @@ pub fn extra_key(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     if let Ok(b) = obj.downcast::<PyBytes>() {
         return Ok(Some(b.as_bytes().to_vec()));
     }
-    Err(PyTypeError::new_err(format!("extra_key must be bytes, str or None, not {}", obj.get_type().name()?)))
+    Err(PyTypeError::new_err(format!(
+        "extra_key must be bytes, str or None, not {}",
+        obj.get_type().name()?
+    )))
 }
 
 pub fn tier(name: &str) -> PyResult<Tier> {
@@ -153,14 +169,18 @@ pub fn tier(name: &str) -> PyResult<Tier> {
 
 pub fn block_size(v: i64, what: &str) -> PyResult<u32> {
     if v <= 0 || v > i64::from(u32::MAX) {
-        return Err(PyValueError::new_err(format!("{what} must be a positive integer, got {v}")));
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a positive integer, got {v}"
+        )));
     }
     Ok(v as u32)
 }
 
 pub fn non_negative(v: i64, what: &str) -> PyResult<u64> {
     if v < 0 {
-        return Err(PyValueError::new_err(format!("{what} must be >= 0, got {v}")));
+        return Err(PyValueError::new_err(format!(
+            "{what} must be >= 0, got {v}"
+        )));
     }
     Ok(v as u64)
 }

@@ -33,12 +33,19 @@ pub fn local_block_hash(tokens: &Bound<'_, PyAny>) -> PyResult<u64> {
 
 #[pyfunction]
 pub fn decode_payload<'py>(py: Python<'py>, payload: &[u8]) -> PyResult<Vec<Bound<'py, PyTuple>>> {
-    let events = py.allow_threads(|| payload::decode_payload(payload)).map_err(PyValueError::new_err)?;
+    let events = py
+        .allow_threads(|| payload::decode_payload(payload))
+        .map_err(PyValueError::new_err)?;
     events
         .into_iter()
         .map(|e| match e {
             Event::Stored(s) => {
-                let tokens = s.tokens.map(|t| PyBytes::new(py, &t.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+                let tokens = s.tokens.map(|t| {
+                    PyBytes::new(
+                        py,
+                        &t.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+                    )
+                });
                 let extra = s.extra_key.map(|k| PyBytes::new(py, &k));
                 (
                     "stored",
@@ -122,7 +129,11 @@ impl PyApplyResult {
 }
 
 /// Decodes and applies one payload; a malformed payload changes nothing.
-pub(crate) fn apply_payload_to(idx: &mut PrefixIndex, worker: u64, events: Result<Vec<Event>, String>) -> PyApplyResult {
+pub(crate) fn apply_payload_to(
+    idx: &mut PrefixIndex,
+    worker: u64,
+    events: Result<Vec<Event>, String>,
+) -> PyApplyResult {
     match events {
         Ok(events) => {
             let mut total = ApplyResult::default();
@@ -139,7 +150,10 @@ pub(crate) fn apply_payload_to(idx: &mut PrefixIndex, worker: u64, events: Resul
     }
 }
 
-pub(crate) fn overlaps_dict<'py>(py: Python<'py>, m: &[(u64, Overlap)]) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn overlaps_dict<'py>(
+    py: Python<'py>,
+    m: &[(u64, Overlap)],
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     for (w, o) in m {
         d.set_item(*w, (o.gpu, o.host, o.disk))?;
@@ -162,7 +176,10 @@ impl PyPrefixIndex {
     fn new(block_size: i64) -> PyResult<Self> {
         let bs = convert::block_size(block_size, "block_size")?;
         let idx = PrefixIndex::new(bs).map_err(PyValueError::new_err)?;
-        Ok(PyPrefixIndex { inner: Arc::new(RwLock::new(idx)), block_size: bs })
+        Ok(PyPrefixIndex {
+            inner: Arc::new(RwLock::new(idx)),
+            block_size: bs,
+        })
     }
 
     #[pyo3(signature = (worker, hashes, parent=None, token_ids=None, router_hashes=None, tier="gpu", extra_key=None, engine_block_size=None))]
@@ -206,10 +223,18 @@ impl PyPrefixIndex {
     }
 
     #[pyo3(signature = (worker, hashes, tier="gpu"))]
-    fn apply_removed(&self, py: Python<'_>, worker: u64, hashes: &Bound<'_, PyAny>, tier: &str) -> PyResult<PyApplyResult> {
+    fn apply_removed(
+        &self,
+        py: Python<'_>,
+        worker: u64,
+        hashes: &Bound<'_, PyAny>,
+        tier: &str,
+    ) -> PyResult<PyApplyResult> {
         let hashes = convert::hashes(hashes)?;
         let tier = convert::tier(tier)?;
-        Ok(PyApplyResult::ok(py.allow_threads(|| self.inner.write().apply_removed(worker, &hashes, tier))))
+        Ok(PyApplyResult::ok(py.allow_threads(|| {
+            self.inner.write().apply_removed(worker, &hashes, tier)
+        })))
     }
 
     fn clear_worker(&self, py: Python<'_>, worker: u64) -> PyApplyResult {
@@ -230,14 +255,23 @@ impl PyPrefixIndex {
     fn apply_payloads(&self, py: Python<'_>, batch: Vec<(u64, Vec<u8>)>) -> Vec<PyApplyResult> {
         py.allow_threads(|| {
             // Decode outside the write lock so queries keep flowing meanwhile.
-            let decoded: Vec<(u64, Result<Vec<Event>, String>)> =
-                batch.iter().map(|(w, p)| (*w, payload::decode_payload(p))).collect();
+            let decoded: Vec<(u64, Result<Vec<Event>, String>)> = batch
+                .iter()
+                .map(|(w, p)| (*w, payload::decode_payload(p)))
+                .collect();
             let mut idx = self.inner.write();
-            decoded.into_iter().map(|(w, ev)| apply_payload_to(&mut idx, w, ev)).collect()
+            decoded
+                .into_iter()
+                .map(|(w, ev)| apply_payload_to(&mut idx, w, ev))
+                .collect()
         })
     }
 
-    fn find_matches<'py>(&self, py: Python<'py>, router_hashes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    fn find_matches<'py>(
+        &self,
+        py: Python<'py>,
+        router_hashes: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let hashes = convert::hashes(router_hashes)?;
         let m = py.allow_threads(|| self.inner.read().find_matches(&hashes));
         overlaps_dict(py, &m)
@@ -260,8 +294,15 @@ impl PyPrefixIndex {
         overlaps_dict(py, &m)
     }
 
-    fn find_matches_batch<'py>(&self, py: Python<'py>, queries: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let qs: Vec<Vec<u64>> = queries.try_iter()?.map(|q| convert::hashes(&q?)).collect::<PyResult<_>>()?;
+    fn find_matches_batch<'py>(
+        &self,
+        py: Python<'py>,
+        queries: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let qs: Vec<Vec<u64>> = queries
+            .try_iter()?
+            .map(|q| convert::hashes(&q?))
+            .collect::<PyResult<_>>()?;
         let results = py.allow_threads(|| {
             let idx = self.inner.read();
             let mut out = Vec::with_capacity(qs.len());
@@ -329,13 +370,20 @@ impl PyPrefixIndex {
 
     #[staticmethod]
     fn from_snapshot(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
-        let idx = py.allow_threads(|| PrefixIndex::from_snapshot(data)).map_err(PyValueError::new_err)?;
+        let idx = py
+            .allow_threads(|| PrefixIndex::from_snapshot(data))
+            .map_err(PyValueError::new_err)?;
         let bs = idx.block_size();
-        Ok(PyPrefixIndex { inner: Arc::new(RwLock::new(idx)), block_size: bs })
+        Ok(PyPrefixIndex {
+            inner: Arc::new(RwLock::new(idx)),
+            block_size: bs,
+        })
     }
 
     fn load_snapshot(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let idx = py.allow_threads(|| PrefixIndex::from_snapshot(data)).map_err(PyValueError::new_err)?;
+        let idx = py
+            .allow_threads(|| PrefixIndex::from_snapshot(data))
+            .map_err(PyValueError::new_err)?;
         if idx.block_size() != self.block_size {
             return Err(PyValueError::new_err(format!(
                 "snapshot block size {} differs from this index's {}",

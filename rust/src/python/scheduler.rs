@@ -164,12 +164,15 @@ impl PyWorkerLoad {
 }
 
 fn policy(name: Option<&str>) -> PyResult<Option<Policy>> {
-    name.map(|n| Policy::parse(n).map_err(PyValueError::new_err)).transpose()
+    name.map(|n| Policy::parse(n).map_err(PyValueError::new_err))
+        .transpose()
 }
 
 fn finite(v: f64, what: &str) -> PyResult<f64> {
     if !v.is_finite() || v < 0.0 {
-        return Err(PyValueError::new_err(format!("{what} must be a finite number >= 0, got {v}")));
+        return Err(PyValueError::new_err(format!(
+            "{what} must be a finite number >= 0, got {v}"
+        )));
     }
     Ok(v)
 }
@@ -250,15 +253,28 @@ impl PyScheduler {
     ) -> PyResult<Self> {
         let config = Config {
             policy: Policy::parse(policy).map_err(PyValueError::new_err)?,
-            weights: Weights { prefill: prefill_weight, decode: decode_weight, queue: queue_weight, temperature, host_credit, disk_credit },
+            weights: Weights {
+                prefill: prefill_weight,
+                decode: decode_weight,
+                queue: queue_weight,
+                temperature,
+                host_credit,
+                disk_credit,
+            },
             lease_s: finite(lease_s, "lease_s")?,
             report_ttl_s: finite(report_ttl_s, "report_ttl_s")?,
         };
         let seed = seed.unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
         });
         let s = Scheduler::new(config, seed).map_err(PyValueError::new_err)?;
-        Ok(PyScheduler { index: index.inner.clone(), block_size: index.inner.read().block_size(), inner: Mutex::new(s) })
+        Ok(PyScheduler {
+            index: index.inner.clone(),
+            block_size: index.inner.read().block_size(),
+            inner: Mutex::new(s),
+        })
     }
 
     #[getter]
@@ -312,7 +328,11 @@ impl PyScheduler {
     }
 
     fn set_routable(&self, worker: u64, routable: bool) -> PyResult<()> {
-        self.inner.lock().load.set_routable(worker, routable).map_err(PyKeyError::new_err)
+        self.inner
+            .lock()
+            .load
+            .set_routable(worker, routable)
+            .map_err(PyKeyError::new_err)
     }
 
     fn workers(&self) -> Vec<u64> {
@@ -344,7 +364,18 @@ impl PyScheduler {
         let key = convert::extra_key(extra_key)?;
         let bs = self.block_size as usize;
         let hashes = py.allow_threads(|| hashing::hash_blocks(&toks, bs, key.as_deref()));
-        self.route_impl(py, hashes, toks.len() as u64, request_id, expected_output_tokens, candidates, policy, explain, reserve, now)
+        self.route_impl(
+            py,
+            hashes,
+            toks.len() as u64,
+            request_id,
+            expected_output_tokens,
+            candidates,
+            policy,
+            explain,
+            reserve,
+            now,
+        )
     }
 
     #[pyo3(signature = (router_hashes, prompt_tokens, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None))]
@@ -367,16 +398,35 @@ impl PyScheduler {
         if prompt == 0 {
             return Err(PyValueError::new_err("prompt has no tokens"));
         }
-        self.route_impl(py, hashes, prompt, request_id, expected_output_tokens, candidates, policy, explain, reserve, now)
+        self.route_impl(
+            py,
+            hashes,
+            prompt,
+            request_id,
+            expected_output_tokens,
+            candidates,
+            policy,
+            explain,
+            reserve,
+            now,
+        )
     }
 
     #[pyo3(signature = (worker, request_id, prefill_tokens, decode_blocks, now=None))]
-    fn reserve(&self, worker: u64, request_id: &str, prefill_tokens: i64, decode_blocks: i64, now: Option<f64>) -> PyResult<()> {
+    fn reserve(
+        &self,
+        worker: u64,
+        request_id: &str,
+        prefill_tokens: i64,
+        decode_blocks: i64,
+        now: Option<f64>,
+    ) -> PyResult<()> {
         let p = convert::non_negative(prefill_tokens, "prefill_tokens")?;
         let d = convert::non_negative(decode_blocks, "decode_blocks")?;
         let mut s = self.inner.lock();
         let now = self.at(&s, now);
-        s.reserve(worker, request_id, p, d, now).map_err(PyValueError::new_err)
+        s.reserve(worker, request_id, p, d, now)
+            .map_err(PyValueError::new_err)
     }
 
     #[pyo3(signature = (request_id, now=None))]
@@ -418,28 +468,45 @@ impl PyScheduler {
             queued: convert::non_negative(queued, "queued")?,
             kv_used_blocks: convert::non_negative(kv_used_blocks, "kv_used_blocks")?,
             kv_free_blocks: convert::non_negative(kv_free_blocks, "kv_free_blocks")?,
-            queued_prefill_tokens: convert::non_negative(queued_prefill_tokens, "queued_prefill_tokens")?,
+            queued_prefill_tokens: convert::non_negative(
+                queued_prefill_tokens,
+                "queued_prefill_tokens",
+            )?,
             at: 0.0,
         };
         let mut s = self.inner.lock();
         let at = self.at(&s, now);
-        s.report_load(worker, Report { at, ..report }).map_err(PyKeyError::new_err)
+        s.report_load(worker, Report { at, ..report })
+            .map_err(PyKeyError::new_err)
     }
 
-    fn set_external_load(&self, worker: u64, prefill_tokens: i64, decode_blocks: i64, requests: i64) -> PyResult<()> {
+    fn set_external_load(
+        &self,
+        worker: u64,
+        prefill_tokens: i64,
+        decode_blocks: i64,
+        requests: i64,
+    ) -> PyResult<()> {
         let ext = External {
             prefill_tokens: convert::non_negative(prefill_tokens, "prefill_tokens")?,
             decode_blocks: convert::non_negative(decode_blocks, "decode_blocks")?,
             requests: convert::non_negative(requests, "requests")?,
         };
-        self.inner.lock().set_external(worker, ext).map_err(PyKeyError::new_err)
+        self.inner
+            .lock()
+            .set_external(worker, ext)
+            .map_err(PyKeyError::new_err)
     }
 
     #[pyo3(signature = (worker, now=None))]
     fn load(&self, worker: u64, now: Option<f64>) -> PyResult<PyWorkerLoad> {
         let s = self.inner.lock();
         let now = self.at(&s, now);
-        let w = s.load.workers.get(&worker).ok_or_else(|| PyKeyError::new_err(format!("unknown worker {worker}")))?;
+        let w = s
+            .load
+            .workers
+            .get(&worker)
+            .ok_or_else(|| PyKeyError::new_err(format!("unknown worker {worker}")))?;
         Ok(PyWorkerLoad::new(worker, w, now, s.config.report_ttl_s))
     }
 
@@ -449,7 +516,9 @@ impl PyScheduler {
         let now = self.at(&s, now);
         let mut ids: Vec<u64> = s.load.workers.keys().copied().collect();
         ids.sort_unstable();
-        ids.iter().map(|id| PyWorkerLoad::new(*id, &s.load.workers[id], now, s.config.report_ttl_s)).collect()
+        ids.iter()
+            .map(|id| PyWorkerLoad::new(*id, &s.load.workers[id], now, s.config.report_ttl_s))
+            .collect()
     }
 
     fn now(&self) -> f64 {

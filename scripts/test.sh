@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The project's whole check: Rust format, lints and tests; Python lints, types and tests.
+# Any failure fails the run. Needs a Redis on 127.0.0.1:6379 (scripts/ensure_redis.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+step() { printf '\n== %s\n' "$*"; }
+step "cargo fmt --check";            cargo fmt --all -- --check
+step "cargo clippy -D warnings";     cargo clippy --all-targets --features python -q -- -D warnings
+step "cargo test";                   cargo test -q
+step "generated protobuf code is current"; $PY scripts/gen_proto.py --check
+step "ruff";                         $PY -m ruff check python bench tests scripts
+step "mypy";                         $PY -m mypy
+step "pytest";                       $PY -m pytest -q "$@"
