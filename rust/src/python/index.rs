@@ -252,8 +252,16 @@ impl PyPrefixIndex {
         })
     }
 
-    fn apply_payloads(&self, py: Python<'_>, batch: Vec<(u64, Vec<u8>)>) -> Vec<PyApplyResult> {
-        py.allow_threads(|| {
+    fn apply_payloads(&self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<Vec<PyApplyResult>> {
+        // Copy each payload's bytes out at memcpy speed (a Vec<u8> extraction would
+        // walk the bytes object element by element).
+        let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
+        for item in batch.try_iter()? {
+            let (worker, payload): (u64, Bound<'_, PyBytes>) = item?.extract()?;
+            owned.push((worker, payload.as_bytes().to_vec()));
+        }
+        let batch = owned;
+        Ok(py.allow_threads(|| {
             // Decode outside the write lock so queries keep flowing meanwhile.
             let decoded: Vec<(u64, Result<Vec<Event>, String>)> = batch
                 .iter()
@@ -264,7 +272,7 @@ impl PyPrefixIndex {
                 .into_iter()
                 .map(|(w, ev)| apply_payload_to(&mut idx, w, ev))
                 .collect()
-        })
+        }))
     }
 
     fn find_matches<'py>(

@@ -1,0 +1,1 @@
+"""Engine adapters and the simulated engine (one subpackage per engine)."""

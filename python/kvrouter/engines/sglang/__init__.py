@@ -1,0 +1,1 @@
+"""SGLang integration: KV events share vLLM's wire family (see sglang.wire)."""

@@ -1,0 +1,1 @@
+"""TensorRT-LLM integration: KV cache event translation (translate)."""
