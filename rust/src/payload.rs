@@ -237,3 +237,90 @@ pub fn decode_payload(bytes: &[u8]) -> Result<Vec<Event>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Hand-assembled msgpack, so these tests do not depend on an encoder.
+    fn s(x: &str) -> Vec<u8> {
+        let mut v = vec![0xa0 | x.len() as u8];
+        v.extend_from_slice(x.as_bytes());
+        v
+    }
+
+    #[test]
+    fn stored_with_tokens_and_unknown_keys() {
+        let mut p = vec![0x91, 0x86];
+        p.extend(s("type"));
+        p.extend(s("stored"));
+        p.extend(s("hashes"));
+        p.extend([
+            0x92, 0x01, 0xd3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ]); // [1, -1]
+        p.extend(s("parent"));
+        p.push(0xc0);
+        p.extend(s("tokens"));
+        p.extend([0xc4, 8, 1, 0, 0, 0, 2, 0, 0, 0]);
+        p.extend(s("block_size"));
+        p.push(0x01);
+        p.extend(s("future"));
+        p.extend([0x81, 0xa1, b'k', 0x90]); // {"k": []}, skipped
+        let ev = decode_payload(&p).unwrap();
+        let Event::Stored(st) = &ev[0] else {
+            panic!("not stored")
+        };
+        assert_eq!(st.hashes, vec![1, u64::MAX]);
+        assert_eq!(st.tokens.as_deref(), Some(&[1u32, 2][..]));
+        assert_eq!(st.tier, Tier::Gpu);
+    }
+
+    #[test]
+    fn removed_cleared_and_32_byte_hashes() {
+        let mut p = vec![0x92, 0x83];
+        p.extend(s("type"));
+        p.extend(s("removed"));
+        p.extend(s("hashes"));
+        let mut digest = vec![0u8; 32];
+        digest[31] = 7;
+        p.extend([0x91, 0xc4, 32]);
+        p.extend(&digest);
+        p.extend(s("tier"));
+        p.extend(s("host"));
+        p.push(0x81);
+        p.extend(s("type"));
+        p.extend(s("cleared"));
+        let ev = decode_payload(&p).unwrap();
+        assert_eq!(
+            ev[0],
+            Event::Removed {
+                hashes: vec![7],
+                tier: Tier::Host
+            }
+        );
+        assert_eq!(ev[1], Event::Cleared);
+    }
+
+    #[test]
+    fn malformed_is_an_error_not_a_panic() {
+        for bad in [
+            &[][..],
+            &[0x91][..],
+            &[0x91, 0x80][..],
+            &[0xdd, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x90, 0x00][..],
+        ] {
+            assert!(decode_payload(bad).is_err(), "{bad:?}");
+        }
+        // Every truncation of a valid payload fails cleanly.
+        let mut p = vec![0x91, 0x82];
+        p.extend(s("type"));
+        p.extend(s("removed"));
+        p.extend(s("hashes"));
+        p.extend([0x91, 0x05]);
+        assert!(decode_payload(&p).is_ok());
+        for cut in 0..p.len() {
+            assert!(decode_payload(&p[..cut]).is_err());
+        }
+    }
+}

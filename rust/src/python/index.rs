@@ -252,7 +252,11 @@ impl PyPrefixIndex {
         })
     }
 
-    fn apply_payloads(&self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<Vec<PyApplyResult>> {
+    fn apply_payloads(
+        &self,
+        py: Python<'_>,
+        batch: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<PyApplyResult>> {
         // Copy each payload's bytes out at memcpy speed (a Vec<u8> extraction would
         // walk the bytes object element by element).
         let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
