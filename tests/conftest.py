@@ -128,6 +128,24 @@ def router_server(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
         rp.stop()
 
 
+@pytest.fixture(scope="module")
+def module_router_server(tmp_path_factory: pytest.TempPathFactory,
+                         ) -> Iterator[Callable[..., RouterProcess]]:
+    """Like router_server, for servers shared by the tests of one module."""
+    started: list[RouterProcess] = []
+    base = tmp_path_factory.mktemp("router")
+
+    def start(config: Mapping[str, Any] | None = None, args: tuple[str, ...] = (),
+              metrics: bool = False, env: Mapping[str, str] | None = None) -> RouterProcess:
+        rp = start_router(base / f"r{len(started)}", config, args, metrics, env)
+        started.append(rp)
+        return rp
+
+    yield start
+    for rp in started:
+        rp.stop()
+
+
 class BlockStore:
     """Publishes KV 'stored' events for a worker over Router.PublishEvents, the way a
     worker process does: one batch per call, per-worker sequence numbers from 0."""
@@ -148,9 +166,37 @@ class BlockStore:
                             block_size=block_size, tier=Tier.parse(tier), extra_key=extra_key)
         seq = self._seq.get((model, worker), 0)
         self._seq[(model, worker)] = seq + 1
+        before = self._cached(client, model, worker)
         client.publish_events(model, worker, "test-epoch", seq, encode_payload([event]))
+        # The event plane applies batches asynchronously: wait until this one landed.
+        deadline = time.monotonic() + 10
+        while self._cached(client, model, worker) < before + n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} blocks for {model}/{worker} not applied in 10s")
+            time.sleep(0.01)
+
+    @staticmethod
+    def _cached(client: Any, model: str, worker: str) -> int:
+        return sum(w.cached_blocks for w in client.list_workers(model) if w.name == worker)
 
 
 @pytest.fixture
 def store_blocks() -> BlockStore:
     return BlockStore()
+
+
+@pytest.fixture(scope="session")
+def block_store_class() -> type[BlockStore]:
+    """For module-scoped fixtures, which cannot use store_blocks."""
+    return BlockStore
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kvrouter.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=subprocess_env())
+
+
+@pytest.fixture
+def kvrouter_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run `python -m kvrouter.cli ARGS...` in a child process; returns CompletedProcess."""
+    return run_cli

@@ -16,6 +16,8 @@ MODEL = "m"
 
 
 def _config(**router: Any) -> dict[str, Any]:
+    # These workers never heartbeat: liveness is off unless a test turns it on.
+    router.setdefault("heartbeat_timeout_s", 0)
     return {"router": router, "models": [{"name": MODEL, "block_size": BS, "seed": 7}]}
 
 
@@ -129,7 +131,8 @@ def test_extra_key_separates_lora_caches(router_server: Any, store_blocks: Any) 
 
 def test_models_have_their_own_index_block_size_and_workers(router_server: Any,
                                                             store_blocks: Any) -> None:
-    cfg = {"models": [{"name": "a", "block_size": 4}, {"name": "b", "block_size": 8,
+    cfg = {"router": {"heartbeat_timeout_s": 0},
+           "models": [{"name": "a", "block_size": 4}, {"name": "b", "block_size": 8,
                                                          "policy": "least_loaded"}]}
     rp = router_server(cfg)
     with RouterClient(rp.target) as c:

@@ -1,0 +1,140 @@
+"""Prometheus metrics of the router, on a registry of its own (several routers can share a process).
+
+Per-request metrics are bound label children cached in dicts so the hot path costs one
+dict lookup and one increment; per-worker gauges are read from a snapshot the server
+refreshes periodically, so scraping never touches the scheduler from the HTTP thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
+)
+RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSample:
+    model: str
+    worker: str
+    status: str
+    reserved_prefill_tokens: int
+    reserved_decode_blocks: int
+    reserved_requests: int
+    cached_blocks: int
+
+
+class _WorkerCollector(Collector):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._samples: list[WorkerSample] = []
+        self._models: list[str] = []
+        self._statuses: tuple[str, ...] = ("up", "draining", "down", "mismatch")
+
+    def set(self, samples: Iterable[WorkerSample], models: Iterable[str]) -> None:
+        with self._lock:
+            self._samples = list(samples)
+            self._models = list(models)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            samples = list(self._samples)
+            models = list(self._models)
+        per_worker = [
+            ("kvrouter_worker_reserved_prefill_tokens",
+             "Prompt tokens reserved by the router on the worker", "reserved_prefill_tokens"),
+            ("kvrouter_worker_reserved_decode_blocks",
+             "KV blocks reserved by the router for active requests on the worker",
+             "reserved_decode_blocks"),
+            ("kvrouter_worker_reserved_requests",
+             "Requests with an open reservation on the worker", "reserved_requests"),
+            ("kvrouter_worker_cached_blocks",
+             "Blocks of the worker in the router's prefix index", "cached_blocks"),
+        ]
+        for name, doc, attr in per_worker:
+            fam = GaugeMetricFamily(name, doc, labels=["model", "worker"])
+            for s in samples:
+                fam.add_metric([s.model, s.worker], getattr(s, attr))
+            yield fam
+        up = GaugeMetricFamily("kvrouter_workers", "Workers known to the router, by status",
+                               labels=["model", "status"])
+        for model in models:
+            for status in self._statuses:
+                n = sum(1 for s in samples if s.model == model and s.status == status)
+                up.add_metric([model, status], n)
+        yield up
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.decisions = Counter(
+            "kvrouter_decisions", "Routing decisions by model, policy and outcome",
+            ["model", "policy", "outcome"], registry=r)
+        self.decision_latency = Histogram(
+            "kvrouter_decision_seconds", "Time to decide one request inside the router",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overlap_ratio = Histogram(
+            "kvrouter_predicted_overlap_ratio",
+            "Share of the prompt's blocks cached on the chosen worker (router's prediction)",
+            ["model"], buckets=RATIO_BUCKETS, registry=r)
+        self.expired = Counter(
+            "kvrouter_reservations_expired", "Reservations freed by lease expiry", ["model"],
+            registry=r)
+        self.released = Counter(
+            "kvrouter_reservations_released", "Release calls by outcome", ["model", "outcome"],
+            registry=r)
+        self.event_batches = Counter(
+            "kvrouter_publish_events", "PublishEvents batches received over gRPC",
+            ["model", "outcome"], registry=r)
+        self.workers = _WorkerCollector()
+        r.register(self.workers)
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._latency_children: dict[str, Histogram] = {}
+        self._ratio_children: dict[str, Histogram] = {}
+        self._http: object | None = None
+
+    # hot path ------------------------------------------------------------
+    def decided(self, model: str, policy: str, seconds: float, overlap_ratio: float) -> None:
+        key = (model, policy, "routed")
+        c = self._decision_children.get(key)
+        if c is None:
+            c = self._decision_children[key] = self.decisions.labels(*key)
+        c.inc()
+        h = self._latency_children.get(model)
+        if h is None:
+            h = self._latency_children[model] = self.decision_latency.labels(model)
+        h.observe(seconds)
+        o = self._ratio_children.get(model)
+        if o is None:
+            o = self._ratio_children[model] = self.overlap_ratio.labels(model)
+        o.observe(overlap_ratio)
+
+    def failed(self, model: str, policy: str, outcome: str) -> None:
+        key = (model, policy, outcome)
+        c = self._decision_children.get(key)
+        if c is None:
+            c = self._decision_children[key] = self.decisions.labels(*key)
+        c.inc()
+
+    # HTTP ----------------------------------------------------------------
+    def serve(self, host: str, port: int) -> int:
+        """Start /metrics in a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_address[1])
+
+    def stop(self) -> None:
+        server, self._http = self._http, None
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]

@@ -1,0 +1,181 @@
+"""Router process: builds the registry from the configuration, serves gRPC (Router, health,
+reflection) and /metrics, runs the event plane and periodic maintenance (lease expiry,
+metrics snapshot); worker liveness belongs to the event plane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
+from kvrouter.config import Config
+from kvrouter.events.plane import EventPlane
+from kvrouter.events.plane import make_event_plane as make_plane
+from kvrouter.metrics import RouterMetrics, WorkerSample
+from kvrouter.registry import Registry
+from kvrouter.server.service import RouterService
+
+log = logging.getLogger("kvrouter.server")
+
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+def make_event_plane(config: Config, registry: Registry) -> EventPlane:
+    r = config.router
+    opts = dict(r.event_plane)
+    # One knob for liveness whichever way workers heartbeat (gRPC or Redis).
+    opts.setdefault("heartbeat_ttl_s", r.heartbeat_timeout_s or 1e9)
+    return make_plane(registry, r.redis_url, **opts)
+
+
+def build_registry(config: Config) -> Registry:
+    registry = Registry()
+    r = config.router
+    for m in config.models:
+        registry.add_model(m.name, m.block_size, m.scheduler_kwargs(r.lease_s, r.report_ttl_s))
+    return registry
+
+
+class RouterApp:
+    """One router: `await start()`, then `await stop()` (or `await wait()` until stopped)."""
+
+    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or build_registry(config)
+        self.metrics = RouterMetrics()
+        self.event_plane: EventPlane | None = None
+        self.service: RouterService | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health: Any = None
+        self.port = 0
+        self.metrics_port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        size = self.config.router.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            # Fail loudly if the port is taken instead of silently sharing it.
+            ("grpc.so_reuseport", 0),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    async def start(self) -> None:
+        r = self.config.router
+        try:
+            self.event_plane = make_event_plane(self.config, self.registry)
+        except ValueError as e:
+            raise RuntimeError(f"bad event plane configuration: {e}") from None
+        await self.event_plane.start()
+        self.service = RouterService(self.config, self.registry, self.metrics, self.event_plane)
+        server = grpc.aio.server(options=self.grpc_options())
+        router_pb2_grpc.add_RouterServicer_to_server(self.service, server)
+        self.health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        if r.reflection:
+            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        try:
+            self.port = server.add_insecure_port(r.listen)
+        except RuntimeError as e:
+            raise RuntimeError(f"cannot listen on {r.listen}: {e}") from None
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {r.listen} (address in use?)")
+        await server.start()
+        self.server = server
+        if r.metrics_port:
+            try:
+                self.metrics_port = self.metrics.serve(r.metrics_host, r.metrics_port)
+            except OSError as e:
+                await server.stop(None)
+                raise RuntimeError(
+                    f"cannot serve metrics on {r.metrics_host}:{r.metrics_port}: {e}") from None
+        self._snapshot_metrics()
+        self._tasks.append(asyncio.create_task(self._maintenance(), name="kvrouter-maintenance"))
+        for name in ("", ROUTER_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("router serving", extra={
+            "listen": r.listen, "port": self.port, "metrics_port": self.metrics_port,
+            "models": ",".join(m.name for m in self.config.models),
+            "event_plane": type(self.event_plane).__name__})
+
+    async def _maintenance(self) -> None:
+        interval = self.config.router.expire_interval_s
+        assert self.service is not None
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.service.expire_leases()
+                self._snapshot_metrics()
+            except Exception:  # keep the loop alive; a bug here must not stop lease expiry
+                log.exception("maintenance step failed")
+
+    def _snapshot_metrics(self) -> None:
+        samples = []
+        for name, state in self.registry.models.items():
+            loads = {ld.worker: ld for ld in state.scheduler.loads()}
+            for info in list(state.workers.values()):
+                ld = loads.get(info.wid)
+                samples.append(WorkerSample(
+                    model=name, worker=info.name, status=info.status.value,
+                    reserved_prefill_tokens=ld.reserved_prefill_tokens if ld else 0,
+                    reserved_decode_blocks=ld.reserved_decode_blocks if ld else 0,
+                    reserved_requests=ld.reserved_requests if ld else 0,
+                    cached_blocks=state.index.worker_blocks(info.wid)))
+        self.metrics.workers.set(samples, list(self.registry.models))
+
+    async def stop(self, grace: float | None = 2.0) -> None:
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+        if self.event_plane is not None:
+            await self.event_plane.stop()
+        self.metrics.stop()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: Config) -> None:
+    """Run a router until SIGINT / SIGTERM."""
+    app = RouterApp(config)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    t0 = time.monotonic()
+    await app.stop()
+    log.info("router stopped", extra={"shutdown_s": round(time.monotonic() - t0, 3)})
+
+
+def run(config: Config) -> None:
+    """Blocking entry point: uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        asyncio.run(serve(config))
+        return
+    uvloop.run(serve(config))

@@ -1,0 +1,497 @@
+"""The kvrouter.v1.Router servicer: request validation, the decision hot path and worker RPCs.
+
+The per-request Python path is kept thin on purpose: validate, one Rust call
+(`Scheduler.route`: hash + match + score + reserve), build the reply. Nothing
+is logged per request; metrics are pre-bound counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Any, NoReturn, cast
+
+import grpc
+import numpy as np
+
+from kvrouter._core import Decision, Scheduler, decode_payload
+from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
+from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, PolicyName
+from kvrouter.events.model import LoadReport
+from kvrouter.metrics import RouterMetrics
+from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
+
+log = logging.getLogger("kvrouter.server")
+
+ROLE_FROM_PB: dict[common_pb2.WorkerRole, Role] = {
+    common_pb2.WORKER_ROLE_UNSPECIFIED: Role.AGGREGATED,
+    common_pb2.WORKER_ROLE_AGGREGATED: Role.AGGREGATED,
+    common_pb2.WORKER_ROLE_PREFILL: Role.PREFILL,
+    common_pb2.WORKER_ROLE_DECODE: Role.DECODE,
+}
+ROLE_TO_PB: dict[Role, common_pb2.WorkerRole] = {
+    Role.AGGREGATED: common_pb2.WORKER_ROLE_AGGREGATED,
+    Role.PREFILL: common_pb2.WORKER_ROLE_PREFILL,
+    Role.DECODE: common_pb2.WORKER_ROLE_DECODE,
+}
+
+
+class RequestError(Exception):
+    """A request the router refuses; becomes a gRPC status (or a StreamError item)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> NoReturn:
+    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _non_negative(value: int, name: str) -> int:
+    if value < 0:
+        _invalid(f"{name} must be >= 0, got {value}")
+    return value
+
+
+_OUTCOME = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.UNAVAILABLE: "no_worker",
+    grpc.StatusCode.ALREADY_EXISTS: "duplicate_request_id",
+}
+
+
+@dataclass
+class ModelRuntime:
+    """What the service keeps per model beside the registry's ModelState."""
+
+    cfg: ModelConfig
+    state: ModelState
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.state.scheduler
+
+
+class RouterService(router_pb2_grpc.RouterServicer):
+    def __init__(self, config: Config, registry: Registry, metrics: RouterMetrics,
+                 event_plane: Any) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.event_plane = event_plane
+        self.models: dict[str, ModelRuntime] = {}
+        for mcfg in config.models:
+            state = registry.models.get(mcfg.name)
+            if state is None:
+                raise ValueError(f"model {mcfg.name!r} is not in the registry")
+            self.models[mcfg.name] = ModelRuntime(cfg=mcfg, state=state)
+        self._max_tokens = config.router.max_prompt_tokens
+        # Router-made request ids: unique per process start, cheap to produce.
+        self._rid_prefix = f"r{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}-"
+        self._rid_counter = itertools.count(1)
+
+    # ------------------------------------------------------------------ helpers
+    def _model(self, name: str) -> ModelRuntime:
+        name = name or DEFAULT_MODEL
+        m = self.models.get(name)
+        if m is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown model {name!r} (known models: {known})")
+        return m
+
+    def _worker(self, m: ModelRuntime, name: str) -> Any:
+        if not name:
+            _invalid("worker name is empty")
+        info = m.state.workers.get(name)
+        if info is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND,
+                               f"unknown worker {name!r} for model {m.cfg.name!r}")
+        return info
+
+    def _tokens(self, m: ModelRuntime, token_ids: Any, token_ids_le: bytes) -> Any:
+        """The prompt as something `Scheduler.route` takes without copying, range checked."""
+        if token_ids_le:
+            if len(token_ids):
+                _invalid("set token_ids or token_ids_le, not both")
+            if len(token_ids_le) % 4:
+                _invalid(f"token_ids_le has {len(token_ids_le)} bytes, not a multiple of 4")
+            arr = np.frombuffer(token_ids_le, dtype="<u4")
+        else:
+            if not len(token_ids):
+                _invalid(f"prompt is empty: no token ids for model {m.cfg.name!r}")
+            arr = np.array(token_ids, dtype=np.uint32)
+        n = arr.shape[0]
+        if n > self._max_tokens:
+            _invalid(f"prompt has {n} tokens, more than max_prompt_tokens={self._max_tokens}")
+        vocab = m.cfg.vocab_size
+        if vocab is not None:
+            top = int(arr.max())
+            if top >= vocab:
+                pos = int(arr.argmax())
+                _invalid(f"token id {top} at position {pos} is out of range for model "
+                         f"{m.cfg.name!r} (vocab_size {vocab})")
+        return token_ids_le if token_ids_le else arr
+
+    def _candidates(self, m: ModelRuntime, names: Iterable[str],
+                    role: common_pb2.WorkerRole) -> list[int]:
+        workers = m.state.workers
+        names = list(names)
+        if names:
+            out = []
+            for name in names:
+                info = workers.get(name)
+                if info is None:
+                    raise RequestError(grpc.StatusCode.NOT_FOUND,
+                                       f"unknown candidate worker {name!r} for model "
+                                       f"{m.cfg.name!r}")
+                out.append(info)
+        else:
+            out = list(workers.values())
+        if role:
+            want = ROLE_FROM_PB.get(role)
+            if want is None:
+                _invalid(f"unknown worker role {role}")
+            out = [w for w in out if w.role is want]
+        return [w.wid for w in out]
+
+    def _no_worker_message(self, m: ModelRuntime, filtered: bool) -> str:
+        n = len(m.state.workers)
+        up = sum(1 for w in m.state.workers.values() if w.routable)
+        what = "matching the request's candidates/role " if filtered else ""
+        return (f"no routable worker {what}for model {m.cfg.name!r} "
+                f"({n} registered, {up} up)")
+
+    # ------------------------------------------------------------------ decision hot path
+    def decide(self, req: router_pb2.RouteRequest, explain: bool = False,
+               dry_run: bool = False) -> router_pb2.RouteResponse:
+        t0 = time.perf_counter()
+        m = self._model(req.model)
+        policy = req.policy or None
+        try:
+            tokens = self._tokens(m, req.token_ids, req.token_ids_le)
+            if policy is not None and policy not in POLICIES:
+                _invalid(f"unknown policy {policy!r} (expected one of {', '.join(POLICIES)})")
+            expected = _non_negative(req.expected_output_tokens, "expected_output_tokens")
+            filtered = bool(req.candidates) or bool(req.role)
+            candidates = self._candidates(m, req.candidates, req.role) if filtered else None
+            dry_run = dry_run or req.dry_run
+            explain = explain or req.explain
+            sched = m.state.scheduler
+            rid: str | None = None
+            if not dry_run:
+                rid = req.request_id or f"{self._rid_prefix}{next(self._rid_counter)}"
+                if req.request_id and sched.has_reservation(rid):
+                    raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"request_id {rid!r} already holds a reservation on model "
+                                       f"{m.cfg.name!r}; Release it or use a new id")
+            if candidates is not None and not candidates:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, self._no_worker_message(m, True))
+            try:
+                d: Decision = sched.route(
+                    tokens, extra_key=req.extra_key or None, request_id=rid,
+                    expected_output_tokens=expected, candidates=candidates,
+                    policy=cast(PolicyName | None, policy), explain=explain, reserve=not dry_run)
+            except ValueError as e:
+                if not any(w.routable for w in m.state.workers.values()) or filtered:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                       self._no_worker_message(m, filtered)) from None
+                _invalid(str(e))
+        except RequestError as e:
+            self.metrics.failed(m.cfg.name, policy or m.cfg.policy, _OUTCOME.get(e.code, "error"))
+            raise
+        by_wid = self.registry.by_wid
+        chosen = by_wid(d.worker)
+        reply = router_pb2.RouteResponse(
+            worker=chosen.name, address=chosen.address, request_id=rid or "",
+            overlap_blocks=d.overlap_blocks, gpu_blocks=d.gpu_blocks,
+            prompt_blocks=d.prompt_blocks, prompt_tokens=d.prompt_tokens,
+            block_size=m.state.block_size, policy=d.policy, model=m.cfg.name)
+        if explain:
+            reply.candidates.extend(
+                router_pb2.CandidateScore(
+                    worker=by_wid(c.worker).name, gpu_blocks=c.gpu_blocks,
+                    host_blocks=c.host_blocks, disk_blocks=c.disk_blocks,
+                    new_prefill_tokens=c.new_prefill_tokens, decode_blocks=c.decode_blocks,
+                    queue=c.queue, cost=c.cost, chosen=c.worker == d.worker)
+                for c in d.candidates)
+        ratio = d.overlap_blocks / d.prompt_blocks if d.prompt_blocks else 0.0
+        self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio)
+        return reply
+
+    def release(self, req: router_pb2.ReleaseRequest) -> router_pb2.ReleaseResponse:
+        m = self._model(req.model)
+        if not req.request_id:
+            _invalid("request_id is empty")
+        if req.worker:
+            self._worker(m, req.worker)
+        released = m.state.scheduler.release(req.request_id)
+        self.metrics.released.labels(m.cfg.name, "released" if released else "unknown").inc()
+        return router_pb2.ReleaseResponse(released=released)
+
+    def prefill_done(self, req: router_pb2.MarkPrefillDoneRequest,
+                     ) -> router_pb2.MarkPrefillDoneResponse:
+        m = self._model(req.model)
+        if not req.request_id:
+            _invalid("request_id is empty")
+        if req.worker:
+            self._worker(m, req.worker)
+        return router_pb2.MarkPrefillDoneResponse(
+            found=m.state.scheduler.mark_prefill_done(req.request_id))
+
+    # ------------------------------------------------------------------ client RPCs
+    async def Route(self, request: router_pb2.RouteRequest,
+                    context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
+        try:
+            return self.decide(request)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+
+    async def Explain(self, request: router_pb2.ExplainRequest,
+                      context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
+        try:
+            return self.decide(request.route, explain=True, dry_run=True)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+
+    async def Release(self, request: router_pb2.ReleaseRequest,
+                      context: grpc.aio.ServicerContext) -> router_pb2.ReleaseResponse:
+        try:
+            return self.release(request)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+
+    async def MarkPrefillDone(self, request: router_pb2.MarkPrefillDoneRequest,
+                              context: grpc.aio.ServicerContext,
+                              ) -> router_pb2.MarkPrefillDoneResponse:
+        try:
+            return self.prefill_done(request)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+
+    def _stream_item(self, item: router_pb2.RouteStreamItem) -> router_pb2.RouteStreamResult:
+        try:
+            op = item.WhichOneof("op")
+            if op == "route":
+                return router_pb2.RouteStreamResult(route=self.decide(item.route))
+            if op == "release":
+                return router_pb2.RouteStreamResult(release=self.release(item.release))
+            if op == "prefill_done":
+                return router_pb2.RouteStreamResult(
+                    prefill_done=self.prefill_done(item.prefill_done))
+            _invalid("stream item has no operation set")
+        except RequestError as e:
+            return router_pb2.RouteStreamResult(
+                error=router_pb2.StreamError(code=e.code.value[0], message=e.message))
+
+    async def RouteStream(self, request_iterator: AsyncIterator[router_pb2.RouteStreamRequest],
+                          context: grpc.aio.ServicerContext,
+                          ) -> AsyncIterator[router_pb2.RouteStreamResponse]:
+        # Items of one message are decided back to back without yielding to the loop;
+        # clients batch several items per message for throughput.
+        item = self._stream_item
+        async for req in request_iterator:
+            yield router_pb2.RouteStreamResponse(
+                seq=req.seq, results=[item(i) for i in req.items])
+
+    async def Generate(self, request: router_pb2.RouterGenerateRequest,
+                       context: grpc.aio.ServicerContext,
+                       ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Router.Generate (proxy mode) is not implemented yet: call Route, then the "
+            "chosen worker's Engine.Generate, then Release")
+        yield engine_pb2.GenerateResponse()  # pragma: no cover - makes this an async generator
+
+    def _worker_pb(self, m: ModelRuntime, info: Any, now: float) -> router_pb2.WorkerInfo:
+        load = m.state.scheduler.load(info.wid)
+        return router_pb2.WorkerInfo(
+            name=info.name, model=m.cfg.name, role=ROLE_TO_PB[info.role], address=info.address,
+            status=info.status.value, status_reason=info.status_reason,
+            last_seen_age_s=max(0.0, now - info.last_seen),
+            cached_blocks=m.state.index.worker_blocks(info.wid),
+            routable=info.routable, metadata=info.metadata,
+            load=router_pb2.WorkerLoad(
+                reserved_prefill_tokens=load.reserved_prefill_tokens,
+                reserved_decode_blocks=load.reserved_decode_blocks,
+                reserved_requests=load.reserved_requests,
+                waiting_requests=load.waiting_requests,
+                reported=common_pb2.LoadReport(
+                    running=load.reported_running, queued=load.reported_queued,
+                    kv_used_blocks=load.reported_kv_used_blocks,
+                    kv_free_blocks=load.reported_kv_free_blocks),
+                prefill_tokens=load.prefill_tokens, decode_blocks=load.decode_blocks,
+                queue=load.queue))
+
+    async def ListWorkers(self, request: router_pb2.ListWorkersRequest,
+                          context: grpc.aio.ServicerContext) -> router_pb2.ListWorkersResponse:
+        try:
+            models = [self._model(request.model)] if request.model else list(self.models.values())
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        now = time.monotonic()
+        out = router_pb2.ListWorkersResponse()
+        for m in models:
+            for info in sorted(m.state.workers.values(), key=lambda w: w.name):
+                out.workers.append(self._worker_pb(m, info, now))
+        return out
+
+    async def ListModels(self, request: router_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> router_pb2.ListModelsResponse:
+        out = router_pb2.ListModelsResponse()
+        for name, m in sorted(self.models.items()):
+            out.models.append(router_pb2.ModelInfo(
+                name=name, block_size=m.state.block_size, vocab_size=m.cfg.vocab_size or 0,
+                policy=m.scheduler.policy, workers=len(m.state.workers),
+                indexed_blocks=m.state.index.num_entries()))
+        return out
+
+    # ------------------------------------------------------------------ worker RPCs
+    async def RegisterWorker(self, request: router_pb2.RegisterWorkerRequest,
+                             context: grpc.aio.ServicerContext,
+                             ) -> router_pb2.RegisterWorkerResponse:
+        try:
+            m = self._model(request.model)
+            if not request.worker:
+                _invalid("worker name is empty")
+            role = ROLE_FROM_PB.get(request.role)
+            if role is None:
+                _invalid(f"unknown worker role {request.role}")
+            bs = _non_negative(request.block_size, "block_size")
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        try:
+            # Routable at once; the event plane then tracks its liveness from heartbeats.
+            info = self.registry.upsert_worker(m.cfg.name, request.worker, role=role,
+                                               address=request.address,
+                                               metadata=dict(request.metadata))
+            self.event_plane.submit_heartbeat(m.cfg.name, info.name, role=role.value,
+                                              address=request.address, block_size=bs)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        model_bs = m.state.block_size
+        if bs and bs % model_bs:
+            reason = (f"engine block_size {bs} is not a multiple of model {m.cfg.name!r} "
+                      f"block_size {model_bs}")
+            self.registry.set_status(m.cfg.name, info.name, WorkerStatus.MISMATCH, reason)
+            log.warning("worker block size mismatch",
+                        extra={"model": m.cfg.name, "worker": info.name, "reason": reason})
+        elif info.status is not WorkerStatus.UP:
+            self.registry.set_status(m.cfg.name, info.name, WorkerStatus.UP)
+        log.info("worker registered", extra={"model": m.cfg.name, "worker": info.name,
+                                              "role": role.value, "address": request.address})
+        return router_pb2.RegisterWorkerResponse(
+            status=info.status.value, status_reason=info.status_reason, block_size=model_bs,
+            heartbeat_interval_s=self.config.router.heartbeat_interval_s)
+
+    async def Heartbeat(self, request: router_pb2.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> router_pb2.HeartbeatResponse:
+        try:
+            m = self._model(request.model)
+            info = self._worker(m, request.worker)
+            report = None
+            if request.HasField("load"):
+                lr = request.load
+                report = LoadReport(
+                    running=_non_negative(lr.running, "load.running"),
+                    queued=_non_negative(lr.queued, "load.queued"),
+                    kv_used_blocks=_non_negative(lr.kv_used_blocks, "load.kv_used_blocks"),
+                    kv_free_blocks=_non_negative(lr.kv_free_blocks, "load.kv_free_blocks"),
+                    queued_prefill_tokens=_non_negative(lr.queued_prefill_tokens,
+                                                        "load.queued_prefill_tokens"))
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        info.last_seen = time.monotonic()
+        try:
+            self.event_plane.submit_heartbeat(
+                m.cfg.name, info.name, role=info.role.value, address=info.address,
+                epoch=request.epoch, seq=request.last_seq if request.HasField("last_seq") else -1,
+                load=report)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        return router_pb2.HeartbeatResponse(status=info.status.value)
+
+    async def DrainWorker(self, request: router_pb2.DrainWorkerRequest,
+                          context: grpc.aio.ServicerContext) -> router_pb2.DrainWorkerResponse:
+        try:
+            m = self._model(request.model)
+            info = self._worker(m, request.worker)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        self.registry.set_status(m.cfg.name, info.name, WorkerStatus.DRAINING, "drain requested")
+        log.info("worker draining", extra={"model": m.cfg.name, "worker": info.name})
+        load = m.state.scheduler.load(info.wid)
+        return router_pb2.DrainWorkerResponse(reserved_requests=load.reserved_requests)
+
+    async def DeregisterWorker(self, request: router_pb2.DeregisterWorkerRequest,
+                               context: grpc.aio.ServicerContext,
+                               ) -> router_pb2.DeregisterWorkerResponse:
+        try:
+            m = self._model(request.model)
+            self._worker(m, request.worker)
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        dropped = self.registry.remove_worker(m.cfg.name, request.worker)
+        # Tell the event plane too, so it stops tracking the worker's liveness.
+        self.event_plane.submit_heartbeat(m.cfg.name, request.worker, leaving=True)
+        log.info("worker deregistered", extra={"model": m.cfg.name, "worker": request.worker,
+                                                "dropped_reservations": len(dropped)})
+        return router_pb2.DeregisterWorkerResponse(dropped_reservations=len(dropped))
+
+    async def PublishEvents(self, request: router_pb2.PublishEventsRequest,
+                            context: grpc.aio.ServicerContext,
+                            ) -> router_pb2.PublishEventsResponse:
+        try:
+            m = self._model(request.model)
+            self._worker(m, request.worker)
+            if not request.payload:
+                _invalid("payload is empty")
+            try:
+                # The plane applies batches later; decode once here so that a malformed
+                # batch is refused to its sender instead of silently counted and dropped.
+                decode_payload(request.payload)
+            except ValueError as e:
+                _invalid(f"malformed event payload: {e}")
+            try:
+                self.event_plane.submit(m.cfg.name, request.worker, request.epoch, request.seq,
+                                        request.payload)
+            except (UnknownModel, UnknownWorker) as e:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, str(e)) from None
+            except ValueError as e:
+                _invalid(f"events rejected: {e}")
+        except RequestError as e:
+            self.metrics.event_batches.labels(request.model or DEFAULT_MODEL,
+                                              _OUTCOME.get(e.code, "error")).inc()
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        self.metrics.event_batches.labels(m.cfg.name, "accepted").inc()
+        return router_pb2.PublishEventsResponse()
+
+    # ------------------------------------------------------------------ maintenance
+    def expire_leases(self, now: float | None = None) -> int:
+        total = 0
+        for name, m in self.models.items():
+            expired = m.state.scheduler.expire(now)
+            if expired:
+                total += len(expired)
+                self.metrics.expired.labels(name).inc(len(expired))
+                log.debug("reservations expired", extra={"model": name, "count": len(expired)})
+        return total
