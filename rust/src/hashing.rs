@@ -25,18 +25,20 @@ pub fn chain_root(extra_key: Option<&[u8]>) -> u64 {
 /// Local hash of one block's token ids.
 #[inline]
 pub fn local_hash(tokens: &[u32]) -> u64 {
-    // Copy to little-endian bytes on the stack for typical block sizes; no unsafe cast.
-    let mut stack = [0u8; 1024];
-    let n = tokens.len() * 4;
-    if n <= stack.len() {
-        for (dst, t) in stack.chunks_exact_mut(4).zip(tokens) {
-            dst.copy_from_slice(&t.to_le_bytes());
-        }
-        xxh3_64_with_seed(&stack[..n], HASH_SEED)
-    } else {
-        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-        xxh3_64_with_seed(&bytes, HASH_SEED)
-    }
+    xxh3_64_with_seed(&le_bytes(tokens), HASH_SEED)
+}
+
+/// The token ids as little-endian bytes: a free view on little-endian hosts.
+#[cfg(target_endian = "little")]
+#[inline]
+fn le_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Borrowed(bytemuck::cast_slice(tokens))
+}
+
+#[cfg(target_endian = "big")]
+#[inline]
+fn le_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Owned(tokens.iter().flat_map(|t| t.to_le_bytes()).collect())
 }
 
 /// Sequence hash of a block given its parent's sequence hash (or the chain root).
@@ -48,15 +50,36 @@ pub fn chain(parent: u64, local: u64) -> u64 {
     xxh3_64_with_seed(&buf, HASH_SEED)
 }
 
+/// Sequence hashes computed on demand: a prefix match that stops early hashes no further.
+pub struct BlockHashes<'a> {
+    blocks: std::slice::ChunksExact<'a, u32>,
+    prev: u64,
+}
+
+impl<'a> BlockHashes<'a> {
+    pub fn new(tokens: &'a [u32], block_size: usize, parent: u64) -> Self {
+        BlockHashes {
+            blocks: tokens.chunks_exact(block_size),
+            prev: parent,
+        }
+    }
+}
+
+impl Iterator for BlockHashes<'_> {
+    type Item = u64;
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        let block = self.blocks.next()?;
+        self.prev = chain(self.prev, local_hash(block));
+        Some(self.prev)
+    }
+}
+
 /// Sequence hashes of the full blocks of `tokens`, continuing from `parent`.
 pub fn hash_blocks_from(tokens: &[u32], block_size: usize, parent: u64, out: &mut Vec<u64>) {
     debug_assert!(block_size > 0);
     out.reserve(tokens.len() / block_size);
-    let mut prev = parent;
-    for block in tokens.chunks_exact(block_size) {
-        prev = chain(prev, local_hash(block));
-        out.push(prev);
-    }
+    out.extend(BlockHashes::new(tokens, block_size, parent));
 }
 
 /// Sequence hashes of the full blocks of `tokens`.
@@ -110,7 +133,7 @@ mod tests {
     }
 
     #[test]
-    fn large_blocks_use_heap_path() {
+    fn large_blocks() {
         let a: Vec<u32> = (0..1024).collect();
         let h = hash_blocks(&a, 512, None);
         assert_eq!(h.len(), 2);

@@ -412,11 +412,21 @@ impl PrefixIndex {
     }
 
     pub fn find_matches_into(&self, hashes: &[u64], out: &mut Vec<(u64, Overlap)>) {
+        self.find_matches_iter(hashes.iter().copied(), out);
+    }
+
+    /// The match walk over hashes produced on demand (see `hashing::BlockHashes`):
+    /// it stops at the first block no candidate worker holds.
+    pub fn find_matches_iter(
+        &self,
+        mut hashes: impl Iterator<Item = u64>,
+        out: &mut Vec<(u64, Overlap)>,
+    ) {
         out.clear();
-        let Some((first, rest)) = hashes.split_first() else {
+        let Some(first) = hashes.next() else {
             return;
         };
-        let Some(holders) = self.nodes.get(first) else {
+        let Some(holders) = self.nodes.get(&first) else {
             return;
         };
         // Active workers, sorted by slot like every holder list.
@@ -429,8 +439,8 @@ impl PrefixIndex {
             })
             .collect();
         let mut finished: Vec<(u32, Overlap)> = Vec::new();
-        for hash in rest {
-            let Some(holders) = self.nodes.get(hash) else {
+        for hash in hashes {
+            let Some(holders) = self.nodes.get(&hash) else {
                 break;
             };
             // Merge-intersect the two sorted lists in place.

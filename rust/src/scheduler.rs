@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::hashing::BlockHashes;
 use crate::index::{Overlap, PrefixIndex};
 use crate::load::{External, LoadTable, Report, Reservation};
 use crate::scoring::{choose, cost_all, Candidate, LoadView, Policy, Rng, Weights};
@@ -37,8 +38,15 @@ impl Default for Config {
     }
 }
 
+/// The prompt to route: its block hashes, or its tokens (hashed lazily during the match).
+#[derive(Clone, Copy)]
+pub enum Prompt<'a> {
+    Hashes(&'a [u64]),
+    Tokens { tokens: &'a [u32], root: u64 },
+}
+
 pub struct RouteRequest<'a> {
-    pub hashes: &'a [u64],
+    pub prompt: Prompt<'a>,
     pub prompt_tokens: u64,
     pub request_id: Option<&'a str>,
     pub expected_output_tokens: u64,
@@ -104,10 +112,25 @@ impl Scheduler {
         if pool.is_empty() {
             return Err("no routable worker for this model".into());
         }
-        let overlaps = if matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain {
-            Vec::new()
+        let mut overlaps = Vec::new();
+        let prompt_blocks = if matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain
+        {
+            match req.prompt {
+                Prompt::Hashes(h) => h.len() as u64,
+                Prompt::Tokens { tokens, .. } => (tokens.len() / block_size as usize) as u64,
+            }
         } else {
-            index.find_matches(req.hashes)
+            match req.prompt {
+                Prompt::Hashes(h) => {
+                    index.find_matches_into(h, &mut overlaps);
+                    h.len() as u64
+                }
+                Prompt::Tokens { tokens, root } => {
+                    let bs = block_size as usize;
+                    index.find_matches_iter(BlockHashes::new(tokens, bs, root), &mut overlaps);
+                    (tokens.len() / bs) as u64
+                }
+            }
         };
         let mut cands: Vec<(Candidate, LoadView)> = pool
             .iter()
@@ -163,7 +186,7 @@ impl Scheduler {
         Ok(Decision {
             worker: chosen.worker,
             overlap: chosen.overlap,
-            prompt_blocks: req.hashes.len() as u64,
+            prompt_blocks,
             prompt_tokens: req.prompt_tokens,
             policy,
             candidates: if req.explain { scored } else { Vec::new() },
@@ -236,7 +259,7 @@ mod tests {
         s.load.add_worker(1);
         s.load.add_worker(2);
         let req = RouteRequest {
-            hashes: &[1, 2, 3],
+            prompt: Prompt::Hashes(&[1, 2, 3]),
             prompt_tokens: 3,
             request_id: Some("r1"),
             expected_output_tokens: 2,

@@ -11,7 +11,7 @@ use super::index::PyPrefixIndex;
 use crate::hashing;
 use crate::index::PrefixIndex;
 use crate::load::{External, Report, WorkerLoad};
-use crate::scheduler::{Config, Decision, RouteRequest, Scheduler};
+use crate::scheduler::{Config, Decision, Prompt, RouteRequest, Scheduler};
 use crate::scoring::{Candidate, Policy, Weights};
 
 #[pyclass(name = "Candidate", module = "kvrouter._core", frozen, get_all)]
@@ -177,11 +177,16 @@ fn finite(v: f64, what: &str) -> PyResult<f64> {
     Ok(v)
 }
 
+/// A prompt owned across the GIL release: hashes, or tokens hashed during the match.
+enum OwnedPrompt {
+    Hashes(Vec<u64>),
+    Tokens(Vec<u32>, u64),
+}
+
 /// Scores workers for one model (DESIGN §3.3) and accounts the load it creates.
 #[pyclass(name = "Scheduler", module = "kvrouter._core", frozen)]
 pub struct PyScheduler {
     index: Arc<RwLock<PrefixIndex>>,
-    block_size: u32,
     inner: Mutex<Scheduler>,
 }
 
@@ -194,7 +199,7 @@ impl PyScheduler {
     fn route_impl(
         &self,
         py: Python<'_>,
-        hashes: Vec<u64>,
+        prompt: OwnedPrompt,
         prompt_tokens: u64,
         request_id: Option<String>,
         expected_output_tokens: i64,
@@ -216,7 +221,13 @@ impl PyScheduler {
             let mut s = self.inner.lock();
             let now = self.at(&s, now);
             let req = RouteRequest {
-                hashes: &hashes,
+                prompt: match &prompt {
+                    OwnedPrompt::Hashes(h) => Prompt::Hashes(h),
+                    OwnedPrompt::Tokens(t, root) => Prompt::Tokens {
+                        tokens: t,
+                        root: *root,
+                    },
+                },
                 prompt_tokens,
                 request_id: request_id.as_deref(),
                 expected_output_tokens: expected,
@@ -272,7 +283,6 @@ impl PyScheduler {
         let s = Scheduler::new(config, seed).map_err(PyValueError::new_err)?;
         Ok(PyScheduler {
             index: index.inner.clone(),
-            block_size: index.inner.read().block_size(),
             inner: Mutex::new(s),
         })
     }
@@ -362,12 +372,12 @@ impl PyScheduler {
             return Err(PyValueError::new_err("prompt has no tokens"));
         }
         let key = convert::extra_key(extra_key)?;
-        let bs = self.block_size as usize;
-        let hashes = py.allow_threads(|| hashing::hash_blocks(&toks, bs, key.as_deref()));
+        let root = hashing::chain_root(key.as_deref());
+        let n = toks.len() as u64;
         self.route_impl(
             py,
-            hashes,
-            toks.len() as u64,
+            OwnedPrompt::Tokens(toks, root),
+            n,
             request_id,
             expected_output_tokens,
             candidates,
@@ -400,7 +410,7 @@ impl PyScheduler {
         }
         self.route_impl(
             py,
-            hashes,
+            OwnedPrompt::Hashes(hashes),
             prompt,
             request_id,
             expected_output_tokens,
