@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from bench.common import SHARED, machine, progress, summary, table, write_json
+from bench.common import SHARED, machine, progress, table, write_json
 from kvrouter import PrefixIndex
 
 TRACE = SHARED / "traces" / "mooncake" / "conversation_trace.jsonl"
@@ -132,9 +132,9 @@ def rss_bytes() -> int:
 
 def bench_dynamo(events: list[Stored], queries: list[list[int]]) -> dict[str, Any] | None:
     try:
-        from dynamo._core import RadixTree  # type: ignore[import-not-found]
-    except ImportError as e:
-        return {"error": f"ai-dynamo-runtime not installed: {e}"}
+        from dynamo._core import RadixTree
+    except ImportError as err:
+        return {"error": f"ai-dynamo-runtime not installed: {err}"}
     bodies = []
     for n, e in enumerate(events):
         data = {"stored": {"parent_hash": e.parent,

@@ -4,6 +4,7 @@ engines' exposition format."""
 from __future__ import annotations
 
 import pytest
+
 from kvrouter.engines.vllm.metrics_scrape import (
     Engine,
     EngineLoad,

@@ -41,7 +41,8 @@ def test_payload_round_trip_and_apply() -> None:
 def test_batch_apply_and_batch_query() -> None:
     idx = PrefixIndex(BS)
     seqs = [[w * 100 + i for i in range(8)] for w in range(4)]
-    results = idx.apply_payloads([(w, encode_payload([stored([w * 10 + 1, w * 10 + 2], s)])) for w, s in enumerate(seqs)])
+    batch = [(w, encode_payload([stored([w * 10 + 1, w * 10 + 2], s)])) for w, s in enumerate(seqs)]
+    results = idx.apply_payloads(batch)
     assert [r.stored_blocks for r in results] == [2, 2, 2, 2]
     answers = idx.find_matches_batch([hash_blocks(s, BS) for s in seqs])
     assert answers == [{w: (2, 0, 0)} for w in range(4)]
@@ -94,7 +95,8 @@ def test_malformed_payloads_change_nothing() -> None:
         (lambda i: i.apply_stored(1, [1], token_ids=[1, 2, 3, 4], tier="tape"), ValueError, "tier"),
         (lambda i: i.apply_stored(1, [], token_ids=[]), ValueError, "without block hashes"),
         (lambda i: i.apply_stored(1, [1]), ValueError, "tokens or router_hashes"),
-        (lambda i: i.apply_stored(1, [1], token_ids=[1, 2, 3, 4], engine_block_size=0), ValueError, "engine_block_size"),
+        (lambda i: i.apply_stored(1, [1], token_ids=[1, 2, 3, 4], engine_block_size=0), ValueError,
+         "engine_block_size"),
         (lambda i: i.apply_removed(1, [1], tier="floppy"), ValueError, "tier"),
         (lambda i: i.apply_removed(1, ["a"]), TypeError, "int"),
         (lambda i: i.load_snapshot(b"garbage"), ValueError, "snapshot"),
@@ -160,7 +162,8 @@ def test_concurrent_threads_apply_and_query() -> None:
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + [threading.Thread(target=reader) for _ in range(2)]
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

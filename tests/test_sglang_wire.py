@@ -7,6 +7,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from kvrouter.engines.sglang.wire import (
     DEFAULT_TOPIC,
     SglangDecoder,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kvrouter.engines.trtllm.translate import (
     CapacityInfo,
     EventIdGap,

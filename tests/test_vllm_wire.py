@@ -13,6 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from kvrouter.engines.vllm.wire import (
     END_OF_REPLAY,
     DecodedBatch,

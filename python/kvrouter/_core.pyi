@@ -1,9 +1,12 @@
 """Typed stub for the Rust extension `kvrouter._core` (rust/src/python/)."""
 
-from collections.abc import Buffer, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
-TokenInput = Sequence[int] | Buffer
+import numpy as np
+from typing_extensions import Buffer
+
+TokenInput = Sequence[int] | Buffer | np.ndarray
 """list/tuple of ints, array('I'), a numpy integer array (any int dtype, values
 checked to fit u32) or bytes/bytearray/memoryview of little-endian u32 ids."""
 
