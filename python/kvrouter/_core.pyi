@@ -37,6 +37,10 @@ class ApplyResult:
     orphan_events: int
     cleared_blocks: int
     malformed: int
+    mismatched_events: int
+    """Stored events whose engine block size is not a multiple of the index's."""
+    error: str | None
+    """Why a payload was rejected (malformed), if it was."""
     def as_dict(self) -> dict[str, int]: ...
 
 class PrefixIndex:

@@ -1,0 +1,608 @@
+"""Bridge from a vLLM / SGLang engine's ZMQ KV-event stream into kvrouter's event plane.
+
+An existing vLLM or SGLang server keeps running unchanged; this bridge runs
+beside it as a sidecar (DESIGN §4) and makes it a routing target:
+
+    engine PUB --ZMQ--> bridge --EventPublisher--> Redis stream --> every router
+
+* Decoding is kvrouter.engines.vllm.wire (VllmDecoder / SglangDecoder): one
+  decoder, no second parser here.
+* Order: engine batches carry a per-process sequence number (SeqTracker). A gap
+  is repaired through the engine's replay socket (a DEALER asking the ROUTER for
+  every buffered batch from the first missing one; replies end at seq -1). A gap
+  the replay buffer no longer covers cannot be repaired: the bridge forgets the
+  engine's blocks (a new epoch starting with AllCleared) rather than keep blocks
+  whose removal it may have missed. The router then under-claims until the
+  engine stores blocks again; it never claims a hit the engine cannot serve.
+* Restart: seq back to 0 means a new engine process with an empty cache: a new
+  publisher epoch, starting empty.
+* Full dumps: routers that lost track of this worker ask for its whole block
+  set; the bridge answers from `BlockMirror`, its own copy of the blocks the
+  engine holds, kept from the events it has applied.
+* Load: the engine's Prometheus endpoint is scraped periodically
+  (kvrouter.engines.vllm.metrics_scrape) and sent as load reports.
+* Block size: the engine's block size is published in the heartbeat; routers
+  mark the worker MISMATCH when their model's block size does not divide it.
+  When the bridge is told the router's block size it refuses to start on an
+  incompatible configuration, and it flags (log line, metric, heartbeat
+  metadata) events whose block size differs from what it was told.
+
+The bridge owns its publisher's lifecycle and runs everything on one event loop,
+so a dump taken by the publisher always matches the events published before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.request
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from prometheus_client import Counter, Gauge
+
+from kvrouter.engines.sglang.wire import SglangDecoder
+from kvrouter.engines.vllm.metrics_scrape import ScrapeError, scrape_to_load_report
+from kvrouter.engines.vllm.wire import (
+    DecodedBatch,
+    ReplayItem,
+    SeqStatus,
+    SeqTracker,
+    VllmDecoder,
+    WireError,
+    check_block_size,
+    decode_seq,
+    parse_replay_reply,
+    replay_request,
+)
+from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
+from kvrouter.events.publisher import EventPublisher
+
+log = logging.getLogger("kvrouter.engines.bridge")
+
+ENGINES = ("vllm", "sglang")
+
+BATCHES = Counter("kvrouter_bridge_batches_total",
+                  "Engine event batches seen by the bridge, by outcome", ["worker", "outcome"])
+# outcome: applied | replayed | duplicate | malformed
+GAPS = Counter("kvrouter_bridge_gaps_total",
+               "Engine sequence gaps, by how they ended", ["worker", "repair"])  # replay | lost
+RESTARTS = Counter("kvrouter_bridge_engine_restarts_total",
+                   "Engine restarts seen (sequence back to 0): each starts a new epoch", ["worker"])
+DROPPED = Counter("kvrouter_bridge_dropped_events_total",
+                  "Engine events not forwarded, by reason", ["worker", "reason"])
+MISMATCH = Gauge("kvrouter_bridge_block_size_mismatch",
+                 "1 while the engine's block size is incompatible with the router's "
+                 "(or differs from --block-size)", ["worker"])
+SCRAPE_ERRORS = Counter("kvrouter_bridge_scrape_errors_total",
+                        "Failed scrapes of the engine's Prometheus endpoint", ["worker"])
+MIRROR_BLOCKS = Gauge("kvrouter_bridge_mirror_blocks",
+                      "Blocks the bridge believes the engine holds", ["worker"])
+
+
+class BridgeConfigError(ValueError):
+    """A bridge configuration that cannot work (the message says why)."""
+
+
+# --------------------------------------------------------------------------- mirror
+
+
+@dataclass(slots=True)
+class _Held:
+    parent: int | None
+    tokens: bytes  # array('I') bytes of the block's token ids: compact
+    block_size: int
+    extra_key: bytes | None
+
+
+class BlockMirror:
+    """The blocks an engine holds, rebuilt from its events, to answer full dumps.
+
+    Keyed by (engine hash, tier) like the router's index. `dump()` returns
+    BlockStored events with every parent before its children; a block whose
+    parent is no longer held (its chain was cut by an eviction) is left out,
+    as the router could not place it either.
+    """
+
+    def __init__(self, max_blocks: int = 1 << 21) -> None:
+        if max_blocks <= 0:
+            raise ValueError("max_blocks must be > 0")
+        self.max_blocks = max_blocks
+        self._blocks: dict[tuple[int, Tier], _Held] = {}
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._blocks
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+    def apply(self, events: Iterable[KvEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                self._stored(ev)
+            elif isinstance(ev, BlockRemoved):
+                tier = Tier(ev.tier)
+                for h in ev.hashes:
+                    self._blocks.pop((h, tier), None)
+            elif isinstance(ev, AllCleared):
+                self._blocks.clear()
+
+    def _stored(self, ev: BlockStored) -> None:
+        if ev.token_ids is None:
+            return  # router-hash-only events (simulator) never come through a bridge
+        bs = ev.block_size
+        tier = Tier(ev.tier)
+        tokens = array("I", ev.token_ids)
+        parent = ev.parent
+        for i, h in enumerate(ev.hashes):
+            key = (h, tier)
+            self._blocks.pop(key, None)  # re-insert at the end: insertion order stays causal
+            if len(self._blocks) >= self.max_blocks:
+                # Guard against a removal stream that never comes: forget the oldest.
+                self._blocks.pop(next(iter(self._blocks)))
+                self.evicted += 1
+            self._blocks[key] = _Held(parent, tokens[i * bs:(i + 1) * bs].tobytes(), bs,
+                                      ev.extra_key)
+            parent = h
+
+    def dump(self) -> list[KvEvent]:
+        """The held blocks as BlockStored events, parents first, chains merged."""
+        children: dict[int | None, list[tuple[int, Tier]]] = {}
+        held_hashes = {h for h, _ in self._blocks}
+        for key, b in self._blocks.items():
+            if b.parent is None or b.parent in held_hashes:
+                children.setdefault(b.parent, []).append(key)
+        order: list[tuple[int, Tier]] = []
+        seen: set[tuple[int, Tier]] = set()
+        stack = list(reversed(children.get(None, [])))
+        while stack:  # iterative DFS: preorder keeps each chain contiguous
+            key = stack.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            order.append(key)
+            stack.extend(reversed(children.get(key[0], [])))
+        out: list[KvEvent] = []
+        run: list[tuple[int, Tier]] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            first = self._blocks[run[0]]
+            tokens = array("I")
+            for k in run:
+                tokens.frombytes(self._blocks[k].tokens)
+            out.append(BlockStored(hashes=tuple(k[0] for k in run), parent=first.parent,
+                                   token_ids=tuple(tokens), block_size=first.block_size,
+                                   tier=run[0][1], extra_key=first.extra_key))
+            run.clear()
+
+        for key in order:
+            b = self._blocks[key]
+            if run:
+                prev_key = run[-1]
+                prev = self._blocks[prev_key]
+                if not (b.parent == prev_key[0] and key[1] == prev_key[1]
+                        and b.block_size == prev.block_size and b.extra_key == prev.extra_key):
+                    flush()
+            run.append(key)
+        flush()
+        return out
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class BridgeConfig:
+    engine: str
+    """"vllm" or "sglang"."""
+    zmq_endpoint: str
+    zmq_bind: bool = False
+    """Bind the SUB socket (the engine's endpoint is a plain host, so the engine connects)."""
+    replay_endpoint: str | None = None
+    topic: str = ""
+    """Subscription prefix ("" = every topic)."""
+    dp_rank: int = 0
+    """SGLang attention-DP rank of this publisher (its endpoint is port + rank)."""
+    group_idx: int | None = None
+    """vLLM KV cache group to index (default: the first full-attention group)."""
+    block_size: int | None = None
+    """The engine's block size (vLLM --block-size, SGLang --page-size); None: learnt
+    from the first stored event."""
+    router_block_size: int | None = None
+    """The router model's block size, when known: an incompatible engine is refused."""
+    metrics_url: str | None = None
+    metrics_interval_s: float = 1.0
+    metrics_labels: dict[str, str] = field(default_factory=dict)
+    total_blocks: int | None = None
+    """KV capacity in blocks when /metrics does not say (SGLang without max tokens)."""
+    replay_timeout_s: float = 2.0
+    max_mirror_blocks: int = 1 << 21
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise BridgeConfigError(f"engine must be one of {', '.join(ENGINES)}, "
+                                    f"got {self.engine!r}")
+        for name, ep in (("--zmq", self.zmq_endpoint), ("--replay", self.replay_endpoint)):
+            if ep is not None and not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise BridgeConfigError(f"{name} endpoint {ep!r} must start with tcp://, "
+                                        "ipc:// or inproc://")
+        if self.block_size is not None and self.block_size <= 0:
+            raise BridgeConfigError(f"--block-size must be > 0, got {self.block_size}")
+        if self.router_block_size is not None and self.router_block_size <= 0:
+            raise BridgeConfigError(f"--router-block-size must be > 0, got "
+                                    f"{self.router_block_size}")
+        if self.block_size is not None and self.router_block_size is not None:
+            why = check_block_size(self.block_size, self.router_block_size)
+            if why is not None:
+                raise BridgeConfigError(f"engine and router block sizes are incompatible: {why}")
+        if self.metrics_interval_s <= 0:
+            raise BridgeConfigError("--metrics-interval must be > 0")
+        if self.replay_timeout_s <= 0:
+            raise BridgeConfigError("--replay-timeout must be > 0")
+        if self.dp_rank < 0:
+            raise BridgeConfigError(f"--dp-rank must be >= 0, got {self.dp_rank}")
+
+
+def request_new_epoch(publisher: EventPublisher, reason: str) -> None:
+    """Make the publisher start a new epoch whose first entries are its dump.
+
+    Uses the publisher's public `request_resync` when it has one. Otherwise sets
+    the same state its own dump-request path sets (kvrouter.events.publisher
+    keeps it under `_lock` in `_resync_reason`, then wakes its flush loop).
+    """
+    fn = getattr(publisher, "request_resync", None)
+    if callable(fn):
+        fn(reason)
+        return
+    with publisher._lock:
+        publisher._resync_reason = reason
+    publisher._signal()
+
+
+# --------------------------------------------------------------------------- bridge
+
+
+@dataclass
+class BridgeStats:
+    batches: int = 0
+    replayed: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    gaps_repaired: int = 0
+    gaps_lost: int = 0
+    restarts: int = 0
+    epochs: int = 0
+    events: int = 0
+    scrapes: int = 0
+    scrape_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class EngineBridge:
+    """One engine publisher (one routing target) -> one kvrouter worker.
+
+    `run()` starts the publisher, subscribes, and forwards until `stop()`.
+    """
+
+    def __init__(self, config: BridgeConfig, publisher: EventPublisher) -> None:
+        config.validate()
+        self.config = config
+        self.publisher = publisher
+        self.worker = publisher.worker
+        self.mirror = BlockMirror(config.max_mirror_blocks)
+        self.decoder: VllmDecoder = (SglangDecoder(config.dp_rank) if config.engine == "sglang"
+                                     else VllmDecoder(group_idx=config.group_idx))
+        self.tracker = SeqTracker()
+        self.stats = BridgeStats()
+        self.engine_block_size: int | None = config.block_size
+        self.mismatch: str | None = None
+        self._stop = asyncio.Event()
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sub: zmq.asyncio.Socket | None = None
+        self._publisher_key = config.zmq_endpoint
+        publisher.dump = self.mirror.dump
+        if config.block_size is not None:
+            publisher.block_size = config.block_size
+        publisher.extra_meta.update(self._meta())
+        MISMATCH.labels(self.worker).set(0)
+
+    def _meta(self) -> dict[str, str]:
+        meta = {"engine": self.config.engine, "zmq": self.config.zmq_endpoint,
+                "bridge": "kvrouter"}
+        if self.engine_block_size is not None:
+            meta["engine_block_size"] = str(self.engine_block_size)
+        if self.config.router_block_size is not None:
+            meta["router_block_size"] = str(self.config.router_block_size)
+        if self.mismatch:
+            meta["mismatch"] = self.mismatch
+        return meta
+
+    # lifecycle ----------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        sub = self._ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RCVHWM, 0)  # never drop on our side: gaps cost a replay
+        sub.setsockopt(zmq.SUBSCRIBE, self.config.topic.encode())
+        try:
+            if self.config.zmq_bind:
+                sub.bind(self.config.zmq_endpoint)
+            else:
+                sub.connect(self.config.zmq_endpoint)
+        except zmq.ZMQError as exc:
+            sub.close(0)
+            raise BridgeConfigError(f"cannot {'bind' if self.config.zmq_bind else 'connect'} "
+                                    f"{self.config.zmq_endpoint}: {exc}") from exc
+        self._sub = sub
+        await self.publisher.start()
+        log.info("bridge started: worker=%s engine=%s zmq=%s mode=%s replay=%s", self.worker,
+                 self.config.engine, self.config.zmq_endpoint,
+                 "bind" if self.config.zmq_bind else "connect", self.config.replay_endpoint)
+        tasks = [asyncio.create_task(self._sub_loop(sub), name=f"bridge-sub-{self.worker}")]
+        if self.config.metrics_url:
+            tasks.append(asyncio.create_task(self._scrape_loop(),
+                                             name=f"bridge-scrape-{self.worker}"))
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop_wait and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            for t in [*tasks, stop_wait]:
+                t.cancel()
+            for t in [*tasks, stop_wait]:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            sub.close(0)
+            self._sub = None
+            await self.publisher.stop()
+            log.info("bridge stopped: worker=%s stats=%s", self.worker, self.stats.as_dict())
+
+    # live stream --------------------------------------------------------------------
+    async def _sub_loop(self, sub: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sub.recv_multipart()
+            await self.handle_message(frames)
+
+    async def handle_message(self, frames: Sequence[bytes]) -> None:
+        """One PUB message [topic, seq, payload]: order, repair, apply."""
+        if len(frames) != 3:
+            self._malformed(f"message has {len(frames)} frames (expected 3)")
+            return
+        try:
+            seq = decode_seq(bytes(frames[1]))
+        except WireError as exc:
+            self._malformed(str(exc))
+            return
+        key = self._publisher_key
+        obs = self.tracker.observe(key, seq)
+        if obs.status is SeqStatus.DUPLICATE:
+            self.stats.duplicates += 1
+            BATCHES.labels(self.worker, "duplicate").inc()
+            return
+        if obs.status is SeqStatus.RESTART:
+            self._restart(seq)
+        if obs.first_missing is not None:
+            late_join = obs.status is not SeqStatus.GAP
+            await self._repair(obs.first_missing, seq, late_join)
+            last = self.tracker.last(key)
+            if last is not None and last >= seq:
+                return  # the replay delivered this batch already
+            self.tracker.resync(key, seq)
+        self._apply_frames(frames, seq)
+
+    def _apply_frames(self, frames: Sequence[bytes], seq: int) -> None:
+        try:
+            batch = self.decoder.decode_message(frames)
+        except WireError as exc:
+            # The sequence is consumed: the batch is lost either way. Its effect is
+            # unknown, so the mirror can no longer be trusted: start over.
+            self._malformed(str(exc))
+            self._lose(f"malformed batch seq={seq}")
+            return
+        self._apply(batch, "applied")
+
+    def _apply(self, batch: DecodedBatch, outcome: str) -> None:
+        self.stats.batches += 1
+        BATCHES.labels(self.worker, outcome).inc()
+        for reason, n in batch.dropped.items():
+            DROPPED.labels(self.worker, reason).inc(n)
+        if not batch.events:
+            return
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                self._check_event_block_size(ev.block_size)
+        self.mirror.apply(batch.events)
+        self.publisher.publish(batch.events)
+        self.stats.events += len(batch.events)
+        MIRROR_BLOCKS.labels(self.worker).set(len(self.mirror))
+
+    def _malformed(self, why: str) -> None:
+        self.stats.malformed += 1
+        BATCHES.labels(self.worker, "malformed").inc()
+        if self.stats.malformed == 1 or log.isEnabledFor(logging.DEBUG):
+            log.warning("malformed engine message dropped: worker=%s error=%r (further ones are "
+                        "counted in kvrouter_bridge_batches_total)", self.worker, why)
+
+    # sequence repair ---------------------------------------------------------------
+    async def _repair(self, first_missing: int, seq: int, late_join: bool) -> None:
+        """Apply batches first_missing.. from the replay socket, in order, stopping at a hole."""
+        key = self._publisher_key
+        items = await self._replay(first_missing) if self.config.replay_endpoint else None
+        expected = first_missing
+        applied = 0
+        if items:
+            if late_join and items[0].seq > first_missing:
+                expected = items[0].seq  # joined late; the buffer starts later: take what it has
+            for item in items:
+                if item.seq < expected:
+                    continue
+                if item.seq > expected:
+                    break
+                try:
+                    batch = self.decoder.decode_replay(item)
+                except WireError as exc:
+                    self._malformed(str(exc))
+                    break
+                self.tracker.resync(key, item.seq)
+                self._apply(batch, "replayed")
+                self.stats.replayed += 1
+                applied += 1
+                expected += 1
+        if expected >= seq:
+            if not late_join:
+                self.stats.gaps_repaired += 1
+                GAPS.labels(self.worker, "replay").inc()
+                log.debug("gap repaired by replay: worker=%s seqs=%d..%d", self.worker,
+                          first_missing, seq - 1)
+            return
+        if late_join and applied == 0 and len(self.mirror) == 0:
+            # Nothing known yet and nothing recoverable: start from here. The blocks the
+            # engine cached before are unknown (never claimed) until it stores them again.
+            log.warning("bridge joined the engine's stream mid-way, history not replayable: "
+                        "worker=%s first_seq=%d replay=%s", self.worker, seq,
+                        self.config.replay_endpoint or "none")
+            return
+        self.stats.gaps_lost += 1
+        GAPS.labels(self.worker, "lost").inc()
+        how = ("the replay buffer no longer has them" if self.config.replay_endpoint
+               else "no --replay endpoint to ask")
+        self._lose(f"batches {expected}..{seq - 1} lost ({how})")
+
+    async def _replay(self, start: int) -> list[ReplayItem] | None:
+        """Every buffered batch >= start from the engine's replay ROUTER (None on failure)."""
+        assert self.config.replay_endpoint is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        items: list[ReplayItem] = []
+        try:
+            sock.connect(self.config.replay_endpoint)
+            await sock.send_multipart(replay_request(start))
+            while True:
+                if not await sock.poll(int(self.config.replay_timeout_s * 1000)):
+                    log.warning("replay timed out: worker=%s endpoint=%s start=%d received=%d",
+                                self.worker, self.config.replay_endpoint, start, len(items))
+                    return items or None
+                frames = await sock.recv_multipart()
+                item = parse_replay_reply(frames)
+                if item is None:
+                    return items
+                items.append(item)
+        except (zmq.ZMQError, WireError) as exc:
+            log.warning("replay failed: worker=%s endpoint=%s error=%s", self.worker,
+                        self.config.replay_endpoint, exc)
+            return items or None
+        finally:
+            sock.close(0)
+
+    def _lose(self, why: str) -> None:
+        """The engine's block set is no longer known: forget it (new epoch, empty)."""
+        log.warning("engine events lost, worker restarts empty: worker=%s reason=%s",
+                    self.worker, why)
+        self.mirror.clear()
+        self._new_epoch("events lost")
+
+    def _restart(self, seq: int) -> None:
+        self.stats.restarts += 1
+        RESTARTS.labels(self.worker).inc()
+        log.info("engine restarted (sequence back to %d): worker=%s, new epoch", seq, self.worker)
+        self.mirror.clear()
+        self._new_epoch("engine restart")
+
+    def _new_epoch(self, reason: str) -> None:
+        self.stats.epochs += 1
+        MIRROR_BLOCKS.labels(self.worker).set(len(self.mirror))
+        request_new_epoch(self.publisher, reason)
+
+    # block size --------------------------------------------------------------------
+    def _check_event_block_size(self, bs: int) -> None:
+        if self.engine_block_size == bs and self.mismatch is None:
+            return
+        if self.engine_block_size is None:
+            self.engine_block_size = bs
+            self.publisher.block_size = bs
+            log.debug("engine block size learnt: worker=%s block_size=%d", self.worker, bs)
+        why: str | None = None
+        if bs != self.engine_block_size:
+            why = (f"engine events have block size {bs} but --block-size is "
+                   f"{self.engine_block_size}")
+            # The events are the truth: publish what the engine really uses so routers
+            # compare the right number.
+            self.engine_block_size = bs
+            self.publisher.block_size = bs
+        if why is None and self.config.router_block_size is not None:
+            why = check_block_size(bs, self.config.router_block_size)
+        if why is not None and why != self.mismatch:
+            log.error("block size mismatch: worker=%s %s; routers will mark this worker "
+                      "mismatched instead of matching its blocks", self.worker, why)
+        self.mismatch = why
+        MISMATCH.labels(self.worker).set(1 if why else 0)
+        self.publisher.extra_meta.pop("mismatch", None)
+        self.publisher.extra_meta.update(self._meta())
+
+    # load ------------------------------------------------------------------------
+    async def _scrape_loop(self) -> None:
+        assert self.config.metrics_url is not None
+        failing = False
+        while True:
+            try:
+                text = await asyncio.to_thread(_http_get, self.config.metrics_url,
+                                               min(5.0, self.config.metrics_interval_s * 2))
+                report = scrape_to_load_report(
+                    text, self.config.engine, self.config.metrics_labels,
+                    total_blocks=self.config.total_blocks, block_size=self.engine_block_size)
+                self.publisher.report_load(report)
+                self.stats.scrapes += 1
+                if failing:
+                    log.info("engine metrics scrape recovered: worker=%s", self.worker)
+                    failing = False
+            except (OSError, ScrapeError, ValueError) as exc:
+                self.stats.scrape_errors += 1
+                SCRAPE_ERRORS.labels(self.worker).inc()
+                if not failing:
+                    log.warning("engine metrics scrape failed: worker=%s url=%s error=%s",
+                                self.worker, self.config.metrics_url, exc)
+                    failing = True
+            await asyncio.sleep(self.config.metrics_interval_s)
+
+
+def _http_get(url: str, timeout: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        body: bytes = resp.read()
+    return body.decode("utf-8", errors="replace")
+
+
+def parse_labels(specs: Sequence[str]) -> dict[str, str]:
+    """["k=v", ...] -> {k: v} (BridgeConfigError on a spec without '=')."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        k, sep, v = spec.partition("=")
+        if not sep or not k:
+            raise BridgeConfigError(f"label {spec!r} is not KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def describe(bridge: EngineBridge) -> Mapping[str, Any]:
+    """Status of a bridge for logs and tests."""
+    return {"worker": bridge.worker, "engine_block_size": bridge.engine_block_size,
+            "mismatch": bridge.mismatch, "mirror_blocks": len(bridge.mirror),
+            "epoch": bridge.publisher.epoch, "stats": bridge.stats.as_dict(),
+            "t": time.time()}

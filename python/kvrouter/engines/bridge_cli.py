@@ -1,0 +1,124 @@
+"""`kvrouter bridge vllm|sglang ...`: run the ZMQ -> Redis KV-event bridge beside an engine.
+
+See engines/vllm/README.md for a walk-through; kvrouter.engines.bridge for behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from kvrouter.engines.bridge import ENGINES
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "bridge", help="forward a vLLM / SGLang engine's ZMQ KV events to the router's Redis",
+        description="Subscribe to an engine's ZMQ KV-event publisher, repair gaps through its "
+                    "replay socket, and publish the events, heartbeats and scraped load into "
+                    "the router's Redis event plane, as worker --worker-id of --model.")
+    sub = p.add_subparsers(dest="engine", metavar="ENGINE")
+    sub.required = True
+    for engine in ENGINES:
+        e = sub.add_parser(engine, help=f"bridge a {engine} server",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_args(e, engine)
+        e.set_defaults(func=_cmd_bridge)
+
+
+def _add_args(p: argparse.ArgumentParser, engine: str) -> None:
+    p.add_argument("--zmq", required=True, metavar="ENDPOINT",
+                   help="the engine's KV-event publisher, e.g. tcp://10.0.0.5:5557")
+    p.add_argument("--zmq-bind", action="store_true",
+                   help="bind ENDPOINT instead of connecting: needed when the engine's endpoint "
+                        "is a plain host (vLLM then connects to us); with tcp://*:PORT on the "
+                        "engine, connect (the default)")
+    p.add_argument("--replay", metavar="ENDPOINT", default=None,
+                   help="the engine's replay endpoint (vLLM replay_endpoint), used to repair "
+                        "sequence gaps; without it a gap makes the worker start over empty")
+    p.add_argument("--topic", default="", help="subscription topic prefix ('' = all)")
+    p.add_argument("--worker-id", required=True, help="worker name in the router")
+    p.add_argument("--model", required=True, help="model name in the router")
+    p.add_argument("--redis", required=True, metavar="URL", help="the router's Redis")
+    p.add_argument("--namespace", default="kvrouter", help="the router's key namespace")
+    p.add_argument("--num-shards", type=int, default=1, help="the router's stream shards")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the engine's KV block size (vLLM --block-size, SGLang --page-size); "
+                        "default: learnt from the first event")
+    p.add_argument("--router-block-size", type=int, default=None,
+                   help="the router model's block size: refuse to start when the engine's is "
+                        "not a multiple of it")
+    p.add_argument("--role", default="aggregated", choices=["aggregated", "prefill", "decode"])
+    p.add_argument("--address", default="", help="engine address the router proxies to")
+    p.add_argument("--metrics-url", default=None,
+                   help="the engine's Prometheus endpoint, e.g. http://127.0.0.1:8000/metrics")
+    p.add_argument("--metrics-interval", type=float, default=1.0, help="scrape period, s")
+    p.add_argument("--metrics-label", action="append", default=[], metavar="KEY=VALUE",
+                   help="only series with this label (repeatable), e.g. engine=0")
+    p.add_argument("--total-blocks", type=int, default=None,
+                   help="KV capacity in blocks, when /metrics does not export it")
+    p.add_argument("--replay-timeout", type=float, default=2.0, help="seconds per replay reply")
+    p.add_argument("--heartbeat-ttl", type=float, default=3.0, help="heartbeat TTL, s")
+    if engine == "vllm":
+        p.add_argument("--group-idx", type=int, default=None,
+                       help="KV cache group to index (default: first full-attention group)")
+    else:
+        p.add_argument("--dp-rank", type=int, default=0,
+                       help="attention-DP rank of this publisher (endpoint port + rank)")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _cmd_bridge(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from kvrouter.engines.bridge import BridgeConfig, BridgeConfigError, parse_labels
+
+    try:
+        config = BridgeConfig(
+            engine=args.engine, zmq_endpoint=args.zmq, zmq_bind=args.zmq_bind,
+            replay_endpoint=args.replay, topic=args.topic,
+            dp_rank=getattr(args, "dp_rank", 0), group_idx=getattr(args, "group_idx", None),
+            block_size=args.block_size, router_block_size=args.router_block_size,
+            metrics_url=args.metrics_url, metrics_interval_s=args.metrics_interval,
+            metrics_labels=parse_labels(args.metrics_label), total_blocks=args.total_blocks,
+            replay_timeout_s=args.replay_timeout)
+        config.validate()
+    except BridgeConfigError as exc:
+        print(f"kvrouter bridge: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, config)
+    except BridgeConfigError as exc:
+        print(f"kvrouter bridge: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad names / Redis options from the publisher
+        print(f"kvrouter bridge: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, config: Any) -> int:
+    from kvrouter.engines.bridge import EngineBridge
+    from kvrouter.events.publisher import redis_publisher
+
+    async def main() -> None:
+        publisher = redis_publisher(
+            args.redis, args.model, args.worker_id, namespace=args.namespace,
+            num_shards=args.num_shards, block_size=config.block_size or 0, role=args.role,
+            address=args.address, heartbeat_ttl_s=args.heartbeat_ttl)
+        bridge = EngineBridge(config, publisher)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, bridge.stop)
+        await bridge.run()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main())
+    return 0

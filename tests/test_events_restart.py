@@ -1,0 +1,226 @@
+"""Failures: Redis restarted with its data lost (a private redis-server), a router
+process SIGKILLed and restarted from a snapshot, a publisher whose Redis is away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from kvrouter.events.keys import Keys
+from kvrouter.events.plane import RedisPlane, digest_router_hashes, make_event_plane
+from kvrouter.events.publisher import EventPublisher, redis_publisher
+from kvrouter.events.redis_conn import RedisConfig, delete_namespace, make_client
+from kvrouter.events.workload import SyntheticCache
+from kvrouter.registry import Registry
+from tests.conftest import find_free_port, subprocess_env
+from tests.test_events_redis import URL, all_equal, churn, wait_until
+
+BS = 4
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+
+class PrivateRedis:
+    """A throwaway redis-server without persistence: a restart loses everything."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    r = PrivateRedis(find_free_port())
+    r.start()
+    yield r
+    r.kill()
+
+
+def publishers(url: str, ns: str, caches: dict[str, SyntheticCache], **opts: Any) -> dict[str, EventPublisher]:
+    opts.setdefault("heartbeat_ttl_s", 1.0)
+    return {n: redis_publisher(url, "m", n, namespace=ns, block_size=BS, dump=c.dump, **opts)
+            for n, c in caches.items()}
+
+
+def test_redis_restart_with_data_loss(private_redis: PrivateRedis) -> None:
+    async def run() -> None:
+        ns = "kvrtest-" + uuid.uuid4().hex[:8]
+        reg = Registry()
+        reg.add_model("m", BS)
+        plane = make_event_plane(reg, private_redis.url, namespace=ns, heartbeat_ttl_s=1.0,
+                                 snapshot_interval_s=0, socket_timeout_s=1.0, connect_timeout_s=0.5)
+        assert isinstance(plane, RedisPlane)
+        await plane.start()
+        caches = {f"w{i}": SyntheticCache(BS, seed=40 + i) for i in range(3)}
+        pubs = publishers(private_redis.url, ns, caches, max_buffer_events=5000)
+        for p in pubs.values():
+            await p.start()
+        await churn(pubs, caches, 100)
+        assert await wait_until(lambda: all_equal(reg, caches))
+        stop = asyncio.Event()
+
+        async def keep_publishing() -> None:
+            while not stop.is_set():
+                for n, c in caches.items():
+                    pubs[n].publish(c.step())
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(keep_publishing())
+        await asyncio.sleep(0.3)
+        private_redis.kill()  # mid-stream: what was not yet read is gone with it
+        await asyncio.sleep(0.5)
+        private_redis.start()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await task
+        for p in pubs.values():
+            assert await p.flush(10)
+        # The router reconnected, noticed the loss and resynced every worker.
+        assert await wait_until(lambda: all_equal(reg, caches), timeout=30)
+        st = plane.stats()
+        assert st["data_losses"] >= 1
+        assert all(w.routable for w in reg.model("m").workers.values())
+        for p in pubs.values():
+            await p.stop()
+        await plane.stop()
+
+    asyncio.run(run())
+
+
+def test_publisher_buffer_overflow_resyncs_when_redis_returns() -> None:
+    async def run() -> None:
+        r = PrivateRedis(find_free_port())  # not started: Redis is away
+        ns = "kvrtest-" + uuid.uuid4().hex[:8]
+        cache = SyntheticCache(BS, seed=50)
+        pub = redis_publisher(r.url, "m", "w0", namespace=ns, block_size=BS, dump=cache.dump,
+                              max_buffer_events=100, heartbeat_ttl_s=1.0, retry_backoff_max_s=0.1,
+                              socket_timeout_s=0.5, connect_timeout_s=0.2)
+        await pub.start()
+        for _ in range(300):
+            pub.publish(cache.step())
+            await asyncio.sleep(0)
+        assert pub.stats["dropped_events"] > 0 and pub.buffered_events <= 100
+        r.start()
+        try:
+            reg = Registry()
+            reg.add_model("m", BS)
+            plane = make_event_plane(reg, r.url, namespace=ns, heartbeat_ttl_s=1.0, snapshot_interval_s=0)
+            await plane.start()
+            assert await pub.flush(10)
+            assert await wait_until(lambda: all_equal(reg, {"w0": cache}))
+            assert pub.stats["resyncs"] >= 1
+            await pub.stop()
+            await plane.stop()
+        finally:
+            r.kill()
+
+    asyncio.run(run())
+
+
+def _start_router(url: str, ns: str, replica: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "kvrouter.events.ingest", "--redis", url, "--namespace", ns,
+           "--model", f"m:{BS}", "--replica-id", replica, "--heartbeat-ttl", "2",
+           "--snapshot-interval", "0.5", "--snapshot-min-retention", "0",
+           "--state-file", str(state), "--state-interval", "0.1"]
+    return subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+def _state(path: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _matches(state: dict[str, Any], caches: dict[str, SyntheticCache]) -> bool:
+    workers = state.get("models", {}).get("m", {})
+    return all(n in workers and workers[n]["digest"] == digest_router_hashes(c.router_hashes())
+               for n, c in caches.items())
+
+
+def test_router_sigkill_restarts_from_snapshot(tmp_path: Path) -> None:
+    ns = "kvrtest-" + uuid.uuid4().hex[:8]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    async def run() -> None:
+        caches = {f"w{i}": SyntheticCache(BS, seed=60 + i) for i in range(3)}
+        pubs = publishers(URL, ns, caches, heartbeat_ttl_s=2.0)
+        for p in pubs.values():
+            await p.start()
+        state_a = tmp_path / "a.json"
+        a = _start_router(URL, ns, "ra", state_a, tmp_path / "a.log")
+        procs.append(a)
+        await churn(pubs, caches, 150)
+        assert await wait_until(lambda: _matches(_state(state_a), caches), timeout=20), \
+            (tmp_path / "a.log").read_text()
+        written = _state(state_a)["stats"]["snapshots_written"]
+        assert await wait_until(lambda: _state(state_a)["stats"]["snapshots_written"] >= written + 2)
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        await churn(pubs, caches, 50)  # events while no router runs
+        # The snapshot let the stream be trimmed: its history alone is no longer enough.
+        stream = Keys(ns).stream("m", 0)
+        c = redis.Redis.from_url(URL)
+        first_id = c.xrange(stream, count=1)[0][0]
+        total = sum(p.stats["entries"] for p in pubs.values())
+        assert c.xlen(stream) < total
+        state_b = tmp_path / "b.json"
+        b = _start_router(URL, ns, "rb", state_b, tmp_path / "b.log")
+        procs.append(b)
+        assert await wait_until(lambda: _matches(_state(state_b), caches), timeout=20), \
+            (tmp_path / "b.log").read_text()
+        st = _state(state_b)["stats"]
+        assert st["snapshot_loaded"] == {"m": "ra"}
+        assert st["gaps_dump"] == 0 and st["dumps_requested"] == 0
+        assert first_id
+        for p in pubs.values():
+            await p.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+        async def cleanup() -> None:
+            cl = make_client(RedisConfig(URL))
+            await delete_namespace(cl, ns)
+            await cl.aclose()
+
+        asyncio.run(cleanup())
