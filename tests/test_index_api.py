@@ -170,3 +170,18 @@ def test_concurrent_threads_apply_and_query() -> None:
         t.join()
     assert not errors
     assert idx.blocks_per_worker() == {0: 1024, 1: 1024, 2: 1024}
+
+
+def test_load_snapshot_with_worker_map() -> None:
+    idx = PrefixIndex(BS)
+    idx.apply_stored(1, [5, 6], token_ids=list(range(8)))
+    idx.apply_stored(2, [7], token_ids=list(range(4)))
+    snap = idx.snapshot()
+    other = PrefixIndex(BS)
+    other.load_snapshot(snap, {1: 11, 2: 12})
+    assert other.find_matches(hash_blocks(list(range(8)), BS)) == {11: (2, 0, 0), 12: (1, 0, 0)}
+    with pytest.raises(ValueError, match="no entry in the worker map"):
+        other.load_snapshot(snap, {1: 11})
+    with pytest.raises(ValueError, match="two workers"):
+        other.load_snapshot(snap, {1: 3, 2: 3})
+    assert other.blocks_per_worker() == {11: 2, 12: 1}

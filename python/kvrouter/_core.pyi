@@ -97,8 +97,10 @@ class PrefixIndex:
     def snapshot(self) -> bytes: ...
     @staticmethod
     def from_snapshot(data: bytes) -> PrefixIndex: ...
-    def load_snapshot(self, data: bytes) -> None:
-        """Replace this index's contents with a snapshot (unchanged on error)."""
+    def load_snapshot(self, data: bytes, worker_map: dict[int, int] | None = None) -> None:
+        """Replace this index's contents with a snapshot (unchanged on error). worker_map
+        renames the snapshot's worker ids (the writer's registry) to this reader's ids;
+        every snapshot worker must be mapped."""
 
 class Candidate:
     worker: int

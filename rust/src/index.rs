@@ -544,6 +544,33 @@ impl PrefixIndex {
         total + self.slots.capacity() * size_of::<Option<u64>>() + self.free_slots.capacity() * 4
     }
 
+    /// Renames workers (a snapshot's ids belong to the writer's registry). Every
+    /// worker must be mapped and the new ids must be distinct; else nothing changes.
+    pub fn remap_workers(
+        &mut self,
+        map: &std::collections::HashMap<u64, u64>,
+    ) -> Result<(), String> {
+        let mut seen = hashbrown::HashSet::new();
+        for id in self.workers.keys() {
+            let Some(new) = map.get(id) else {
+                return Err(format!(
+                    "snapshot worker {id} has no entry in the worker map"
+                ));
+            };
+            if !seen.insert(*new) {
+                return Err(format!("worker map sends two workers to {new}"));
+            }
+        }
+        // Holders refer to slots, so only the id <-> slot tables change.
+        let old = std::mem::take(&mut self.workers);
+        for (id, ws) in old {
+            let new = map[&id];
+            self.slots[ws.slot as usize] = Some(new);
+            self.workers.insert(new, ws);
+        }
+        Ok(())
+    }
+
     // ---- snapshots -----------------------------------------------------------
 
     /// The whole index as bytes: header, per-worker block maps with tier masks,
@@ -884,6 +911,15 @@ mod tests {
         bad[20] ^= 1;
         assert!(PrefixIndex::from_snapshot(&bad).is_err());
         assert!(PrefixIndex::from_snapshot(&snap[..snap.len() - 1]).is_err());
+        let mut renamed = back.clone();
+        let map: std::collections::HashMap<u64, u64> = [(1, 10), (2, 20)].into_iter().collect();
+        renamed.remap_workers(&map).unwrap();
+        let mut r = renamed.find_matches(&q);
+        r.sort_by_key(|x| x.0);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), vec![10, 20]);
+        assert!(renamed
+            .remap_workers(&[(10, 1)].into_iter().collect())
+            .is_err());
         assert_eq!(idx.clear_worker(1).cleared_blocks, 8);
         assert_eq!(
             idx.find_matches(&q),

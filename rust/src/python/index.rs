@@ -392,9 +392,21 @@ impl PyPrefixIndex {
         })
     }
 
-    fn load_snapshot(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+    #[pyo3(signature = (data, worker_map=None))]
+    fn load_snapshot(
+        &self,
+        py: Python<'_>,
+        data: &[u8],
+        worker_map: Option<std::collections::HashMap<u64, u64>>,
+    ) -> PyResult<()> {
         let idx = py
-            .allow_threads(|| PrefixIndex::from_snapshot(data))
+            .allow_threads(|| {
+                let mut idx = PrefixIndex::from_snapshot(data)?;
+                if let Some(map) = &worker_map {
+                    idx.remap_workers(map)?;
+                }
+                Ok::<_, String>(idx)
+            })
             .map_err(PyValueError::new_err)?;
         if idx.block_size() != self.block_size {
             return Err(PyValueError::new_err(format!(
