@@ -1,9 +1,11 @@
 //! Load accounting (DESIGN §2 load path): what the router reserved itself, what
 //! engines report, and what other router replicas reserved.
 //!
-//! The load a scorer sees is the larger of the router's own reservations and the
-//! engine's last fresh report (reports catch traffic the router never saw;
-//! reservations lead reports in time), plus other replicas' in-flight load.
+//! The load a scorer sees is the router's own live reservations plus the drift the
+//! engine's last fresh report showed (what the engine carried beyond what this
+//! router had reserved when the report was taken: traffic the router never saw),
+//! plus other replicas' in-flight load. Reservations lead reports in time, so a
+//! request released after a report stops counting at once.
 
 use hashbrown::HashMap;
 
@@ -26,6 +28,10 @@ pub struct Report {
     pub kv_free_blocks: u64,
     pub queued_prefill_tokens: u64,
     pub at: f64,
+    /// This router's reservations on the worker when the report arrived.
+    pub reserved_prefill_tokens: u64,
+    pub reserved_decode_blocks: u64,
+    pub waiting_requests: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,14 +56,18 @@ pub struct WorkerLoad {
 impl WorkerLoad {
     pub fn view(&self, now: f64, report_ttl_s: f64) -> LoadView {
         let fresh = self.report.filter(|r| now - r.at <= report_ttl_s);
-        let (r_prefill, r_decode, r_queue) = fresh.map_or((0, 0, 0), |r| {
-            (r.queued_prefill_tokens, r.kv_used_blocks, r.queued)
+        let (d_prefill, d_decode, d_queue) = fresh.map_or((0, 0, 0), |r| {
+            (
+                r.queued_prefill_tokens
+                    .saturating_sub(r.reserved_prefill_tokens),
+                r.kv_used_blocks.saturating_sub(r.reserved_decode_blocks),
+                r.queued.saturating_sub(r.waiting_requests),
+            )
         });
         LoadView {
-            prefill_tokens: self.reserved_prefill_tokens.max(r_prefill)
-                + self.external.prefill_tokens,
-            decode_blocks: self.reserved_decode_blocks.max(r_decode) + self.external.decode_blocks,
-            queue: self.waiting_requests.max(r_queue) + self.external.requests,
+            prefill_tokens: self.reserved_prefill_tokens + d_prefill + self.external.prefill_tokens,
+            decode_blocks: self.reserved_decode_blocks + d_decode + self.external.decode_blocks,
+            queue: self.waiting_requests + d_queue + self.external.requests,
         }
     }
 }
@@ -238,5 +248,24 @@ mod tests {
         });
         assert_eq!(w.view(2.0, 5.0).decode_blocks, 50);
         assert_eq!(w.view(7.0, 5.0).decode_blocks, 0, "stale report ignored");
+    }
+
+    #[test]
+    fn released_requests_stop_counting_before_the_next_report() {
+        let mut t = LoadTable::default();
+        t.add_worker(1);
+        t.reserve("a", res(1)).unwrap();
+        t.mark_prefill_done("a", 20.0);
+        // The engine reports the 10 blocks of "a" plus 5 from traffic this router never saw.
+        let w = t.workers.get_mut(&1).unwrap();
+        w.report = Some(Report {
+            kv_used_blocks: 15,
+            at: 1.0,
+            reserved_decode_blocks: 10,
+            ..Report::default()
+        });
+        assert_eq!(w.view(1.0, 5.0).decode_blocks, 15);
+        t.release("a");
+        assert_eq!(t.workers[&1].view(1.5, 5.0).decode_blocks, 5);
     }
 }

@@ -224,7 +224,13 @@ impl Scheduler {
             .workers
             .get_mut(&worker)
             .ok_or_else(|| format!("unknown worker {worker}"))?;
-        w.report = Some(report);
+        // Remember what this router had reserved, so the report's drift can be separated out.
+        w.report = Some(Report {
+            reserved_prefill_tokens: w.reserved_prefill_tokens,
+            reserved_decode_blocks: w.reserved_decode_blocks,
+            waiting_requests: w.waiting_requests,
+            ..report
+        });
         Ok(())
     }
 

@@ -482,7 +482,7 @@ impl PyScheduler {
                 queued_prefill_tokens,
                 "queued_prefill_tokens",
             )?,
-            at: 0.0,
+            ..Report::default()
         };
         let mut s = self.inner.lock();
         let at = self.at(&s, now);
