@@ -1,0 +1,270 @@
+"""Discrete-event fleet simulator: simulated engines behind the router's real index and scheduler.
+
+One process, simulated time, deterministic under a seed. The router side is
+the service's own code, not a model of it: a ``kvrouter._core.PrefixIndex``
+fed with the engines' ``BlockStored`` / ``BlockRemoved`` events, and a
+``kvrouter._core.Scheduler`` that routes each arrival (``route_hashes``, which
+reserves the request's load) and is told when its prefill is done and when it
+finishes (``mark_prefill_done`` / ``release``), with ``now`` = simulated time.
+Engines optionally send load reports too.
+
+The event loop is a heap of engine wake-ups (when each engine next does
+something observable: a step with prefill ends, a decode batch's first request
+finishes, an import lands) merged with the arrival stream. Arrivals are handled
+before engine wake-ups at the same instant, so requests arriving together batch
+together. Pure-decode stretches are advanced in one go inside the engine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvrouter.engines.sim.engine import EngineConfig, RequestUpdate, SimEngine, SimRequest
+from kvrouter.engines.sim.profile import EngineProfile
+from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent
+from kvrouter.fleet.report import FleetReport, RequestRecord, WorkerRecord, build_report
+from kvrouter.fleet.traces import Trace, trace_hashes
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("random", "round_robin", "least_loaded", "prefix_only", "kv")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRequest:
+    request_id: str
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    hashes: Sequence[int]
+
+
+def prepare(trace: Trace, block_size: int, speedup: float = 1.0,
+            hashes: Sequence[Sequence[int]] | None = None) -> list[FleetRequest]:
+    """Requests of a trace with router hashes, arrivals compressed by `speedup`.
+    Pass precomputed `hashes` (``trace_hashes(trace, block_size)``) to reuse them."""
+    if speedup <= 0:
+        raise ValueError("speedup must be > 0")
+    hs = hashes if hashes is not None else trace_hashes(trace, block_size)
+    if len(hs) != len(trace.requests):
+        raise ValueError("hashes do not match the trace")
+    t0 = trace.requests[0].arrival_s if trace.requests else 0.0
+    return [FleetRequest(request_id=f"r{i}", arrival_s=(r.arrival_s - t0) / speedup,
+                         prompt_tokens=r.input_length, output_tokens=r.output_length,
+                         hashes=hs[i])
+            for i, r in enumerate(trace.requests)]
+
+
+@dataclass
+class SchedulerWeights:
+    """Weights passed to kvrouter._core.Scheduler (DESIGN §3.3)."""
+
+    prefill_weight: float = 1.0
+    decode_weight: float = 1.0
+    queue_weight: float = 0.0
+    temperature: float = 0.0
+    host_credit: float = 0.5
+
+    def as_kwargs(self) -> dict[str, float]:
+        return {"prefill_weight": self.prefill_weight, "decode_weight": self.decode_weight,
+                "queue_weight": self.queue_weight, "temperature": self.temperature,
+                "host_credit": self.host_credit}
+
+
+@dataclass
+class FleetConfig:
+    num_workers: int = 8
+    policy: str = "kv"
+    weights: SchedulerWeights = field(default_factory=SchedulerWeights)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    seed: int = 0
+    load_reports: bool = True  # engines report load whenever they are advanced
+    expected_output: bool = False  # tell the router each request's output length (an oracle)
+
+    def validate(self) -> None:
+        if self.num_workers <= 0:
+            raise ValueError("num_workers must be > 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r} (expected one of {POLICIES})")
+
+
+@dataclass
+class ApplyTotals:
+    stored_blocks: int = 0
+    removed_blocks: int = 0
+    orphan_events: int = 0
+    unknown_removals: int = 0
+    malformed: int = 0
+
+    def add(self, r: Any) -> None:
+        self.stored_blocks += r.stored_blocks
+        self.removed_blocks += r.removed_blocks
+        self.orphan_events += r.orphan_events
+        self.unknown_removals += r.unknown_removals
+        self.malformed += r.malformed
+
+
+@dataclass
+class FleetResult:
+    report: FleetReport
+    records: list[RequestRecord]
+    apply: ApplyTotals
+    capacity_blocks_per_worker: int
+    wall_s: float = 0.0
+
+
+class FleetSimulator:
+    def __init__(self, profile: EngineProfile, config: FleetConfig | None = None) -> None:
+        from kvrouter._core import PrefixIndex, Scheduler
+
+        self.config = config or FleetConfig()
+        self.config.validate()
+        self.profile = profile
+        bs = self.config.engine.block_size
+        self.index = PrefixIndex(bs)
+        self.scheduler = Scheduler(self.index, policy=self.config.policy,  # type: ignore[arg-type]
+                                   seed=self.config.seed, lease_s=1e12,
+                                   **self.config.weights.as_kwargs())
+        self.engines = [SimEngine(profile, self.config.engine, name=f"w{i}")
+                        for i in range(self.config.num_workers)]
+        for w in range(self.config.num_workers):
+            self.scheduler.add_worker(w)
+        self.apply_totals = ApplyTotals()
+        self._records: list[RequestRecord] = []
+        self._meta: dict[str, tuple[int, int]] = {}  # request id -> (worker, routed overlap)
+        self._reqs: dict[str, SimRequest] = {}
+        self._rejected = 0
+        self._worker_requests = [0] * self.config.num_workers
+
+    # -- plumbing --------------------------------------------------------------------
+    def _apply_events(self, w: int, events: list[KvEvent]) -> None:
+        idx = self.index
+        tot = self.apply_totals
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                tot.add(idx.apply_stored(w, ev.hashes, ev.parent, router_hashes=ev.router_hashes))
+            elif isinstance(ev, BlockRemoved):
+                tot.add(idx.apply_removed(w, ev.hashes))
+            elif isinstance(ev, AllCleared):
+                tot.add(idx.clear_worker(w))
+
+    def _apply_updates(self, w: int, updates: list[RequestUpdate]) -> None:
+        sched = self.scheduler
+        for u in updates:
+            r = u.request
+            if u.kind == "first_token":
+                sched.mark_prefill_done(r.request_id, now=u.time)
+            elif u.kind == "finished":
+                sched.release(r.request_id)
+                worker, overlap = self._meta.pop(r.request_id)
+                assert r.first_token_time is not None and r.finish_time is not None
+                self._records.append(RequestRecord(
+                    request_id=r.request_id, worker=worker, arrival_s=r.arrival,
+                    first_token_s=r.first_token_time, finish_s=r.finish_time,
+                    prompt_tokens=r.prompt_tokens, output_tokens=r.generated,
+                    prompt_blocks=len(r.hashes), hit_blocks=max(r.hit_blocks, 0),
+                    routed_overlap_blocks=overlap, preemptions=r.preemptions))
+                del self._reqs[r.request_id]
+            elif u.kind == "rejected":
+                sched.release(r.request_id)
+                self._meta.pop(r.request_id, None)
+                self._reqs.pop(r.request_id, None)
+                self._rejected += 1
+                log.debug("request rejected request=%s worker=%d prompt=%d", r.request_id, w,
+                          r.prompt_tokens)
+
+    def _sync(self, w: int, now: float) -> None:
+        eng = self.engines[w]
+        self._apply_events(w, eng.drain_kv_events())
+        self._apply_updates(w, eng.drain_updates())
+        if self.config.load_reports:
+            rep = eng.load_report()
+            self.scheduler.report_load(w, rep.running, rep.queued, rep.kv_used_blocks,
+                                       rep.kv_free_blocks, rep.queued_prefill_tokens, now=now)
+
+    # -- main loop ---------------------------------------------------------------------
+    def run(self, requests: Sequence[FleetRequest]) -> FleetResult:
+        import time
+
+        wall0 = time.perf_counter()
+        engines = self.engines
+        n = len(engines)
+        version = [0] * n
+        heap: list[tuple[float, int, int, int]] = []  # (time, seq, worker, version)
+        seq = 0
+
+        def wake(w: int) -> None:
+            nonlocal seq
+            version[w] += 1
+            t = engines[w].next_wakeup()
+            if t < math.inf:
+                seq += 1
+                heapq.heappush(heap, (t, seq, w, version[w]))
+
+        def advance(limit: float, strict: bool) -> None:
+            while heap and (heap[0][0] < limit or (not strict and heap[0][0] <= limit)):
+                t, _s, w, v = heapq.heappop(heap)
+                if v != version[w]:
+                    continue
+                engines[w].run_until(t)
+                self._sync(w, t)
+                wake(w)
+
+        expect = self.config.expected_output
+        sched = self.scheduler
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        for i in order:
+            fr = requests[i]
+            ta = fr.arrival_s
+            advance(ta, strict=True)
+            d = sched.route_hashes(fr.hashes, fr.prompt_tokens, request_id=fr.request_id,
+                                   expected_output_tokens=fr.output_tokens if expect else 0,
+                                   now=ta)
+            w = d.worker
+            self._meta[fr.request_id] = (w, d.overlap_blocks)
+            self._worker_requests[w] += 1
+            req = SimRequest(request_id=fr.request_id, hashes=fr.hashes,
+                             prompt_tokens=fr.prompt_tokens, max_tokens=fr.output_tokens)
+            self._reqs[fr.request_id] = req
+            engines[w].submit(req, ta)
+            self._sync(w, ta)
+            wake(w)
+        advance(math.inf, strict=False)
+        for w, eng in enumerate(engines):  # idle engines: flush anything left
+            eng.run_until(math.inf)
+            self._sync(w, eng.clock)
+        if self._reqs:
+            raise RuntimeError(f"{len(self._reqs)} requests never finished")
+        workers = [WorkerRecord(worker=w, requests=self._worker_requests[w], busy_s=e.stats.busy_s,
+                                prefill_tokens=e.stats.prefill_tokens,
+                                reused_tokens=e.stats.reused_tokens,
+                                decode_tokens=e.stats.decode_tokens,
+                                preemptions=e.stats.preemptions, itl=e.stats.itl)
+                   for w, e in enumerate(engines)]
+        self._records.sort(key=lambda r: int(r.request_id[1:]) if r.request_id[1:].isdigit()
+                           else 0)
+        report = build_report(self.config.policy, self._records, workers, self._rejected)
+        return FleetResult(report=report, records=self._records, apply=self.apply_totals,
+                           capacity_blocks_per_worker=engines[0].cache.num_blocks,
+                           wall_s=time.perf_counter() - wall0)
+
+    def index_matches_engines(self) -> list[int]:
+        """Workers whose index contents differ from their engine's cache (empty: all agree)."""
+        bad = []
+        for w, eng in enumerate(self.engines):
+            held = {h for h, tiers in self.index.worker_router_hashes(w) if tiers & 1}
+            if held != eng.cache.hashes():
+                bad.append(w)
+        return bad
+
+
+def simulate(trace: Trace, profile: EngineProfile, config: FleetConfig, speedup: float = 1.0,
+             hashes: Sequence[Sequence[int]] | None = None) -> FleetResult:
+    """Prepare a trace and run it through a fresh fleet."""
+    reqs = prepare(trace, config.engine.block_size, speedup, hashes)
+    return FleetSimulator(profile, config).run(reqs)
