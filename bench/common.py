@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from kvrouter.shared_data import shared_dir
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+SHARED = shared_dir()
 
 
 def machine() -> dict[str, Any]:

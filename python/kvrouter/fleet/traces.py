@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-TRACE_DIR = Path("/work/shared/traces")
+from kvrouter.shared_data import shared_dir
+
+TRACE_DIR = shared_dir() / "traces"
 MOONCAKE_CONVERSATION = TRACE_DIR / "mooncake" / "conversation_trace.jsonl"
 MOONCAKE_SYNTHETIC = TRACE_DIR / "mooncake" / "synthetic_trace.jsonl"
 AZURE_CONV = TRACE_DIR / "azure" / "AzureLLMInferenceTrace_conv.csv"
