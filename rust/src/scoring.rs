@@ -5,7 +5,8 @@
 //! ```
 //!
 //! new_prefill_tokens = prompt tokens - cached overlap on w (host and disk hits
-//! earn partial credit) + tokens already queued for prefill on w. Ties break by
+//! earn partial credit) + tokens already queued for prefill on w; the queued part
+//! may carry its own weight (`queued_prefill`, default equal to `prefill`). Ties break by
 //! least load, then at random (seedable). A temperature > 0 samples from a
 //! softmax over normalised costs instead of taking the minimum.
 
@@ -48,6 +49,10 @@ impl Policy {
 #[derive(Debug, Clone, Copy)]
 pub struct Weights {
     pub prefill: f64,
+    /// Weight of tokens already queued for prefill on the worker (others' work),
+    /// apart from the request's own uncached tokens: below `prefill`, cache reuse
+    /// counts for more than queue balance.
+    pub queued_prefill: f64,
     pub decode: f64,
     pub queue: f64,
     pub temperature: f64,
@@ -59,6 +64,7 @@ impl Default for Weights {
     fn default() -> Self {
         Weights {
             prefill: 1.0,
+            queued_prefill: 1.0,
             decode: 1.0,
             queue: 0.0,
             temperature: 0.0,
@@ -72,6 +78,7 @@ impl Weights {
     pub fn validate(&self) -> Result<(), String> {
         for (name, v) in [
             ("prefill_weight", self.prefill),
+            ("queued_prefill_weight", self.queued_prefill),
             ("decode_weight", self.decode),
             ("queue_weight", self.queue),
             ("temperature", self.temperature),
@@ -159,7 +166,8 @@ pub fn cost_all(
         c.queue = load.queue;
         c.cost = match policy {
             Policy::Kv => {
-                w.prefill * c.new_prefill_tokens as f64 / bs
+                w.prefill * new_tokens as f64 / bs
+                    + w.queued_prefill * load.prefill_tokens as f64 / bs
                     + w.decode * c.decode_blocks as f64
                     + w.queue * c.queue as f64
             }

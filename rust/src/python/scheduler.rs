@@ -247,7 +247,7 @@ impl PyScheduler {
 #[pymethods]
 impl PyScheduler {
     #[new]
-    #[pyo3(signature = (index, policy="kv", prefill_weight=1.0, decode_weight=1.0, queue_weight=0.0, temperature=0.0, host_credit=0.5, disk_credit=0.25, lease_s=300.0, report_ttl_s=5.0, seed=None))]
+    #[pyo3(signature = (index, policy="kv", prefill_weight=1.0, decode_weight=1.0, queue_weight=0.0, queued_prefill_weight=None, temperature=0.0, host_credit=0.5, disk_credit=0.25, lease_s=300.0, report_ttl_s=5.0, seed=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         index: &PyPrefixIndex,
@@ -255,6 +255,7 @@ impl PyScheduler {
         prefill_weight: f64,
         decode_weight: f64,
         queue_weight: f64,
+        queued_prefill_weight: Option<f64>,
         temperature: f64,
         host_credit: f64,
         disk_credit: f64,
@@ -266,6 +267,7 @@ impl PyScheduler {
             policy: Policy::parse(policy).map_err(PyValueError::new_err)?,
             weights: Weights {
                 prefill: prefill_weight,
+                queued_prefill: queued_prefill_weight.unwrap_or(prefill_weight),
                 decode: decode_weight,
                 queue: queue_weight,
                 temperature,
@@ -292,7 +294,7 @@ impl PyScheduler {
         self.inner.lock().config.policy.name()
     }
 
-    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None))]
+    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn configure(
         &self,
@@ -300,6 +302,7 @@ impl PyScheduler {
         prefill_weight: Option<f64>,
         decode_weight: Option<f64>,
         queue_weight: Option<f64>,
+        queued_prefill_weight: Option<f64>,
         temperature: Option<f64>,
         host_credit: Option<f64>,
         disk_credit: Option<f64>,
@@ -315,6 +318,7 @@ impl PyScheduler {
         w.prefill = prefill_weight.unwrap_or(w.prefill);
         w.decode = decode_weight.unwrap_or(w.decode);
         w.queue = queue_weight.unwrap_or(w.queue);
+        w.queued_prefill = queued_prefill_weight.unwrap_or(w.queued_prefill);
         w.temperature = temperature.unwrap_or(w.temperature);
         w.host_credit = host_credit.unwrap_or(w.host_credit);
         w.disk_credit = disk_credit.unwrap_or(w.disk_credit);
