@@ -69,11 +69,12 @@ class SchedulerWeights:
     queue_weight: float = 0.0
     temperature: float = 0.0
     host_credit: float = 0.5
+    queued_prefill_weight: float | None = None  # None: same as prefill_weight
 
-    def as_kwargs(self) -> dict[str, float]:
+    def as_kwargs(self) -> dict[str, float | None]:
         return {"prefill_weight": self.prefill_weight, "decode_weight": self.decode_weight,
                 "queue_weight": self.queue_weight, "temperature": self.temperature,
-                "host_credit": self.host_credit}
+                "host_credit": self.host_credit, "queued_prefill_weight": self.queued_prefill_weight}
 
 
 @dataclass
