@@ -658,7 +658,21 @@ impl PrefixIndex {
                 return Err(format!("snapshot lists worker {id} twice"));
             }
             let n_blocks = c.u64()?;
+            // Each entry takes at least 21 bytes: bound the reservation by what is left.
+            let fits = ((c.buf.len() - c.pos) / 21) as u64;
+            if n_blocks > fits {
+                return Err(format!(
+                    "snapshot declares {n_blocks} blocks for worker {id} but holds at most {fits}"
+                ));
+            }
+            // Size the tables once instead of growing them step by step.
+            idx.nodes.reserve(n_blocks as usize);
             let slot = idx.worker_mut(id)?.slot;
+            idx.workers
+                .get_mut(&id)
+                .expect("created above")
+                .blocks
+                .reserve(n_blocks as usize);
             let mut held = 0u64;
             for _ in 0..n_blocks {
                 let engine = c.u64()?;
