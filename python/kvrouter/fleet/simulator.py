@@ -128,13 +128,13 @@ class FleetSimulator:
         self.profile = profile
         bs = self.config.engine.block_size
         self.index = PrefixIndex(bs)
-        w = self.config.weights
+        weights = self.config.weights
         self.scheduler = Scheduler(self.index, policy=self.config.policy,  # type: ignore[arg-type]
                                    seed=self.config.seed, lease_s=1e12,
-                                   prefill_weight=w.prefill_weight, decode_weight=w.decode_weight,
-                                   queue_weight=w.queue_weight,
-                                   queued_prefill_weight=w.queued_prefill_weight,
-                                   temperature=w.temperature, host_credit=w.host_credit)
+                                   prefill_weight=weights.prefill_weight, decode_weight=weights.decode_weight,
+                                   queue_weight=weights.queue_weight,
+                                   queued_prefill_weight=weights.queued_prefill_weight,
+                                   temperature=weights.temperature, host_credit=weights.host_credit)
         self.engines = [SimEngine(profile, self.config.engine, name=f"w{i}")
                         for i in range(self.config.num_workers)]
         for w in range(self.config.num_workers):
