@@ -141,10 +141,12 @@ def test_bad_request(server: Any, case: tuple[str, Call, grpc.StatusCode,
         assert (d.worker, d.overlap_blocks) == ("w1", 8)
 
 
-def test_generate_proxy_not_implemented_yet(server: Any) -> None:
+def test_generate_without_engine_addresses_is_unavailable(server: Any) -> None:
     with RouterClient(server.target) as c:
+        before = _state(c)
         with pytest.raises(grpc.RpcError) as e:
             list(c.stub.Generate(router_pb2.RouterGenerateRequest(model=MODEL,
                                                                   token_ids=PROMPT)))
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "Route" in (e.value.details() or "")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "without an engine address" in (e.value.details() or "")
+        assert _state(c) == before

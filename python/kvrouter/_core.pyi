@@ -195,9 +195,11 @@ class Scheduler:
         explain: bool = False,
         reserve: bool = True,
         now: float | None = None,
+        prefill_weight: float | None = None,
     ) -> Decision:
         """Hash, match, score and (when reserve and request_id) reserve. ValueError if
-        there is no routable candidate or the input is bad."""
+        there is no routable candidate or the input is bad. prefill_weight overrides the
+        configured one for this call only."""
 
     def route_hashes(
         self,
@@ -210,6 +212,7 @@ class Scheduler:
         explain: bool = False,
         reserve: bool = True,
         now: float | None = None,
+        prefill_weight: float | None = None,
     ) -> Decision: ...
     def reserve(
         self,

@@ -53,6 +53,43 @@ class Weights(_Strict):
     queue: float = Field(default=0.0, ge=0, description="per queued request")
 
 
+class SpecialisationConfig(_Strict):
+    """Which pool a request goes to by its input and expected output length (kvrouter.planner)."""
+
+    short_input_tokens: int = Field(
+        default=1024, ge=0, description="inputs up to this many tokens go to the aggregated pool")
+    long_input_tokens: int = Field(
+        default=16384, gt=0, description="inputs of at least this many tokens go to the long-context pool")
+    agg_output_ratio: float = Field(
+        default=1.0, gt=0,
+        description="below long_input_tokens, outputs >= ratio * input go to the aggregated pool")
+
+
+class DisaggConfig(_Strict):
+    """Proxy mode (Router.Generate): disaggregated prefill/decode and its fallbacks."""
+
+    mode: Literal["auto", "aggregated", "disaggregated"] = Field(
+        default="auto", description="auto: the specialisation step picks the pool per request")
+    local_prefill_max_tokens: int = Field(
+        default=512, ge=0,
+        description="prefill on the decode worker when its uncached prompt part is below this")
+    prefill_queue_max_tokens: int = Field(
+        default=65536, gt=0,
+        description="prefill pool saturated (prefill locally) when every prefill worker has "
+                    "more than this many prompt tokens queued")
+    transfer_weight: float = Field(
+        default=0.05, ge=0,
+        description="weight of a KV block to transfer to the decode worker, relative to "
+                    "weights.prefill for a block to compute (about link time / compute time "
+                    "per token: 128 KiB at 50 GB/s against ~15k prefill tokens/s)")
+    max_attempts: int = Field(default=3, ge=1, le=16,
+                              description="failed engine calls a request survives (failing over "
+                                          "to other workers) before it ends with an error")
+    suspect_s: float = Field(default=5.0, ge=0,
+                             description="a worker whose call failed is avoided this long")
+    specialisation: SpecialisationConfig = Field(default_factory=lambda: SpecialisationConfig())
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     block_size: int = Field(default=16, gt=0, le=1 << 20)
@@ -68,6 +105,7 @@ class ModelConfig(_Strict):
                                description="credit of a disk-tier cache hit")
     seed: int | None = Field(default=None, ge=0,
                              description="seed of random choices (tests, benches)")
+    disagg: DisaggConfig = Field(default_factory=lambda: DisaggConfig())
 
     def scheduler_kwargs(self, lease_s: float, report_ttl_s: float) -> dict[str, object]:
         return {

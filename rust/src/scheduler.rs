@@ -53,6 +53,8 @@ pub struct RouteRequest<'a> {
     pub candidates: Option<&'a [u64]>,
     pub policy: Option<Policy>,
     pub explain: bool,
+    /// Overrides the prefill weight for this call only (e.g. KV transfer instead of compute).
+    pub prefill_weight: Option<f64>,
     pub reserve: bool,
     pub now: f64,
 }
@@ -95,6 +97,15 @@ impl Scheduler {
         req: &RouteRequest<'_>,
     ) -> Result<Decision, String> {
         let policy = req.policy.unwrap_or(self.config.policy);
+        let mut weights = self.config.weights;
+        if let Some(p) = req.prefill_weight {
+            if !p.is_finite() || p < 0.0 {
+                return Err(format!(
+                    "prefill_weight must be a finite number >= 0, got {p}"
+                ));
+            }
+            weights.prefill = p;
+        }
         let block_size = index.block_size();
         let pool: Vec<u64> = match req.candidates {
             None => self.load.routable().to_vec(),
@@ -149,17 +160,11 @@ impl Scheduler {
                 cands[i].0.overlap = ov;
             }
         }
-        cost_all(
-            policy,
-            &self.config.weights,
-            req.prompt_tokens,
-            block_size,
-            &mut cands,
-        );
+        cost_all(policy, &weights, req.prompt_tokens, block_size, &mut cands);
         let scored: Vec<Candidate> = cands.iter().map(|(c, _)| *c).collect();
         let pick = choose(
             policy,
-            &self.config.weights,
+            &weights,
             block_size,
             &scored,
             &mut self.rng,
@@ -274,6 +279,7 @@ mod tests {
             explain: true,
             reserve: true,
             now: 0.0,
+            prefill_weight: None,
         };
         let d = s.route(&idx, &req).unwrap();
         assert_eq!(d.worker, 2);

@@ -149,6 +149,8 @@ class RouterApp:
             self.server = None
         if self.event_plane is not None:
             await self.event_plane.stop()
+        if self.service is not None:
+            await self.service.proxy.close()  # engine channels of Router.Generate
         self.metrics.stop()
         self._stopped.set()
 

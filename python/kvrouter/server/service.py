@@ -24,6 +24,7 @@ from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, Policy
 from kvrouter.events.model import LoadReport
 from kvrouter.metrics import RouterMetrics
 from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
+from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 
 log = logging.getLogger("kvrouter.server")
 
@@ -37,6 +38,14 @@ ROLE_TO_PB: dict[Role, common_pb2.WorkerRole] = {
     Role.AGGREGATED: common_pb2.WORKER_ROLE_AGGREGATED,
     Role.PREFILL: common_pb2.WORKER_ROLE_PREFILL,
     Role.DECODE: common_pb2.WORKER_ROLE_DECODE,
+}
+
+
+_GENERATE_MODES: dict[int, str] = {
+    router_pb2.GENERATE_MODE_UNSPECIFIED: "",
+    router_pb2.GENERATE_MODE_AUTO: "auto",
+    router_pb2.GENERATE_MODE_AGGREGATED: "aggregated",
+    router_pb2.GENERATE_MODE_DISAGGREGATED: "disaggregated",
 }
 
 
@@ -81,8 +90,9 @@ class ModelRuntime:
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, config: Config, registry: Registry, metrics: RouterMetrics,
-                 event_plane: Any) -> None:
+                 event_plane: Any, proxy: GenerateProxy | None = None) -> None:
         self.config = config
+        self.proxy = proxy or GenerateProxy()
         self.registry = registry
         self.metrics = metrics
         self.event_plane = event_plane
@@ -308,11 +318,36 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Generate(self, request: router_pb2.RouterGenerateRequest,
                        context: grpc.aio.ServicerContext,
                        ) -> AsyncIterator[engine_pb2.GenerateResponse]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Router.Generate (proxy mode) is not implemented yet: call Route, then the "
-            "chosen worker's Engine.Generate, then Release")
-        yield engine_pb2.GenerateResponse()  # pragma: no cover - makes this an async generator
+        """Proxy mode: plan (kvrouter.planner), call the engine(s), stream (server/generate.py)."""
+        trace = GenerateTrace()
+        try:
+            m = self._model(request.model)
+            tokens = self._tokens(m, request.token_ids, request.token_ids_le)
+            if request.token_ids_le:
+                tokens = np.frombuffer(tokens, dtype="<u4")
+            mode = _GENERATE_MODES.get(request.mode)
+            if mode is None:
+                _invalid(f"unknown generate mode {request.mode}")
+            if request.disaggregated:
+                if mode not in ("", "disaggregated"):
+                    _invalid("disaggregated=true contradicts the requested mode")
+                mode = "disaggregated"
+            mode = mode or m.cfg.disagg.mode
+            rid = request.request_id or f"{self._rid_prefix}{next(self._rid_counter)}"
+            if request.request_id and m.state.scheduler.has_reservation(rid):
+                raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"request_id {rid!r} already holds a reservation on model "
+                                   f"{m.cfg.name!r}; use a new id")
+        except RequestError as e:
+            await context.abort(e.code, e.message)
+            raise  # abort() always raises; this tells type checkers so
+        try:
+            async for resp in self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace):
+                yield resp
+        except GenerateError as e:
+            context.set_trailing_metadata(trace.metadata())
+            await context.abort(e.code, e.message)
+        context.set_trailing_metadata(trace.metadata())
 
     def _worker_pb(self, m: ModelRuntime, info: Any, now: float) -> router_pb2.WorkerInfo:
         load = m.state.scheduler.load(info.wid)

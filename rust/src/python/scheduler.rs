@@ -208,6 +208,7 @@ impl PyScheduler {
         explain: bool,
         reserve: bool,
         now: Option<f64>,
+        prefill_weight: Option<f64>,
     ) -> PyResult<PyDecision> {
         let expected = convert::non_negative(expected_output_tokens, "expected_output_tokens")?;
         let policy = policy(policy_name)?;
@@ -236,6 +237,7 @@ impl PyScheduler {
                 explain,
                 reserve,
                 now,
+                prefill_weight,
             };
             s.route(&idx, &req)
         });
@@ -356,7 +358,7 @@ impl PyScheduler {
         v
     }
 
-    #[pyo3(signature = (tokens, extra_key=None, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None))]
+    #[pyo3(signature = (tokens, extra_key=None, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None, prefill_weight=None))]
     #[allow(clippy::too_many_arguments)]
     fn route(
         &self,
@@ -370,6 +372,7 @@ impl PyScheduler {
         explain: bool,
         reserve: bool,
         now: Option<f64>,
+        prefill_weight: Option<f64>,
     ) -> PyResult<PyDecision> {
         let toks = convert::tokens(tokens)?;
         if toks.is_empty() {
@@ -389,10 +392,11 @@ impl PyScheduler {
             explain,
             reserve,
             now,
+            prefill_weight,
         )
     }
 
-    #[pyo3(signature = (router_hashes, prompt_tokens, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None))]
+    #[pyo3(signature = (router_hashes, prompt_tokens, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None, prefill_weight=None))]
     #[allow(clippy::too_many_arguments)]
     fn route_hashes(
         &self,
@@ -406,6 +410,7 @@ impl PyScheduler {
         explain: bool,
         reserve: bool,
         now: Option<f64>,
+        prefill_weight: Option<f64>,
     ) -> PyResult<PyDecision> {
         let hashes = convert::hashes(router_hashes)?;
         let prompt = convert::non_negative(prompt_tokens, "prompt_tokens")?;
@@ -423,6 +428,7 @@ impl PyScheduler {
             explain,
             reserve,
             now,
+            prefill_weight,
         )
     }
 

@@ -7,6 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TransferKvRequest(_message.Message):
+    __slots__ = ("ctx_request_id", "opaque_state", "requester")
+    CTX_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OPAQUE_STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    ctx_request_id: int
+    opaque_state: bytes
+    requester: str
+    def __init__(self, ctx_request_id: _Optional[int] = ..., opaque_state: _Optional[bytes] = ..., requester: _Optional[str] = ...) -> None: ...
+
+class TransferKvResponse(_message.Message):
+    __slots__ = ("tokens", "bytes")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    bytes: int
+    def __init__(self, tokens: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "token_ids", "token_ids_le", "sampling", "disaggregated", "extra_key", "lora_name", "session_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class EngineStub:
                 request_serializer=kvrouter_dot_v1_dot_engine__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvrouter_dot_v1_dot_engine__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.TransferKv = channel.unary_unary(
+                '/kvrouter.v1.Engine/TransferKv',
+                request_serializer=kvrouter_dot_v1_dot_engine__pb2.TransferKvRequest.SerializeToString,
+                response_deserializer=kvrouter_dot_v1_dot_engine__pb2.TransferKvResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -89,6 +94,15 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TransferKv(self, request, context):
+        """Engine to engine: a GENERATION_ONLY request's worker pulls the KV a CONTEXT_ONLY request
+        left on this worker (engines that move KV themselves, like TensorRT-LLM, need not serve it).
+        NOT_FOUND when that KV is gone (evicted, never existed, or this worker restarted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +125,11 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvrouter_dot_v1_dot_engine__pb2.StatsRequest.FromString,
                     response_serializer=kvrouter_dot_v1_dot_engine__pb2.StatsResponse.SerializeToString,
+            ),
+            'TransferKv': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferKv,
+                    request_deserializer=kvrouter_dot_v1_dot_engine__pb2.TransferKvRequest.FromString,
+                    response_serializer=kvrouter_dot_v1_dot_engine__pb2.TransferKvResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class Engine:
             '/kvrouter.v1.Engine/Stats',
             kvrouter_dot_v1_dot_engine__pb2.StatsRequest.SerializeToString,
             kvrouter_dot_v1_dot_engine__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferKv(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrouter.v1.Engine/TransferKv',
+            kvrouter_dot_v1_dot_engine__pb2.TransferKvRequest.SerializeToString,
+            kvrouter_dot_v1_dot_engine__pb2.TransferKvResponse.FromString,
             options,
             channel_credentials,
             insecure,

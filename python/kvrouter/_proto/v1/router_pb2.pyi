@@ -1,12 +1,24 @@
 from kvrouter._proto.v1 import common_pb2 as _common_pb2
 from kvrouter._proto.v1 import engine_pb2 as _engine_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class GenerateMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GENERATE_MODE_UNSPECIFIED: _ClassVar[GenerateMode]
+    GENERATE_MODE_AUTO: _ClassVar[GenerateMode]
+    GENERATE_MODE_AGGREGATED: _ClassVar[GenerateMode]
+    GENERATE_MODE_DISAGGREGATED: _ClassVar[GenerateMode]
+GENERATE_MODE_UNSPECIFIED: GenerateMode
+GENERATE_MODE_AUTO: GenerateMode
+GENERATE_MODE_AGGREGATED: GenerateMode
+GENERATE_MODE_DISAGGREGATED: GenerateMode
 
 class RouteRequest(_message.Message):
     __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "expected_output_tokens", "candidates", "role", "policy", "explain", "dry_run")
@@ -161,7 +173,7 @@ class RouteStreamResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., results: _Optional[_Iterable[_Union[RouteStreamResult, _Mapping]]] = ...) -> None: ...
 
 class RouterGenerateRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name")
+    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +183,8 @@ class RouterGenerateRequest(_message.Message):
     DISAGGREGATED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -180,7 +194,9 @@ class RouterGenerateRequest(_message.Message):
     disaggregated: bool
     session_id: str
     lora_name: str
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ...) -> None: ...
+    mode: GenerateMode
+    expected_output_tokens: int
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("model",)

@@ -184,7 +184,10 @@ class SimEngine:
         req.arrival = now
         req.target = req.prompt_tokens
         if req.mode is RequestMode.GENERATION_ONLY:
-            req.ready_at = now + self.profile.transfer_time(req.prompt_tokens,
+            # Only the part of the prompt this engine does not hold already crosses the link
+            # (a prefix evicted before admission is imported at no extra cost: a small error).
+            held = min(self._match(req) * self.block_size, req.prompt_tokens)
+            req.ready_at = now + self.profile.transfer_time(req.prompt_tokens - held,
                                                             self.config.link_bytes_per_s)
         if self._blocks_for(req.target + 1) > self.cache.num_blocks:
             req.phase = Phase.DONE

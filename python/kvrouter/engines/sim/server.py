@@ -15,6 +15,16 @@ The process serves the kvrouter.v1.Engine gRPC service around one `SimEngine`
   start, Heartbeat with load, PublishEvents with per-worker epoch and seq,
   DeregisterWorker on a clean shutdown) through `RouterGrpcTransport` below.
 
+Disaggregated serving: a CONTEXT_ONLY request ends with DisaggregatedParams (first
+token, a context request id unique to this process start, this worker's address and
+an opaque state); its KV stays in this worker's prefix cache. A GENERATION_ONLY
+request carrying those params first pulls the KV from the context worker
+(Engine.TransferKv: the context worker checks that the blocks are still cached),
+then the core imports it over the link (``--link-gbps``, bytes per token from the
+profile) before decoding. A context worker that died or evicted the blocks makes
+the pull fail, and the generation request fails with FAILED_PRECONDITION ("KV
+lost"), which tells the router to prefill again.
+
 The core has no host KV tier, so Offload / Reload answer UNIMPLEMENTED, and it
 cannot cancel a request: a Generate whose caller goes away keeps its simulated
 work (the engine stays busy as a real one would until it notices).
@@ -264,7 +274,11 @@ class SimWorker:
         self._pins: dict[int, int] = {}
         self._kick = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
-        self._ctx_ids = itertools.count(1)
+        # Context request ids: unique across restarts too, so that a restarted context worker
+        # cannot hand out KV it no longer has under an old id.
+        self._ctx_ids = itertools.count(random.SystemRandom().getrandbits(40) << 12)
+        # KV left by finished context-only requests: ctx id -> (prompt tokens, block hashes)
+        self._exports: dict[int, tuple[int, list[int]]] = {}
         self._last_report: LoadReport | None = None
         self._report_again_at = 0.0
         self.stats = {"requests": 0, "rejected": 0, "abandoned": 0, "events": 0, "preempted": 0}
@@ -418,10 +432,13 @@ class SimWorker:
             reason = "length"
             if call.mode is RequestMode.CONTEXT_ONLY:
                 reason = "context_done"
+                ctx_id = next(self._ctx_ids)
+                self._export(ctx_id, call)
                 resp.disaggregated.CopyFrom(common_pb2.DisaggregatedParams(
                     request_type=common_pb2.REQUEST_TYPE_CONTEXT_ONLY,
-                    first_gen_tokens=sample.tokens[:1], ctx_request_id=next(self._ctx_ids),
-                    ctx_worker_address=self.address))
+                    first_gen_tokens=sample.tokens[:1], ctx_request_id=ctx_id,
+                    ctx_worker_address=self.address,
+                    opaque_state=f"sim:{self.worker}:{ctx_id}:{call.prompt_len}".encode()))
             resp.finished = True
             resp.finish_reason = reason
             hit = max(0, req.hit_blocks)
@@ -430,6 +447,29 @@ class SimWorker:
                                                  cached_tokens=min(cached, call.prompt_len),
                                                  completion_tokens=len(sample.tokens)))
         call.queue.put_nowait(resp)
+
+    # KV handover (disaggregated serving) ------------------------------------------------
+    MAX_EXPORTS = 4096
+
+    def _export(self, ctx_id: int, call: _Call) -> None:
+        self._exports[ctx_id] = (call.prompt_len, list(call.hashes))
+        while len(self._exports) > self.MAX_EXPORTS:  # oldest first (dicts keep order)
+            del self._exports[next(iter(self._exports))]
+
+    def transfer_kv(self, ctx_id: int) -> int:
+        """Prompt tokens of a finished context request whose KV can still be handed over;
+        KeyError (with the reason) when it cannot."""
+        entry = self._exports.get(ctx_id)
+        if entry is None:
+            raise KeyError(f"no context request {ctx_id} on worker {self.worker!r}")
+        prompt_len, hashes = entry
+        cache = self.engine.cache
+        missing = sum(1 for h in hashes if not cache.contains(h))
+        if missing:
+            del self._exports[ctx_id]
+            raise KeyError(f"KV of context request {ctx_id} was evicted from worker "
+                           f"{self.worker!r} ({missing} of {len(hashes)} blocks gone)")
+        return prompt_len
 
     def _close_sample(self, call: _Call, sample: _Sample) -> None:
         if sample.done:
@@ -501,10 +541,13 @@ def _abort_code(exc: BaseException) -> grpc.StatusCode:
 
 
 class EngineService(engine_pb2_grpc.EngineServicer):
-    def __init__(self, sim: SimWorker, role: str, max_prompt_tokens: int) -> None:
+    def __init__(self, sim: SimWorker, role: str, max_prompt_tokens: int,
+                 transfer_timeout_s: float = 5.0) -> None:
         self.sim = sim
         self.role = role
         self.max_prompt_tokens = max_prompt_tokens
+        self.transfer_timeout_s = transfer_timeout_s
+        self._peers: dict[str, grpc.aio.Channel] = {}
         self._rid = itertools.count(1)
         self._rid_prefix = f"{sim.worker}-{uuid.uuid4().hex[:6]}-"
 
@@ -543,6 +586,15 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 raise ValueError(f"unknown request_type {request.disaggregated.request_type}")
             extra = bytes(request.extra_key) or (request.lora_name.encode() or None)
             rid = request.request_id or f"{self._rid_prefix}{next(self._rid)}"
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise  # abort() always raises
+        if mode is RequestMode.GENERATION_ONLY:
+            lost = await self._pull_kv(request.disaggregated, len(tokens))
+            if lost:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, lost)
+                raise AssertionError("unreachable")  # pragma: no cover
+        try:
             call = self.sim.submit(rid, tokens, max_tokens=max_tokens, n=max(1, sp.n), mode=mode,
                                    extra_key=extra, seed=sp.seed if sp.HasField("seed") else None)
         except ValueError as e:
@@ -564,6 +616,49 @@ class EngineService(engine_pb2_grpc.EngineServicer):
                 yield item
         finally:
             self.sim.detach(call)
+
+    async def _pull_kv(self, params: common_pb2.DisaggregatedParams, prompt_len: int) -> str:
+        """Fetch the context's KV from the worker that computed it; '' or why it is lost.
+        Without a context worker address the KV is taken as given (imported, not checked)."""
+        peer = params.ctx_worker_address
+        if not peer or peer == self.sim.address:
+            return ""
+        ch = self._peers.get(peer)
+        if ch is None:
+            ch = self._peers[peer] = grpc.aio.insecure_channel(peer)
+        stub = engine_pb2_grpc.EngineStub(ch)
+        try:
+            resp = await stub.TransferKv(
+                engine_pb2.TransferKvRequest(ctx_request_id=params.ctx_request_id,
+                                             opaque_state=params.opaque_state,
+                                             requester=self.sim.worker),
+                timeout=self.transfer_timeout_s)
+        except grpc.aio.AioRpcError as e:
+            return (f"KV of context request {params.ctx_request_id} is lost: context worker "
+                    f"{peer} answered {e.code().name}: {e.details()}")
+        if resp.tokens < prompt_len - self.sim.block_size:
+            # generation continues after the context's prompt: most of it must be there
+            return (f"context request {params.ctx_request_id} holds KV of {resp.tokens} tokens, "
+                    f"the request has {prompt_len}")
+        return ""
+
+    async def TransferKv(self, request: engine_pb2.TransferKvRequest,
+                         context: grpc.aio.ServicerContext) -> engine_pb2.TransferKvResponse:
+        sim = self.sim
+        sim.load()  # bring the cache up to now: evictions that happened count
+        try:
+            tokens = sim.transfer_kv(request.ctx_request_id)
+        except KeyError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+            raise AssertionError("unreachable") from None  # pragma: no cover
+        return engine_pb2.TransferKvResponse(
+            tokens=tokens, bytes=tokens * sim.engine.profile.kv_bytes_per_token)
+
+    async def close(self) -> None:
+        peers, self._peers = self._peers, {}
+        for ch in peers.values():
+            with contextlib.suppress(Exception):
+                await ch.close()
 
     async def Stats(self, request: engine_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> engine_pb2.StatsResponse:
@@ -627,6 +722,8 @@ class SimOptions:
     max_num_batched_tokens: int = 8192
     max_prompt_tokens: int = 1 << 20
     ready_file: str | None = None
+    link_gbps: float = 50.0  # prefill -> decode KV link, GB/s (generation-only imports)
+    pool: str = ""  # router pool (kvrouter.planner); empty: the role's default pool
 
 
 def _advertised(listen: str, port: int, advertise: str | None) -> str:
@@ -665,6 +762,9 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         raise SetupError(f"cannot listen on {opts.listen} (address in use?)")
     address = _advertised(opts.listen, port, opts.advertise)
 
+    meta = {"engine": "sim", "profile": profile.name}
+    if opts.pool:
+        meta["pool"] = opts.pool
     transport: RouterGrpcTransport | None = None
     heartbeat_interval = 1.0
     block_size = opts.block_size
@@ -672,7 +772,7 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         target = opts.router or DEFAULT_ROUTER
         transport = RouterGrpcTransport(target, opts.model, opts.worker_id, role=opts.role,
                                         address=address, block_size=block_size or 0,
-                                        metadata={"engine": "sim", "profile": profile.name})
+                                        metadata=meta)
         try:
             resp = await _register_with_retry(transport, deadline_s=30.0)
         except SetupError:
@@ -687,9 +787,12 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     if block_size <= 0:
         raise SetupError("--block-size must be > 0")
 
+    if not opts.link_gbps > 0 or not math.isfinite(opts.link_gbps):
+        raise SetupError(f"--link-gbps must be > 0, got {opts.link_gbps}")
     config = EngineConfig(block_size=block_size, kv_capacity_tokens=opts.kv_capacity_tokens,
                           max_num_seqs=opts.max_num_seqs,
-                          max_num_batched_tokens=opts.max_num_batched_tokens)
+                          max_num_batched_tokens=opts.max_num_batched_tokens,
+                          link_bytes_per_s=opts.link_gbps * 1e9)
     try:
         engine = SimEngine(profile, config, name=opts.worker_id)
     except ValueError as e:
@@ -699,7 +802,7 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     pub_opts: dict[str, Any] = {"block_size": block_size, "role": opts.role, "address": address,
                                 "dump": sim.dump, "heartbeat_interval_s": heartbeat_interval,
                                 "load_interval_s": 0.02,
-                                "extra_meta": {"engine": "sim", "profile": profile.name}}
+                                "extra_meta": meta}
     if transport is not None:
         publisher = EventPublisher(transport, opts.model, opts.worker_id, **pub_opts)
     else:
@@ -707,8 +810,8 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         publisher = redis_publisher(opts.redis, opts.model, opts.worker_id,
                                     namespace=opts.namespace, **pub_opts)
     sim.publisher = publisher
-    engine_pb2_grpc.add_EngineServicer_to_server(
-        EngineService(sim, opts.role, opts.max_prompt_tokens), server)
+    service = EngineService(sim, opts.role, opts.max_prompt_tokens)
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server)
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_health.v1.health import aio as health_aio
 
@@ -731,6 +834,7 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     finally:
         await health.enter_graceful_shutdown()
         await server.stop(1.0)
+        await service.close()
         await sim.stop()
         # Flush what is left, then deregister / mark leaving so routers drop us at once.
         await publisher.stop(leave=True)
@@ -784,6 +888,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget of one engine step (chunked prefill)")
+    p.add_argument("--link-gbps", type=float, default=50.0,
+                   help="bandwidth of the KV link from context workers, GB/s: a generation-only "
+                        "request waits prompt tokens x KV bytes per token / this before "
+                        "decoding (default %(default)s, NVLink-class; 25 for RDMA)")
+    p.add_argument("--pool", default="",
+                   help="router pool of this worker (registry metadata 'pool'; default: "
+                        "'aggregated' for aggregated workers, 'disaggregated' otherwise)")
     p.add_argument("--ready-file", metavar="PATH",
                    help="write the engine address here once serving (for scripts)")
     p.add_argument("--log-level", default=os.environ.get("KVROUTER_LOG_LEVEL", "WARNING"),
@@ -797,7 +908,8 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         profile=args.profile, kv_capacity_tokens=args.kv_capacity_tokens,
         time_scale=args.time_scale, block_size=args.block_size, role=args.role,
         vocab_size=args.vocab_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, ready_file=args.ready_file)
+        max_num_batched_tokens=args.max_num_batched_tokens, ready_file=args.ready_file,
+        link_gbps=args.link_gbps, pool=args.pool)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
