@@ -154,7 +154,7 @@ class Scheduler:
         index: PrefixIndex,
         policy: PolicyName = "kv",
         prefill_weight: float = 1.0,
-        decode_weight: float = 1.0,
+        decode_weight: float = 0.25,
         queue_weight: float = 0.0,
         queued_prefill_weight: float | None = None,
         temperature: float = 0.0,

@@ -65,7 +65,7 @@ impl Default for Weights {
         Weights {
             prefill: 1.0,
             queued_prefill: 1.0,
-            decode: 1.0,
+            decode: 0.25,
             queue: 0.0,
             temperature: 0.0,
             host_credit: 0.5,

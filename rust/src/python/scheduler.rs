@@ -249,7 +249,7 @@ impl PyScheduler {
 #[pymethods]
 impl PyScheduler {
     #[new]
-    #[pyo3(signature = (index, policy="kv", prefill_weight=1.0, decode_weight=1.0, queue_weight=0.0, queued_prefill_weight=None, temperature=0.0, host_credit=0.5, disk_credit=0.25, lease_s=300.0, report_ttl_s=5.0, seed=None))]
+    #[pyo3(signature = (index, policy="kv", prefill_weight=1.0, decode_weight=0.25, queue_weight=0.0, queued_prefill_weight=None, temperature=0.0, host_credit=0.5, disk_credit=0.25, lease_s=300.0, report_ttl_s=5.0, seed=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         index: &PyPrefixIndex,
