@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 import zmq.asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvrouter.client import RouterClient
 from tests.conftest import RouterProcess, run_cli, subprocess_env
@@ -86,7 +88,7 @@ def bridges(tmp_path: Path) -> Iterator[Bridges]:
 def test_sglang_bridge_feeds_router_and_mismatch_shows_in_list_workers(
         router_server: Callable[..., RouterProcess], bridges: Bridges, model: str) -> None:
     router = router_server({"router": {"redis_url": REDIS_URL},
-                            "models": [{"name": model, "block_size": BLOCK}]})
+                            "models": [{"name": model, "block_size": BLOCK}]}, metrics=True)
     rng = random.Random(11)
     tokens = [rng.randrange(1, 30000) for _ in range(3 * BLOCK + 7)]
     hashes = [rng.getrandbits(63) - (1 << 62) for _ in range(3)]  # signed, like Python hash()
@@ -99,7 +101,8 @@ def test_sglang_bridge_feeds_router_and_mismatch_shows_in_list_workers(
         common = ["--model", model, "--redis", REDIS_URL, "--heartbeat-ttl", "2"]
         bridges.start("sglang", "--zmq", ok.endpoint, "--replay", ok.replay_endpoint,
                       "--worker-id", "sg-0", "--block-size", "32", "--router-block-size", "32",
-                      *common)
+                      "--http-url", "http://127.0.0.1:9", "--no-health-check",
+                      "--served-model", "qwen", "--meta", "pool=p1", *common)
         bridges.start("sglang", "--zmq", bad.endpoint, "--worker-id", "sg-16", *common)
         await ok.wait_subscriber()
         await bad.wait_subscriber()
@@ -133,6 +136,32 @@ def test_sglang_bridge_feeds_router_and_mismatch_shows_in_list_workers(
             assert ws["sg-0"].metadata.get("engine") == "sglang"
             assert "16" in ws["sg-16"].status_reason
             assert not ws["sg-16"].routable
+            # Proxy mode: how Router.Generate reaches the engine.
+            md = ws["sg-0"].metadata
+            assert (md["backend"], md["served_model"], md["pool"]) == ("openai", "qwen", "p1")
+            assert ws["sg-0"].address == "http://127.0.0.1:9"
+            assert ws["sg-16"].metadata["served_model"] == model  # default: --model
+            assert ws["sg-0"].status_reason == ""
+
+            # The router's /metrics: workers by status (mismatch too) and the event plane's.
+            def metric(name: str, **labels: str) -> float | None:
+                url = f"http://127.0.0.1:{router.metrics_port}/metrics"
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    text = resp.read().decode()
+                for fam in text_string_to_metric_families(text):
+                    for smp in fam.samples:
+                        if smp.name == name and all(smp.labels.get(k) == v
+                                                    for k, v in labels.items()):
+                            return float(smp.value)
+                return None
+
+            await eventually(lambda: metric("kvrouter_workers", model=model,
+                                            status="mismatch") == 1, timeout=20,
+                             what="kvrouter_workers{status=mismatch} on the router's /metrics")
+            assert metric("kvrouter_workers", model=model, status="up") == 1
+            applied = metric("kvrouter_events_applied_total", model=model)
+            assert applied is not None and applied >= 3
+            assert metric("kvrouter_events_malformed_total") is not None
 
             # A graceful stop tells routers at once: the workers leave.
             assert bridges.stop_all() == [0, 0]

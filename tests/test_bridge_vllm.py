@@ -500,6 +500,131 @@ def test_load_scraped_from_engine_metrics() -> None:
         server.server_close()
 
 
+# --------------------------------------------------------------------------- engine health
+
+
+class FakeEngineHttp:
+    """The engine's HTTP side: /health (200 while `healthy`, else 503) and /metrics."""
+
+    def __init__(self, metrics: str = "") -> None:
+        self.healthy = True
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/health":
+                    self.send_response(200 if owner.healthy else 503)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(metrics.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_dead_engine_behind_a_live_bridge_leaves_routing_and_returns_fresh() -> None:
+    """The bridge's heartbeats speak for the engine: not announced before /health passes;
+    gone (with its blocks) once /health has failed for longer than the TTL while the
+    bridge keeps running; back as a new epoch, empty, when the engine answers again."""
+    rng = random.Random(8)
+    p1, p2 = Prompt(rng, 3), Prompt(rng, 2)
+    http = FakeEngineHttp()
+    http.healthy = False
+
+    async def main() -> None:
+        async with router_env() as env:
+            engine = FakeZmqEngine(env.ctx)
+            bridge = await env.start_bridge("w", engine, http_url=http.url,
+                                            health_interval_s=0.05)
+            await engine.wait_subscriber()
+            await engine.send([p1.event()])
+            # Events alone register the worker, but without a heartbeat it is not routable.
+            await eventually(lambda: env.overlap("w", p1.tokens) == 3, what="p1 indexed")
+            assert not env.registry.worker(env.model, "w").routable
+            http.healthy = True
+            await eventually(lambda: env.registry.worker(env.model, "w").routable,
+                             what="announced once healthy")
+            assert env.overlap("w", p1.tokens) == 3  # first announcement: no new epoch
+            epoch = env.track("w").epoch
+
+            http.healthy = False  # the engine died; the bridge lives on
+            await eventually(lambda: "w" not in env.registry.model(env.model).workers,
+                             what="worker leaves routing")
+            assert bridge.stats.engine_downs == 1 and bridge.publisher.suspended
+            assert len(bridge.mirror) == 0
+
+            engine.restart()
+            http.healthy = True
+            await eventually(lambda: "w" in env.registry.model(env.model).workers
+                             and env.registry.worker(env.model, "w").routable,
+                             what="worker back")
+            assert env.track("w").epoch not in (None, epoch)
+            assert env.overlap("w", p1.tokens) == 0  # the old process's blocks are gone
+            await engine.send([p2.event()])  # the new process's first batch: seq 0
+            await eventually(lambda: env.overlap("w", p2.tokens) == 2, what="p2")
+            assert env.overlap("w", p1.tokens) == 0
+            assert bridge.stats.restarts == 0  # the tracker was reset when the engine died
+            await engine.close()
+
+    try:
+        run(main())
+    finally:
+        http.close()
+
+
+def test_heartbeat_metadata_for_proxy_mode() -> None:
+    """What Router.Generate needs to reach a bridged engine: backend=openai, the engine's
+    HTTP URL as the worker address (from --metrics-url when not given), served_model."""
+    from kvrouter.server.backends import Backends, OpenAIBackend
+
+    http = FakeEngineHttp()
+    with pytest.raises(BridgeConfigError, match="engine_block_size"):
+        BridgeConfig(engine="vllm", zmq_endpoint="tcp://127.0.0.1:1",
+                     meta={"engine_block_size": "1"}).validate()
+    with pytest.raises(BridgeConfigError, match="http"):
+        BridgeConfig(engine="vllm", zmq_endpoint="tcp://127.0.0.1:1",
+                     http_url="127.0.0.1:8000").validate()
+    assert BridgeConfig(engine="vllm", zmq_endpoint="tcp://x:1",
+                        metrics_url="http://10.0.0.5:8000/metrics").health_url == \
+        "http://10.0.0.5:8000/health"
+
+    async def main() -> None:
+        async with router_env() as env:
+            engine = FakeZmqEngine(env.ctx)
+            await env.start_bridge("a", engine, metrics_url=f"{http.url}/metrics",
+                                   metrics_interval_s=0.1, meta={"pool": "long"})
+            await env.start_bridge("b", None, zmq_endpoint=engine.endpoint, http_url=http.url,
+                                   served_model="llama-3", meta={"backend": "custom"})
+            workers = env.registry.model(env.model).workers
+            await eventually(lambda: "a" in workers and "b" in workers
+                             and workers["a"].routable and workers["b"].routable,
+                             what="both announced")
+            a, b = workers["a"], workers["b"]
+            assert a.address == b.address == http.url
+            assert a.metadata["backend"] == "openai" and a.metadata["served_model"] == env.model
+            assert a.metadata["pool"] == "long" and a.metadata["http_url"] == http.url
+            assert b.metadata["served_model"] == "llama-3" and b.metadata["backend"] == "custom"
+            assert isinstance(Backends().for_worker(a), OpenAIBackend)
+            await engine.close()
+
+    try:
+        run(main())
+    finally:
+        http.close()
+
+
 # --------------------------------------------------------------------------- mirror (pure)
 
 

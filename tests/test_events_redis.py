@@ -375,3 +375,33 @@ def test_malformed_entries_counted_and_skipped(ns: str) -> None:
         await plane.stop()
 
     asyncio.run(run())
+
+
+def test_worker_seen_from_events_first_then_heartbeats_is_up_and_fresh(ns: str) -> None:
+    """Events before the first heartbeat register the worker DOWN ("awaiting heartbeat");
+    the heartbeat makes it UP with no stale reason, and every heartbeat refreshes the
+    last_seen that ListWorkers shows."""
+    async def run() -> None:
+        reg, plane = router(ns)
+        await plane.start()
+        cache = SyntheticCache(BS, seed=21, max_blocks=1000, max_run=8)
+        client = make_client(RedisConfig(URL))
+        stream = Keys(ns).stream("m", 0)
+        await client.xadd(stream, entry_fields("w0", "e-old", 0, encode_payload(cache.store(4)),
+                                               time.time(), ""))
+        assert await wait_until(lambda: "w0" in reg.model("m").workers)
+        info = reg.worker("m", "w0")
+        assert not info.routable and info.status_reason == "awaiting heartbeat"
+
+        pub = worker(ns, "w0", cache)
+        await pub.start()
+        assert await wait_until(lambda: reg.worker("m", "w0").routable)
+        assert reg.worker("m", "w0").status_reason == ""
+        for _ in range(2):
+            seen = reg.worker("m", "w0").last_seen
+            assert await wait_until(lambda s=seen: reg.worker("m", "w0").last_seen > s)  # type: ignore[misc]
+        await pub.stop()
+        await client.aclose()
+        await plane.stop()
+
+    asyncio.run(run())

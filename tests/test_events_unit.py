@@ -16,7 +16,7 @@ from kvrouter.events.model import LoadReport
 from kvrouter.events.plane import InProcessPlane, make_event_plane
 from kvrouter.events.redis_conn import RedisConfig, make_client
 from kvrouter.events.workload import SyntheticCache
-from kvrouter.registry import Registry, UnknownModel
+from kvrouter.registry import Registry, UnknownModel, WorkerStatus
 
 BS = 4
 
@@ -248,3 +248,106 @@ def test_publisher_chunks_large_batches() -> None:
         await plane.stop()
 
     asyncio.run(run())
+
+
+def test_request_resync_starts_a_new_epoch_with_the_dump() -> None:
+    async def run() -> None:
+        reg, plane = make_plane()
+        await plane.start()
+        cache = SyntheticCache(BS, seed=9, max_blocks=1000, max_run=8)
+        pub = plane.publisher("m", "w0", block_size=BS, dump=cache.dump)
+        await pub.start()
+        pub.publish(cache.store(8))
+        assert await pub.flush()
+        assert await wait_until(lambda: held(reg, "w0") == cache.router_hashes())
+        epoch = pub.epoch
+        pub.request_resync("adapter lost events")
+        assert await pub.flush()
+        assert pub.epoch != epoch and pub.stats["resyncs"] == 1
+        assert await wait_until(lambda: plane.core.tracks[("m", "w0")].epoch == pub.epoch)
+        assert held(reg, "w0") == cache.router_hashes()
+        await pub.stop()
+        await plane.stop()
+
+    asyncio.run(run())
+
+
+def test_load_report_held_by_the_rate_cap_goes_out_when_the_cap_allows() -> None:
+    """A report arriving within load_interval_s of the previous one is sent once the cap
+    allows, not a heartbeat interval later (here 20 s: the wait below is far shorter)."""
+    async def run() -> None:
+        reg, plane = make_plane(heartbeat_ttl_s=60.0)
+        await plane.start()
+        pub = plane.publisher("m", "w0", block_size=BS, heartbeat_ttl_s=60.0,
+                              load_interval_s=0.3)
+        await pub.start()
+        assert await wait_until(lambda: "w0" in reg.model("m").workers)
+
+        def running() -> int:
+            st = reg.model("m")
+            return int(st.scheduler.load(st.workers["w0"].wid).reported_running)
+
+        pub.report_load(LoadReport(running=3, queued=0, kv_used_blocks=1, kv_free_blocks=9))
+        assert await wait_until(lambda: running() == 3, timeout=8)
+        # Right after a report was sent: within the cap. Then the engine goes idle.
+        pub.report_load(LoadReport(running=0, queued=0, kv_used_blocks=1, kv_free_blocks=9))
+        assert await wait_until(lambda: running() == 0, timeout=8)
+        await pub.stop()
+        await plane.stop()
+
+    asyncio.run(run())
+
+
+def test_suspended_publisher_leaves_and_resume_returns() -> None:
+    async def run() -> None:
+        reg, plane = make_plane(heartbeat_ttl_s=30.0)
+        await plane.start()
+        pub = plane.publisher("m", "w0", block_size=BS, heartbeat_ttl_s=30.0)
+        await pub.start()
+        assert await wait_until(lambda: "w0" in reg.model("m").workers)
+        pub.suspend()
+        assert await wait_until(lambda: "w0" not in reg.model("m").workers)
+        pub.resume()
+        assert await wait_until(lambda: "w0" in reg.model("m").workers
+                                and reg.worker("m", "w0").routable)
+        await pub.stop()
+        await plane.stop()
+
+    asyncio.run(run())
+
+
+def test_mismatch_clears_when_the_worker_returns_with_a_compatible_block_size() -> None:
+    async def run() -> None:
+        reg, plane = make_plane(heartbeat_ttl_s=30.0)
+        await plane.start()
+        odd = plane.publisher("m", "w0", block_size=BS + 2, heartbeat_ttl_s=30.0,
+                              extra_meta={"engine": "x", "version": "1"})
+        await odd.start()
+        assert await wait_until(lambda: "w0" in reg.model("m").workers
+                                and reg.worker("m", "w0").status is WorkerStatus.MISMATCH)
+        assert not reg.worker("m", "w0").routable
+        await odd.kill()  # restarts (no goodbye) with a block size the model can index
+        ok = plane.publisher("m", "w0", block_size=2 * BS, heartbeat_ttl_s=30.0,
+                             extra_meta={"engine": "x", "version": "2"})
+        await ok.start()
+        assert await wait_until(lambda: reg.worker("m", "w0").status is WorkerStatus.UP)
+        info = reg.worker("m", "w0")
+        assert info.routable and info.status_reason == ""
+        # Heartbeat metadata that changed is refreshed too.
+        assert info.metadata["version"] == "2" and info.metadata["block_size"] == str(2 * BS)
+        await ok.stop()
+        await plane.stop()
+
+    asyncio.run(run())
+
+
+def test_upsert_makes_a_down_worker_up_without_its_old_reason() -> None:
+    reg = Registry()
+    reg.add_model("m", BS)
+    reg.upsert_worker("m", "w")
+    reg.set_status("m", "w", WorkerStatus.DOWN, "awaiting heartbeat")
+    info = reg.upsert_worker("m", "w")
+    assert (info.status, info.status_reason, info.routable) == (WorkerStatus.UP, "", True)
+    # MISMATCH is not the registry's to clear: only a heartbeat with a good block size is.
+    reg.set_status("m", "w", WorkerStatus.MISMATCH, "block size 6")
+    assert reg.upsert_worker("m", "w").status is WorkerStatus.MISMATCH

@@ -1,5 +1,9 @@
 """Prometheus metrics of the router, on a registry of its own (several routers can share a process).
 
+The router's registry also serves the event plane's metrics (kvrouter.events.metrics:
+ingest, gaps, epoch resets, lag, malformed entries, liveness, snapshots), which are
+process-wide objects registered in each router's registry as well as in the default one.
+
 Per-request metrics are bound label children cached in dicts so the hot path costs one
 dict lookup and one increment; per-worker gauges are read from a snapshot the server
 refreshes periodically, so scraping never touches the scheduler from the HTTP thread.
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from kvrouter.events import metrics as event_metrics
 
 LATENCY_BUCKETS = (
     10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
@@ -98,6 +104,8 @@ class RouterMetrics:
             ["model", "outcome"], registry=r)
         self.workers = _WorkerCollector()
         r.register(self.workers)
+        for collector in event_metrics.ALL:
+            r.register(collector)
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._ratio_children: dict[str, Histogram] = {}

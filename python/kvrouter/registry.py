@@ -11,18 +11,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from kvrouter._core import PrefixIndex, Scheduler
 
 
-class Role(str, Enum):
+class Role(StrEnum):
     AGGREGATED = "aggregated"
     PREFILL = "prefill"
     DECODE = "decode"
 
 
-class WorkerStatus(str, Enum):
+class WorkerStatus(StrEnum):
     UP = "up"
     DRAINING = "draining"
     DOWN = "down"
@@ -132,6 +132,7 @@ class Registry:
             info.last_seen = time.monotonic()
             if info.status is WorkerStatus.DOWN:
                 info.status = WorkerStatus.UP
+                info.status_reason = ""  # the reason it was down no longer holds
             state.scheduler.set_routable(info.wid, info.routable)
             return info
 
@@ -140,6 +141,14 @@ class Registry:
         if info is None:
             raise UnknownWorker(name, model)
         return info
+
+    def touch(self, model: str, name: str, now: float | None = None) -> None:
+        """Record that the worker was heard from (heartbeat, fresh events); unknown
+        workers are ignored."""
+        state = self.models.get(model)
+        info = state.workers.get(name) if state is not None else None
+        if info is not None:
+            info.last_seen = time.monotonic() if now is None else now
 
     def by_wid(self, wid: int) -> WorkerInfo:
         return self._by_wid[wid]

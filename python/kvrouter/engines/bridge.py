@@ -21,6 +21,16 @@ beside it as a sidecar (DESIGN §4) and makes it a routing target:
   engine holds, kept from the events it has applied.
 * Load: the engine's Prometheus endpoint is scraped periodically
   (kvrouter.engines.vllm.metrics_scrape) and sent as load reports.
+* Engine liveness: the bridge's heartbeats must speak for the engine, not for
+  itself. With an HTTP address (--http-url, or the base of --metrics-url) the
+  bridge probes the engine's /health; once it has failed for longer than the
+  heartbeat TTL the bridge tells routers the worker is leaving (they drop it and
+  its blocks) and stops heartbeating. When /health answers again the worker
+  rejoins with a new epoch holding only what the engine stored since.
+  Heartbeats start only after the first successful probe.
+* Proxy mode: the heartbeat metadata says how the router reaches the engine
+  (backend=openai, served_model; the address is the engine's HTTP URL), the keys
+  kvrouter.server.backends reads, plus any --meta KEY=VALUE.
 * Block size: the engine's block size is published in the heartbeat; routers
   mark the worker MISMATCH when their model's block size does not divide it.
   When the bridge is told the router's block size it refuses to start on an
@@ -34,9 +44,10 @@ so a dump taken by the publisher always matches the events published before it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,6 +74,7 @@ from kvrouter.engines.vllm.wire import (
 )
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
 from kvrouter.events.publisher import EventPublisher
+from kvrouter.events.tasks import cancel_and_wait
 
 log = logging.getLogger("kvrouter.engines.bridge")
 
@@ -80,6 +92,12 @@ DROPPED = Counter("kvrouter_bridge_dropped_events_total",
 MISMATCH = Gauge("kvrouter_bridge_block_size_mismatch",
                  "1 while the engine's block size is incompatible with the router's "
                  "(or differs from --block-size)", ["worker"])
+ENGINE_UP = Gauge("kvrouter_bridge_engine_up",
+                  "1 while the engine's health check passes (the worker is announced), 0 while "
+                  "it has failed for longer than the heartbeat TTL", ["worker"])
+ENGINE_DOWNS = Counter("kvrouter_bridge_engine_down_total",
+                       "Times the engine was declared down and the worker left routing",
+                       ["worker"])
 SCRAPE_ERRORS = Counter("kvrouter_bridge_scrape_errors_total",
                         "Failed scrapes of the engine's Prometheus endpoint", ["worker"])
 MIRROR_BLOCKS = Gauge("kvrouter_bridge_mirror_blocks",
@@ -229,6 +247,33 @@ class BridgeConfig:
     """KV capacity in blocks when /metrics does not say (SGLang without max tokens)."""
     replay_timeout_s: float = 2.0
     max_mirror_blocks: int = 1 << 21
+    http_url: str | None = None
+    """The engine's HTTP server (OpenAI API, /health), e.g. http://10.0.0.5:8000;
+    default: scheme://host:port of metrics_url."""
+    served_model: str | None = None
+    """The model's name on the engine's OpenAI API; default: the router's model name."""
+    meta: dict[str, str] = field(default_factory=dict)
+    """Extra heartbeat metadata (e.g. pool=...); may override backend and served_model."""
+    health_check: bool = True
+    """Probe the engine's health (needs health_url or an HTTP URL to derive it from)."""
+    health_url: str | None = None
+    """Default: http_url + /health."""
+    health_interval_s: float = 1.0
+    engine_down_after_s: float | None = None
+    """How long the health check must fail before the worker leaves routing; default:
+    the publisher's heartbeat TTL."""
+
+    def __post_init__(self) -> None:
+        if self.http_url is None and self.metrics_url:
+            self.http_url = base_url(self.metrics_url)
+        if self.http_url:
+            self.http_url = self.http_url.rstrip("/")
+        if self.health_url is None and self.http_url:
+            self.health_url = f"{self.http_url}/health"
+
+    @property
+    def health_enabled(self) -> bool:
+        return self.health_check and bool(self.health_url)
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -253,22 +298,31 @@ class BridgeConfig:
             raise BridgeConfigError("--replay-timeout must be > 0")
         if self.dp_rank < 0:
             raise BridgeConfigError(f"--dp-rank must be >= 0, got {self.dp_rank}")
+        for name, url in (("--http-url", self.http_url), ("--health-url", self.health_url),
+                          ("--metrics-url", self.metrics_url)):
+            if url and not url.startswith(("http://", "https://")):
+                raise BridgeConfigError(f"{name} {url!r} must start with http:// or https://")
+        if self.health_interval_s <= 0:
+            raise BridgeConfigError("--health-interval must be > 0")
+        if self.engine_down_after_s is not None and self.engine_down_after_s <= 0:
+            raise BridgeConfigError("--engine-down-after must be > 0")
+        reserved = sorted(set(self.meta) & RESERVED_META)
+        if reserved:
+            raise BridgeConfigError(f"--meta cannot set {', '.join(reserved)}: the bridge "
+                                    "publishes these itself")
 
 
-def request_new_epoch(publisher: EventPublisher, reason: str) -> None:
-    """Make the publisher start a new epoch whose first entries are its dump.
+RESERVED_META = frozenset({"engine", "zmq", "bridge", "engine_block_size", "router_block_size",
+                           "mismatch", "block_size", "http_url"})
+"""Heartbeat metadata keys the bridge owns (--meta may not set them)."""
 
-    Uses the publisher's public `request_resync` when it has one. Otherwise sets
-    the same state its own dump-request path sets (kvrouter.events.publisher
-    keeps it under `_lock` in `_resync_reason`, then wakes its flush loop).
-    """
-    fn = getattr(publisher, "request_resync", None)
-    if callable(fn):
-        fn(reason)
-        return
-    with publisher._lock:
-        publisher._resync_reason = reason
-    publisher._signal()
+
+def base_url(url: str) -> str:
+    """scheme://host[:port] of an http(s) URL (the engine's HTTP server from its /metrics URL)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BridgeConfigError(f"{url!r} is not an http(s) URL")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 # --------------------------------------------------------------------------- bridge
@@ -287,6 +341,7 @@ class BridgeStats:
     events: int = 0
     scrapes: int = 0
     scrape_errors: int = 0
+    engine_downs: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -310,6 +365,9 @@ class EngineBridge:
         self.stats = BridgeStats()
         self.engine_block_size: int | None = config.block_size
         self.mismatch: str | None = None
+        self.engine_up: bool | None = None
+        """Health as last decided: None before the first probe (or without checks)."""
+        self.down_after_s = config.engine_down_after_s or publisher.heartbeat_ttl_s
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context.instance()
         self._sub: zmq.asyncio.Socket | None = None
@@ -317,12 +375,19 @@ class EngineBridge:
         publisher.dump = self.mirror.dump
         if config.block_size is not None:
             publisher.block_size = config.block_size
+        if not publisher.address and config.http_url:
+            publisher.address = config.http_url  # where the router's proxy sends requests
         publisher.extra_meta.update(self._meta())
         MISMATCH.labels(self.worker).set(0)
 
     def _meta(self) -> dict[str, str]:
-        meta = {"engine": self.config.engine, "zmq": self.config.zmq_endpoint,
+        # backend / served_model: the keys kvrouter.server.backends picks the proxy by.
+        meta = {"backend": "openai", "served_model": self.config.served_model or self.publisher.model,
+                **self.config.meta,
+                "engine": self.config.engine, "zmq": self.config.zmq_endpoint,
                 "bridge": "kvrouter"}
+        if self.config.http_url:
+            meta["http_url"] = self.config.http_url
         if self.engine_block_size is not None:
             meta["engine_block_size"] = str(self.engine_block_size)
         if self.config.router_block_size is not None:
@@ -350,6 +415,11 @@ class EngineBridge:
             raise BridgeConfigError(f"cannot {'bind' if self.config.zmq_bind else 'connect'} "
                                     f"{self.config.zmq_endpoint}: {exc}") from exc
         self._sub = sub
+        if self.config.health_enabled:
+            # Not announced until the engine is seen healthy: no routing to an engine
+            # that is still loading (or was never there).
+            self.publisher.suspend()
+            ENGINE_UP.labels(self.worker).set(0)
         await self.publisher.start()
         log.info("bridge started: worker=%s engine=%s zmq=%s mode=%s replay=%s", self.worker,
                  self.config.engine, self.config.zmq_endpoint,
@@ -358,6 +428,9 @@ class EngineBridge:
         if self.config.metrics_url:
             tasks.append(asyncio.create_task(self._scrape_loop(),
                                              name=f"bridge-scrape-{self.worker}"))
+        if self.config.health_enabled:
+            tasks.append(asyncio.create_task(self._health_loop(),
+                                             name=f"bridge-health-{self.worker}"))
         stop_wait = asyncio.create_task(self._stop.wait())
         try:
             done, _ = await asyncio.wait([*tasks, stop_wait], return_when=asyncio.FIRST_COMPLETED)
@@ -365,11 +438,7 @@ class EngineBridge:
                 if t is not stop_wait and t.exception() is not None:
                     raise t.exception()  # type: ignore[misc]
         finally:
-            for t in [*tasks, stop_wait]:
-                t.cancel()
-            for t in [*tasks, stop_wait]:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait([*tasks, stop_wait])
             sub.close(0)
             self._sub = None
             await self.publisher.stop()
@@ -529,7 +598,65 @@ class EngineBridge:
     def _new_epoch(self, reason: str) -> None:
         self.stats.epochs += 1
         MIRROR_BLOCKS.labels(self.worker).set(len(self.mirror))
-        request_new_epoch(self.publisher, reason)
+        self.publisher.request_resync(reason)
+
+    # engine health -------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        assert self.config.health_url is not None
+        url = self.config.health_url
+        timeout = max(0.5, min(5.0, self.down_after_s / 2))
+        failing_since: float | None = None
+        while True:
+            why = await asyncio.to_thread(_probe, url, timeout)
+            now = time.monotonic()
+            if why is None:
+                failing_since = None
+                if self.engine_up is not True:
+                    await self.engine_healthy()
+            else:
+                if failing_since is None:
+                    failing_since = now
+                    log.debug("engine health check failed: worker=%s url=%s error=%s",
+                              self.worker, url, why)
+                if self.engine_up is not False and now - failing_since > self.down_after_s:
+                    self.engine_unhealthy(f"{why} (failing for {now - failing_since:.1f}s)")
+            await asyncio.sleep(self.config.health_interval_s)
+
+    def engine_unhealthy(self, why: str) -> None:
+        """The engine is down: leave routing, forget its blocks (a process that comes
+        back has lost them; one that only hung replays what it still has)."""
+        first = self.engine_up is None
+        self.engine_up = False
+        ENGINE_UP.labels(self.worker).set(0)
+        if first:
+            log.warning("engine not healthy, worker not announced yet: worker=%s url=%s error=%s",
+                        self.worker, self.config.health_url, why)
+            return
+        self.stats.engine_downs += 1
+        ENGINE_DOWNS.labels(self.worker).inc()
+        log.warning("engine down, worker leaves routing: worker=%s url=%s error=%s",
+                    self.worker, self.config.health_url, why)
+        self.mirror.clear()
+        self.tracker.forget(self._publisher_key)
+        MIRROR_BLOCKS.labels(self.worker).set(0)
+        self.publisher.suspend()
+
+    async def engine_healthy(self) -> None:
+        """The engine answers (again): announce the worker; after a down period, first
+        write a new epoch holding only what the engine stored since it came back."""
+        back = self.engine_up is False and self.stats.engine_downs > 0
+        self.engine_up = True
+        ENGINE_UP.labels(self.worker).set(1)
+        if back:
+            log.info("engine healthy again, worker rejoins with a new epoch: worker=%s",
+                     self.worker)
+            self._new_epoch("engine back")
+            # Routers hear from this worker again only once the new epoch is written, so
+            # they never rebuild it from the old epoch's entries in the stream.
+            await self.publisher.flush(self.down_after_s)
+        else:
+            log.debug("engine healthy: worker=%s", self.worker)
+        self.publisher.resume()
 
     # block size --------------------------------------------------------------------
     def _check_event_block_size(self, bs: int) -> None:
@@ -583,6 +710,19 @@ class EngineBridge:
             await asyncio.sleep(self.config.metrics_interval_s)
 
 
+def _probe(url: str, timeout: float) -> str | None:
+    """None when GET url answers 200, else why not."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            resp.read()
+            status = int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return None if status == 200 else f"HTTP {status}"
+
+
 def _http_get(url: str, timeout: float) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         body: bytes = resp.read()
@@ -595,7 +735,7 @@ def parse_labels(specs: Sequence[str]) -> dict[str, str]:
     for spec in specs:
         k, sep, v = spec.partition("=")
         if not sep or not k:
-            raise BridgeConfigError(f"label {spec!r} is not KEY=VALUE")
+            raise BridgeConfigError(f"{spec!r} is not KEY=VALUE")
         out[k] = v
     return out
 

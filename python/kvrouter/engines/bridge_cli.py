@@ -53,7 +53,16 @@ def _add_args(p: argparse.ArgumentParser, engine: str) -> None:
                    help="the router model's block size: refuse to start when the engine's is "
                         "not a multiple of it")
     p.add_argument("--role", default="aggregated", choices=["aggregated", "prefill", "decode"])
-    p.add_argument("--address", default="", help="engine address the router proxies to")
+    p.add_argument("--http-url", default=None, metavar="URL",
+                   help="the engine's HTTP server (OpenAI API, /health), e.g. "
+                        "http://127.0.0.1:8000; default: the scheme://host:port of --metrics-url")
+    p.add_argument("--address", default="",
+                   help="engine address the router proxies to (default: --http-url)")
+    p.add_argument("--served-model", default=None,
+                   help="the model's name on the engine's OpenAI API (default: --model)")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra worker metadata for the router (repeatable), e.g. pool=long; "
+                        "may override backend (default openai) and served_model")
     p.add_argument("--metrics-url", default=None,
                    help="the engine's Prometheus endpoint, e.g. http://127.0.0.1:8000/metrics")
     p.add_argument("--metrics-interval", type=float, default=1.0, help="scrape period, s")
@@ -63,6 +72,15 @@ def _add_args(p: argparse.ArgumentParser, engine: str) -> None:
                    help="KV capacity in blocks, when /metrics does not export it")
     p.add_argument("--replay-timeout", type=float, default=2.0, help="seconds per replay reply")
     p.add_argument("--heartbeat-ttl", type=float, default=3.0, help="heartbeat TTL, s")
+    p.add_argument("--health-url", default=None, metavar="URL",
+                   help="the engine's health endpoint (default: --http-url + /health); while it "
+                        "fails for longer than --engine-down-after the worker leaves routing")
+    p.add_argument("--health-interval", type=float, default=1.0, help="health probe period, s")
+    p.add_argument("--engine-down-after", type=float, default=None, metavar="S",
+                   help="seconds of failed health probes before the worker leaves routing "
+                        "(default: --heartbeat-ttl)")
+    p.add_argument("--no-health-check", action="store_true",
+                   help="never probe the engine: the worker stays announced while the bridge runs")
     if engine == "vllm":
         p.add_argument("--group-idx", type=int, default=None,
                        help="KV cache group to index (default: first full-attention group)")
@@ -85,7 +103,10 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
             block_size=args.block_size, router_block_size=args.router_block_size,
             metrics_url=args.metrics_url, metrics_interval_s=args.metrics_interval,
             metrics_labels=parse_labels(args.metrics_label), total_blocks=args.total_blocks,
-            replay_timeout_s=args.replay_timeout)
+            replay_timeout_s=args.replay_timeout, http_url=args.http_url,
+            served_model=args.served_model or args.model, meta=parse_labels(args.meta),
+            health_check=not args.no_health_check, health_url=args.health_url,
+            health_interval_s=args.health_interval, engine_down_after_s=args.engine_down_after)
         config.validate()
     except BridgeConfigError as exc:
         print(f"kvrouter bridge: {exc}", file=sys.stderr)
@@ -108,7 +129,7 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         publisher = redis_publisher(
             args.redis, args.model, args.worker_id, namespace=args.namespace,
             num_shards=args.num_shards, block_size=config.block_size or 0, role=args.role,
-            address=args.address, heartbeat_ttl_s=args.heartbeat_ttl)
+            address=args.address or config.http_url or "", heartbeat_ttl_s=args.heartbeat_ttl)
         bridge = EngineBridge(config, publisher)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

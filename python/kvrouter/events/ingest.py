@@ -263,7 +263,7 @@ class IngestCore:
             tr.seq = e.seq
             tr.last_id = e.id
             if e.t > 0 and now_wall - e.t <= self.liveness_ttl_s:
-                tr.last_seen = now
+                self._seen(tr, now)
         if batch:
             await self._flush(model, index, batch, metas)
 
@@ -431,9 +431,11 @@ class IngestCore:
             role = Role(hb.role)
         except ValueError:
             role = Role.AGGREGATED
+        meta = {**(hb.extra or {}), "block_size": str(hb.block_size)} if hb.block_size else dict(
+            hb.extra or {})
         if (tr is None or info is None or info.status is WorkerStatus.DOWN or info.role is not role
-                or (hb.address and info.address != hb.address)):
-            meta = {"block_size": str(hb.block_size), **(hb.extra or {})}
+                or (hb.address and info.address != hb.address)
+                or any(info.metadata.get(k) != v for k, v in meta.items())):
             info = self.registry.upsert_worker(model, hb.worker, role=role, address=hb.address,
                                                metadata=meta)
             if tr is None:
@@ -447,6 +449,12 @@ class IngestCore:
                 self.registry.set_status(model, hb.worker, WorkerStatus.MISMATCH,
                                          f"engine block size {hb.block_size} is not a multiple of "
                                          f"{state.block_size}")
+        elif hb.block_size and info.status is WorkerStatus.MISMATCH:
+            # Restarted (or reconfigured) with a block size the model can index. A
+            # heartbeat without a block size (0: unknown) proves nothing either way.
+            log.info("worker block size compatible again: model=%s worker=%s block_size=%d",
+                     model, hb.worker, hb.block_size)
+            self.registry.set_status(model, hb.worker, WorkerStatus.UP)
         tr.confirmed = True
         if tr.incomplete and tr.epoch is not None:
             tr.incomplete = False
@@ -455,7 +463,7 @@ class IngestCore:
             tr.stream = self.stream_for(model, hb.worker)
         if hb.beat != tr.hb_beat:
             tr.hb_beat = hb.beat
-            tr.last_seen = now
+            self._seen(tr, now)
         if hb.load is not None and hb.load_t != tr.load_t:
             tr.load_t = hb.load_t
             ld = hb.load
@@ -491,7 +499,12 @@ class IngestCore:
     def touch(self, model: str, worker: str) -> None:
         tr = self.tracks.get((model, worker))
         if tr is not None:
-            tr.last_seen = time.monotonic()
+            self._seen(tr, time.monotonic())
+
+    def _seen(self, tr: WorkerTrack, now: float) -> None:
+        """The worker proved it is alive: the liveness clock and what ListWorkers shows."""
+        tr.last_seen = now
+        self.registry.touch(tr.model, tr.name, now)
 
     def lapsed(self, now: float | None = None) -> list[WorkerTrack]:
         now = time.monotonic() if now is None else now

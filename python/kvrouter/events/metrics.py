@@ -1,13 +1,16 @@
 """Prometheus metrics of the event plane (ingest, liveness, snapshots, publisher).
 
-Kept apart from the service's kvrouter/metrics.py: everything here is registered
-in prometheus_client's default registry, so the service's /metrics endpoint
-exports it without knowing about it.
+Kept apart from the service's kvrouter/metrics.py. Everything here lives in
+prometheus_client's default registry (what a process that only publishes exports)
+and is listed in `ALL`, which the router's own registry (kvrouter.metrics.RouterMetrics)
+registers too, so the router's /metrics serves it. The objects are process-wide: two
+routers in one process (tests) export the same, summed, values.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
 
 EVENTS_APPLIED = Counter(
     "kvrouter_events_applied_total", "Stream entries (event batches) applied to the index", ["model"]
@@ -72,3 +75,11 @@ PUB_RESYNCS = Counter(
     "kvrouter_publisher_resyncs_total", "Full resyncs (new epoch) published, by reason", ["reason"]
 )
 PUB_BUFFERED = Gauge("kvrouter_publisher_buffered_events", "Events waiting in publisher buffers")
+
+ALL: tuple[Collector, ...] = (
+    EVENTS_APPLIED, BLOCKS, ORPHANS, MALFORMED, DUPLICATES, GAPS, EPOCH_RESETS, DUMPS_REQUESTED,
+    INGEST_LAG, APPLY_SECONDS, WORKERS_LAPSED, WORKERS_LIVE, REDIS_ERRORS, REDIS_DATA_LOSS,
+    SNAPSHOTS_WRITTEN, SNAPSHOT_BYTES, SNAPSHOT_LOAD_SECONDS, STREAM_TRIMMED,
+    RESERVATION_SYNC_ERRORS, PUB_ENTRIES, PUB_EVENTS, PUB_DROPPED, PUB_RESYNCS, PUB_BUFFERED,
+)
+"""Every metric of the event plane, for registries other than the default one."""

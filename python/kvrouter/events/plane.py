@@ -40,6 +40,7 @@ from kvrouter.events.publisher import (
     RedisTransport,
 )
 from kvrouter.events.redis_conn import RedisClient, RedisConfig, make_client, raw_stream_client
+from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.events.wire import (
     H_BEAT,
     H_LOAD,
@@ -220,11 +221,7 @@ class InProcessPlane(EventPlane):
 
     async def stop(self) -> None:
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     def _enqueue(self, model: str, item: Any) -> None:
@@ -466,11 +463,7 @@ class RedisPlane(EventPlane):
         if not self._running:
             return
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         with contextlib.suppress(*_REDIS_DOWN):
             await asyncio.wait_for(self._drain_submits(), 2.0)

@@ -44,6 +44,7 @@ from kvrouter.events.codec import encode_payload
 from kvrouter.events.keys import Keys, check_name, shard_of
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, LoadReport
 from kvrouter.events.redis_conn import RedisClient, RedisConfig, make_client
+from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.events.wire import (
     H_BEAT,
     H_LOAD,
@@ -252,6 +253,9 @@ class EventPublisher:
         self._load: LoadReport | None = None
         self._load_dirty = False
         self._last_load_sent = 0.0
+        self._next_beat = 0.0
+        self._suspended = False
+        self._left = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._wake: asyncio.Event | None = None
@@ -283,11 +287,37 @@ class EventPublisher:
         self._signal()
 
     def report_load(self, report: LoadReport) -> None:
+        """Send this load report with the next heartbeat, early: as soon as the rate cap
+        (`load_interval_s` since the last report sent) allows."""
         with self._lock:
             self._load = report
             self._load_dirty = True
-        if self._beat_now is not None and time.monotonic() - self._last_load_sent >= self.load_interval_s:
-            self._signal(beat=True)
+        self._signal(beat=True)
+
+    def request_resync(self, reason: str) -> None:
+        """Start a new epoch whose first entries are the adapter's dump (or just
+        AllCleared without one): for adapters that can no longer vouch for the
+        events published so far (engine restart, engine events lost)."""
+        with self._lock:
+            self._resync_reason = reason or "requested"
+        self._signal()
+
+    def suspend(self) -> None:
+        """The engine behind this worker is down: tell routers it is leaving (they drop
+        it and its blocks at once) and stop heartbeating until `resume()`. Events
+        still flow; an adapter resuming after a suspension should `request_resync`."""
+        self._suspended = True
+        self._signal(beat=True)
+
+    def resume(self) -> None:
+        """Heartbeat again (at once) after `suspend()`."""
+        self._suspended = False
+        self._next_beat = 0.0
+        self._signal(beat=True)
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
 
     def _overflow_locked(self) -> None:
         dropped = len(self._pending) + self._outbox_events
@@ -354,11 +384,7 @@ class EventPublisher:
             return
         await self.flush(flush_timeout_s)
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         if leave:
             with contextlib.suppress(TransportUnavailable):
@@ -368,11 +394,7 @@ class EventPublisher:
     async def kill(self) -> None:
         """Stop without flushing or leaving, as a crashed worker would (tests)."""
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await self.transport.close()
 
@@ -492,19 +514,37 @@ class EventPublisher:
     async def _beat_loop(self) -> None:
         assert self._beat_now is not None
         while self._running:
-            try:
-                await self.transport.beat(self.model, self.worker, self._heartbeat_fields(),
-                                          self.heartbeat_ttl_s)
-                self._last_load_sent = time.monotonic()
-            except TransportUnavailable as exc:
-                log.debug("heartbeat failed: worker=%s error=%s", self.worker, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
+            # Cleared before the state is read: a signal from now on wakes the wait below.
             self._beat_now.clear()
-            # Load reports may come faster than heartbeats; cap their rate.
-            wait = self.load_interval_s - (time.monotonic() - self._last_load_sent)
-            if wait > 0:
-                await asyncio.sleep(wait)
+            now = time.monotonic()
+            if self._suspended:
+                if not self._left:
+                    try:
+                        await self.transport.leave(self.model, self.worker, self.heartbeat_ttl_s)
+                        self._left = True
+                        log.debug("publisher suspended, left: worker=%s", self.worker)
+                    except TransportUnavailable as exc:  # retried; the heartbeat lapses anyway
+                        log.debug("leave failed: worker=%s error=%s", self.worker, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._beat_now.wait(), self.heartbeat_interval_s)
+                continue
+            self._left = False
+            # A load report waiting for the rate cap goes out when the cap allows, not
+            # a whole heartbeat interval later (the engine may be idle by then).
+            load_due = self._last_load_sent + self.load_interval_s
+            if now >= self._next_beat or (self._load_dirty and now >= load_due):
+                try:
+                    await self.transport.beat(self.model, self.worker, self._heartbeat_fields(),
+                                              self.heartbeat_ttl_s)
+                except TransportUnavailable as exc:
+                    log.debug("heartbeat failed: worker=%s error=%s", self.worker, exc)
+                # Attempts, failed ones too, count against the rate cap: no hot retry loop.
+                self._last_load_sent = time.monotonic()
+                self._next_beat = self._last_load_sent + self.heartbeat_interval_s
+                continue
+            wake = min(self._next_beat, load_due) if self._load_dirty else self._next_beat
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), max(0.0, wake - now))
 
     async def _dump_loop(self) -> None:
         while self._running:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -44,10 +43,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from kvrouter.engines.bridge import BlockMirror, request_new_epoch
+from kvrouter.engines.bridge import BlockMirror
 from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_rank
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
+from kvrouter.events.tasks import cancel_and_wait
 
 log = logging.getLogger("kvrouter.engines.trtllm")
 
@@ -186,11 +186,7 @@ class TrtllmWorker:
 
     async def stop(self) -> None:
         self._running = False
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         for r in self.ranks.values():
             await r.publisher.stop()
@@ -219,7 +215,7 @@ class TrtllmWorker:
                         "over: worker=%s rank=%s missing=%d", self.worker, gap.dp_rank,
                         gap.missing)
             r.mirror.clear()
-            request_new_epoch(r.publisher, "engine events lost")
+            r.publisher.request_resync("engine events lost")
         for group in tr.groups:
             if not group.events:
                 continue
