@@ -20,6 +20,7 @@ from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
 from kvrouter.config import Config
 from kvrouter.events.plane import EventPlane
 from kvrouter.events.plane import make_event_plane as make_plane
+from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.metrics import RouterMetrics, WorkerSample
 from kvrouter.registry import Registry
 from kvrouter.server.service import RouterService
@@ -138,11 +139,7 @@ class RouterApp:
     async def stop(self, grace: float | None = 2.0) -> None:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.server is not None:
             await self.server.stop(grace)
