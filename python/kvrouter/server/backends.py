@@ -220,7 +220,7 @@ class OpenAIBackend:
     @staticmethod
     def sampling_kwargs(sp: common_pb2.SamplingParams) -> dict[str, Any]:
         kw: dict[str, Any] = {}
-        if sp.temperature:
+        if sp.HasField("temperature"):  # unset: the engine's default; 0: greedy
             kw["temperature"] = sp.temperature
         if sp.top_p:
             kw["top_p"] = sp.top_p

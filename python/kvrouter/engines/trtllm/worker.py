@@ -281,7 +281,7 @@ class TrtllmWorker:
         kw: dict[str, Any] = {"max_tokens": s.max_tokens or 16}
         if kind == "context_only":
             kw["max_tokens"] = 1  # the context phase produces exactly the first token
-        if s.temperature > 0:
+        if s.HasField("temperature"):  # unset: the engine's default; 0: greedy
             kw["temperature"] = s.temperature
         if s.top_p > 0:
             kw["top_p"] = s.top_p
