@@ -9,7 +9,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -25,6 +25,7 @@ from kvrouter.events.redis_conn import RedisConfig, delete_namespace, make_clien
 from kvrouter.events.wire import entry_fields
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry
+from tests.event_helpers import held, wait_until
 
 URL = "redis://127.0.0.1:6379/0"
 BS = 4
@@ -54,24 +55,6 @@ def ns() -> Iterator[str]:
     assert not redis.Redis.from_url(URL).keys(f"{name}:*")
 
 
-async def wait_until(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = cond()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
-def held(reg: Registry, worker: str, model: str = "m") -> set[int] | None:
-    st = reg.model(model)
-    w = st.workers.get(worker)
-    if w is None:
-        return None
-    return {h for h, _ in st.index.worker_router_hashes(w.wid)}
 
 
 def router(ns: str, **opts: Any) -> tuple[Registry, RedisPlane]:

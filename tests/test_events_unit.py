@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -17,28 +16,11 @@ from kvrouter.events.plane import InProcessPlane, make_event_plane
 from kvrouter.events.redis_conn import RedisConfig, make_client
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry, UnknownModel, WorkerStatus
+from tests.event_helpers import held, wait_until
 
 BS = 4
 
 
-async def wait_until(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = cond()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return True
-        await asyncio.sleep(0.02)
-    return False
-
-
-def held(reg: Registry, worker: str, model: str = "m") -> set[int] | None:
-    st = reg.model(model)
-    w = st.workers.get(worker)
-    if w is None:
-        return None
-    return {h for h, _ in st.index.worker_router_hashes(w.wid)}
 
 
 def make_plane(**opts: object) -> tuple[Registry, InProcessPlane]:
