@@ -206,6 +206,8 @@ async def one_request(router: AsyncRouterClient, state: RunState, item: Item, po
                                     ignore_eos=True, temperature=0.0, read_timeout=120):
             if ttft is None and chunk.token_ids:
                 ttft = routed_s + time.perf_counter() - t1
+                # The prompt is computed: its prefill tokens stop counting as queued work.
+                await router.mark_prefill_done(d.request_id, MODEL_NAME)
             out += chunk.token_ids
             if chunk.finished and chunk.usage is not None and chunk.usage.cached_tokens is not None:
                 cached = chunk.usage.cached_tokens
