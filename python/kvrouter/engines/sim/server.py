@@ -280,7 +280,6 @@ class SimWorker:
         # KV left by finished context-only requests: ctx id -> (prompt tokens, block hashes)
         self._exports: dict[int, tuple[int, list[int]]] = {}
         self._last_report: LoadReport | None = None
-        self._report_again_at = 0.0
         self.stats = {"requests": 0, "rejected": 0, "abandoned": 0, "events": 0, "preempted": 0}
 
     # time -------------------------------------------------------------------------
@@ -362,8 +361,6 @@ class SimWorker:
                     # decodes in a long stretch produce tokens before next_wakeup(): stream them
                     wake = min(wake, now + self.stream_interval_s / self.time_scale)
                 delay = (wake - self.sim_now()) * self.time_scale
-                if self._report_again_at:
-                    delay = min(delay, self._report_again_at - time.monotonic())
                 if not delay > 0:
                     delay = 0.0005  # run_until(now) already did what was due; never spin
             except Exception:  # the core is pure: a failure is a bug; keep serving others
@@ -399,17 +396,9 @@ class SimWorker:
         if pub is None:
             return
         report = self.engine.load_report()
-        now = time.monotonic()
         if report != self._last_report:
+            # The publisher sends it as soon as its rate cap allows, even if we go idle.
             self._last_report = report
-            pub.report_load(report)
-            # The publisher caps the rate of load reports and may hold this one back; make
-            # sure it goes out once the cap allows, even if the engine is idle by then.
-            # Otherwise the router would see a finished request's blocks as load for a
-            # whole heartbeat interval and steer the conversation's next turn elsewhere.
-            self._report_again_at = now + pub.load_interval_s
-        elif self._report_again_at and now >= self._report_again_at:
-            self._report_again_at = 0.0
             pub.report_load(report)
 
     def _stream(self, call: _Call, sample: _Sample) -> None:
