@@ -62,6 +62,7 @@ class DoneRequest:
     finish: float
     prompt_tokens: int
     output_tokens: int
+    user: int = -1
 
 
 @dataclass(slots=True)
@@ -143,7 +144,8 @@ class DisaggFleetSimulator(FleetSimulator):
         self.planner.release(fl.plan)
         del self._flights[fl.plan.request_id]
         self._done.append(DoneRequest(fl.cls, fl.plan.path.value, fl.plan.pool, fl.arrival,
-                                      fl.first_token, t, fl.prompt_tokens, fl.output_tokens))
+                                      fl.first_token, t, fl.prompt_tokens, fl.output_tokens,
+                                      fl.user))
         self._next_arrivals.append((t, fl.user))
 
     # -- submission ------------------------------------------------------------------------
@@ -234,8 +236,20 @@ class DisaggFleetSimulator(FleetSimulator):
         done = sorted(self._done, key=lambda d: d.arrival)
         return ClosedLoopResult(done=done, gpus=len(engines), sim_end_s=self._now,
                                 wall_s=time.perf_counter() - wall0,
-                                window=(done[len(done) // 5].arrival if done else 0.0, last_issue),
+                                window=(_warm_start(done), last_issue),
                                 engine_busy_s=[e.stats.busy_s for e in engines])
+
+
+def _warm_start(done: Sequence[DoneRequest]) -> float:
+    """When the start-up transient is over. The users all start within 100 ms, so the first
+    wave arrives as one burst that no steady state has; the window opens once the fleet has
+    turned over once (as many requests finished as there are users) and at least a fifth of
+    the requests have arrived (caches and batches warm)."""
+    if not done:
+        return 0.0
+    users = len({d.user for d in done})
+    finishes = sorted(d.finish for d in done)
+    return max(finishes[min(users, len(finishes)) - 1], done[len(done) // 5].arrival)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,11 +260,16 @@ class PointMetrics:
     ttft_p50_s: float
     ttft_p90_s: float
     requests: int
+    window_s: float = 0.0  # length of the steady window the numbers come from
+    ttft_p90_by_class: dict[str, float] = field(default_factory=dict)
+    itl_tok_s_user_by_class: dict[str, float] = field(default_factory=dict)
 
 
 def measure(res: ClosedLoopResult) -> PointMetrics:
-    """Steady-state numbers: the window starts once a fifth of the requests have arrived
-    (caches and batches warm) and ends when the users stop sending (concurrency falls)."""
+    """Steady-state numbers over the window of `res` (start-up transient over, users still
+    sending). Tokens/s per user is what a user sees of the decode: for each request,
+    tokens after the first over the time from first to last token (KV transfer and any
+    wait for a decode slot included), averaged over requests (1 / mean ITL)."""
     t0, t1 = res.window
     if t1 <= t0:
         t0, t1 = 0.0, res.sim_end_s
@@ -266,10 +285,27 @@ def measure(res: ClosedLoopResult) -> PointMetrics:
             tokens += d.output_tokens * (hi - lo) / span
     dur = max(t1 - t0, 1e-9)
     e2e = np.array([d.output_tokens / max(d.finish - d.arrival, 1e-9) for d in inside])
-    itl = np.array([(d.output_tokens - 1) / (d.finish - d.first_token) for d in inside
-                    if d.output_tokens > 1 and d.finish > d.first_token])
+    itl = np.array([_itl_speed(d) for d in inside])
     ttft = np.array([d.first_token - d.arrival for d in inside])
+    classes = sorted({d.cls for d in inside})
+    by_ttft = {c: float(np.percentile([d.first_token - d.arrival for d in inside if d.cls == c],
+                                      90)) for c in classes}
+    by_itl = {c: _nanmean([_itl_speed(d) for d in inside if d.cls == c]) for c in classes}
     return PointMetrics(tok_s_gpu=tokens / dur / res.gpus, tok_s_user=float(e2e.mean()),
-                        itl_tok_s_user=float(itl.mean()) if len(itl) else math.nan,
+                        itl_tok_s_user=_nanmean(itl),
                         ttft_p50_s=float(np.percentile(ttft, 50)),
-                        ttft_p90_s=float(np.percentile(ttft, 90)), requests=len(inside))
+                        ttft_p90_s=float(np.percentile(ttft, 90)), requests=len(inside),
+                        window_s=dur, ttft_p90_by_class=by_ttft,
+                        itl_tok_s_user_by_class=by_itl)
+
+
+def _itl_speed(d: DoneRequest) -> float:
+    if d.output_tokens > 1 and d.finish > d.first_token:
+        return (d.output_tokens - 1) / (d.finish - d.first_token)
+    return math.nan
+
+
+def _nanmean(vals: Sequence[float] | np.ndarray) -> float:
+    a = np.asarray(vals, dtype=np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if len(a) else math.nan
