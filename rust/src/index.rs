@@ -439,28 +439,46 @@ impl PrefixIndex {
             })
             .collect();
         let mut finished: Vec<(u32, Overlap)> = Vec::new();
-        for hash in hashes {
-            let Some(holders) = self.nodes.get(&hash) else {
+        // Look blocks up a group at a time: the lookups of a group are independent, so
+        // their cache misses overlap instead of being paid one after another (the walk
+        // is memory-latency bound on large indexes). At most LOOKAHEAD - 1 are wasted.
+        const LOOKAHEAD: usize = 8;
+        let mut group: [Option<&Holders>; LOOKAHEAD] = [None; LOOKAHEAD];
+        'walk: loop {
+            let mut n = 0;
+            for hash in hashes.by_ref().take(LOOKAHEAD) {
+                group[n] = self.nodes.get(&hash);
+                n += 1;
+            }
+            if n == 0 {
                 break;
-            };
-            // Merge-intersect the two sorted lists in place.
-            let mut keep = 0;
-            let mut j = 0;
-            for i in 0..active.len() {
-                let (slot, mut ov) = active[i];
-                while j < holders.len() && holder_slot(holders[j]) < slot {
-                    j += 1;
+            }
+            for found in &group[..n] {
+                let Some(holders) = found else {
+                    break 'walk;
+                };
+                // Merge-intersect the two sorted lists in place.
+                let mut keep = 0;
+                let mut j = 0;
+                for i in 0..active.len() {
+                    let (slot, mut ov) = active[i];
+                    while j < holders.len() && holder_slot(holders[j]) < slot {
+                        j += 1;
+                    }
+                    if j < holders.len() && holder_slot(holders[j]) == slot {
+                        ov.bump(holder_mask(holders[j]));
+                        active[keep] = (slot, ov);
+                        keep += 1;
+                    } else {
+                        finished.push((slot, ov));
+                    }
                 }
-                if j < holders.len() && holder_slot(holders[j]) == slot {
-                    ov.bump(holder_mask(holders[j]));
-                    active[keep] = (slot, ov);
-                    keep += 1;
-                } else {
-                    finished.push((slot, ov));
+                active.truncate(keep);
+                if active.is_empty() {
+                    break 'walk;
                 }
             }
-            active.truncate(keep);
-            if active.is_empty() {
+            if n < LOOKAHEAD {
                 break;
             }
         }
