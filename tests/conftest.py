@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -16,9 +15,7 @@ import grpc
 import pytest
 import yaml
 
-import kvrouter
-
-PACKAGE_ROOT = str(Path(kvrouter.__file__).resolve().parent.parent)
+from kvrouter.demo import child_env
 
 
 def find_free_port() -> int:
@@ -32,12 +29,19 @@ def free_port() -> int:
     return find_free_port()
 
 
-def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for child processes that import the same kvrouter as the tests."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVROUTER_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    env.update(extra or {})
-    return env
+subprocess_env = child_env
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return int(proc.returncode)
 
 
 @dataclass
@@ -53,14 +57,7 @@ class RouterProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return int(self.proc.returncode)
+        return stop_process(self.proc)
 
 
 def wait_serving(target: str, proc: subprocess.Popen[str] | None = None,

@@ -20,7 +20,7 @@ import pytest
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.client import RouterClient
-from tests.conftest import RouterProcess, subprocess_env
+from tests.conftest import RouterProcess, stop_process, subprocess_env
 
 BS = 16
 T = TypeVar("T")
@@ -43,13 +43,7 @@ class EngineProc:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def eventually(fn: Callable[[], T | None], timeout: float, what: str) -> T:

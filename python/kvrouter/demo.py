@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -63,9 +63,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    # The children must import this same kvrouter, and must not pick up a KVROUTER_*
-    # configuration meant for some other router.
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for kvrouter child processes: they import this same kvrouter and do not
+    pick up a KVROUTER_* configuration meant for some other router (demo and tests alike)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVROUTER_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
     env.update(extra or {})
@@ -112,7 +112,7 @@ class Fleet:
             # then stops the children in order (engines deregister before the router goes).
             proc = subprocess.Popen([sys.executable, "-m", "kvrouter.cli", *args],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=_child_env(env), start_new_session=True)
+                                    env=child_env(env), start_new_session=True)
         return Child(name, proc, log_path)
 
     def start_router(self, timeout_s: float) -> None:

@@ -20,13 +20,14 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 import numpy as np
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.registry import WorkerInfo
+from kvrouter.sampling import sampling_kwargs
 
 log = logging.getLogger("kvrouter.server.backends")
 
@@ -217,23 +218,6 @@ class OpenAIBackend:
     def __init__(self, read_timeout_s: float | None = 120.0) -> None:
         self.read_timeout_s = read_timeout_s
 
-    @staticmethod
-    def sampling_kwargs(sp: common_pb2.SamplingParams) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
-        if sp.HasField("temperature"):  # unset: the engine's default; 0: greedy
-            kw["temperature"] = sp.temperature
-        if sp.top_p:
-            kw["top_p"] = sp.top_p
-        if sp.top_k:
-            kw["top_k"] = sp.top_k
-        if sp.HasField("seed"):
-            kw["seed"] = sp.seed
-        if sp.stop_token_ids:
-            kw["stop_token_ids"] = list(sp.stop_token_ids)
-        if sp.ignore_eos:
-            kw["ignore_eos"] = True
-        return kw
-
     async def generate(self, worker: WorkerInfo, model: str, call: EngineCall,
                        ) -> AsyncIterator[EngineChunk]:
         from kvrouter.backends import openai_http as oa
@@ -247,7 +231,7 @@ class OpenAIBackend:
             async for c in oa.generate(worker.address, served, call.token_ids.tolist(),
                                        call.max_tokens, request_id=call.request_id,
                                        read_timeout=self.read_timeout_s,
-                                       **self.sampling_kwargs(call.sampling)):
+                                       **sampling_kwargs(call.sampling)):
                 chunk = EngineChunk(token_ids=list(c.token_ids), finished=c.finished,
                                     finish_reason=c.finish_reason or "")
                 if c.usage is not None:

@@ -48,6 +48,7 @@ from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_ra
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
+from kvrouter.sampling import sampling_kwargs
 
 log = logging.getLogger("kvrouter.engines.trtllm")
 
@@ -281,20 +282,7 @@ class TrtllmWorker:
         kw: dict[str, Any] = {"max_tokens": s.max_tokens or 16}
         if kind == "context_only":
             kw["max_tokens"] = 1  # the context phase produces exactly the first token
-        if s.HasField("temperature"):  # unset: the engine's default; 0: greedy
-            kw["temperature"] = s.temperature
-        if s.top_p > 0:
-            kw["top_p"] = s.top_p
-        if s.top_k > 0:
-            kw["top_k"] = s.top_k
-        if s.HasField("seed"):
-            kw["seed"] = s.seed
-        if s.stop_token_ids:
-            kw["stop_token_ids"] = list(s.stop_token_ids)
-        if s.ignore_eos:
-            kw["ignore_eos"] = True
-        if s.n > 1:
-            kw["n"] = s.n
+        kw.update(sampling_kwargs(s, with_n=True))
         disagg = None
         d = req.disaggregated
         if kind != "context_and_generation":
