@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The project's whole check: Rust format, lints and tests; Python lints, types and tests.
-# Any failure fails the run. Needs a Redis on 127.0.0.1:6379 (scripts/ensure_redis.sh).
+# Any failure fails the run. Runs in the project venv (scripts/setup.sh). Needs a Redis on 127.0.0.1:6379 (scripts/ensure_redis.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/venv.sh  # the project venv scripts/setup.sh made
 step() { printf '\n== %s\n' "$*"; }
 step "cargo fmt --check";            cargo fmt --all -- --check
 step "cargo clippy -D warnings";     cargo clippy --all-targets --features python -q -- -D warnings
