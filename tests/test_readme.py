@@ -18,7 +18,7 @@ def test_readme_opens_with_the_two_commands() -> None:
     first = re.search(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
     assert first is not None
     commands = [line for line in first.group(1).splitlines() if line and not line.startswith("#")]
-    assert commands == ["bash scripts/setup.sh && kvrouter demo",
+    assert commands == ["bash scripts/setup.sh && .venv/bin/kvrouter demo",
                         "bash scripts/ensure_redis.sh && bash scripts/test.sh"]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "scripts/ensure_redis.sh" in ci and "scripts/test.sh" in ci
