@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 from kvrouter.registry import Registry
+from kvrouter.testing.wait import async_wait_until
 
 
 async def wait_until(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> bool:
-    """Polls `cond` (sync or async) until it holds or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = cond()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return True
-        await asyncio.sleep(0.02)
-    return False
+    """The event-plane tests' default deadline over the one polling helper: True once
+    `cond` (sync or async) holds; raises WaitTimeout naming the condition otherwise."""
+    return await async_wait_until(cond, timeout, what=getattr(cond, "__qualname__", "condition"))
 
 
 def held(reg: Registry, worker: str, model: str = "m") -> set[int] | None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
 import pytest
 
 from kvrouter.client import RouterClient, WorkerState
+from kvrouter.testing.wait import wait_until
 
 BS = 4
 MODEL = "m"
@@ -23,15 +22,6 @@ def _config(**router: Any) -> dict[str, Any]:
 
 def _workers(client: RouterClient) -> dict[str, WorkerState]:
     return {w.name: w for w in client.list_workers(MODEL)}
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 PROMPT = list(range(100, 132))  # 8 blocks of 4
@@ -97,7 +87,8 @@ def test_lease_expiry_frees_load(router_server: Any) -> None:
         c.register_worker(MODEL, "w", block_size=BS)
         d = c.route(PROMPT, MODEL, request_id="never-released", expected_output_tokens=64)
         assert d.request_id == "never-released"
-        assert _wait_for(lambda: _workers(c)["w"].reserved_requests == 0)
+        wait_until(lambda: _workers(c)["w"].reserved_requests == 0, 20,
+                   what="the expired lease's reservation is dropped")
         w = _workers(c)["w"]
         assert (w.reserved_prefill_tokens, w.reserved_decode_blocks) == (0, 0)
         assert not c.release("never-released", MODEL)

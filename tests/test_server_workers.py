@@ -4,9 +4,7 @@ real `kvrouter serve` subprocess."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -15,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from kvrouter.client import RouterClient, load_report
+from kvrouter.testing.wait import wait_until
 
 BS = 4
 MODEL = "m"
@@ -25,15 +24,6 @@ def _config(**router: Any) -> dict[str, Any]:
     # These workers never heartbeat: liveness is off unless a test turns it on.
     router.setdefault("heartbeat_timeout_s", 0)
     return {"router": router, "models": [{"name": MODEL, "block_size": BS}]}
-
-
-def _wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def _status(c: RouterClient, name: str) -> str:
@@ -96,8 +86,8 @@ def test_heartbeat_lapse_removes_worker_until_it_registers_again(router_server: 
         store_blocks(c, MODEL, "w", PROMPT, BS)
         assert c.heartbeat(MODEL, "w", load_report(running=3, queued=2, kv_used_blocks=10,
                                                    kv_free_blocks=90)) == "up"
-        assert _wait_for(lambda: {w.name: w.reported_running
-                                  for w in c.list_workers(MODEL)}["w"] == 3)
+        wait_until(lambda: {w.name: w.reported_running for w in c.list_workers(MODEL)}["w"] == 3,
+                   20, what="w's reported running count is 3")
         w = {w.name: w for w in c.list_workers(MODEL)}["w"]
         assert w.reported_queued == 2
 
@@ -106,7 +96,7 @@ def test_heartbeat_lapse_removes_worker_until_it_registers_again(router_server: 
             c.heartbeat(MODEL, "steady")
             return "w" not in {w.name for w in c.list_workers(MODEL)}
 
-        assert _wait_for(silent_w_gone)
+        wait_until(silent_w_gone, 20, what="silent worker w removed")
         assert {w.name for w in c.list_workers(MODEL)} == {"steady"}
         assert c.list_models()[0].indexed_blocks == 0
         with pytest.raises(grpc.RpcError) as e:
@@ -143,8 +133,8 @@ def test_health_reflection_and_metrics(router_server: Any) -> None:
             with urllib.request.urlopen(url, timeout=5) as r:
                 return str(r.read().decode())
 
-        assert _wait_for(lambda: 'kvrouter_worker_reserved_requests{model="m",worker="w"} 1.0'
-                         in scrape())
+        wait_until(lambda: 'kvrouter_worker_reserved_requests{model="m",worker="w"} 1.0' in scrape(),
+                   20, what="reserved-requests gauge at 1 on /metrics")
         text = scrape()
         assert 'kvrouter_decisions_total{model="m",outcome="routed",policy="kv"} 2.0' in text
         assert ('kvrouter_decisions_total{model="m",outcome="invalid_argument",policy="kv"} 1.0'
