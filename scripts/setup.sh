@@ -13,10 +13,16 @@ rustup component add clippy rustfmt >/dev/null 2>&1 || true
 if [ ! -x "$VENV/bin/python" ]; then
   BASE_PY=${PYTHON:-python3}
   if ! "$BASE_PY" -m venv "$VENV" 2>/dev/null; then
-    # Debian/Ubuntu ship venv separately; without it, say what to install.
     rm -rf "$VENV"
-    echo "setup: '$BASE_PY -m venv' failed; install python3-venv (Debian/Ubuntu) and rerun" >&2
-    exit 1
+    # Debian/Ubuntu ship venv (ensurepip) separately: install it when we may, else say so.
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "setup: installing python3-venv" >&2
+      (apt-get update -qq && apt-get install -y -qq python3-venv) >/dev/null
+      "$BASE_PY" -m venv "$VENV"
+    else
+      echo "setup: '$BASE_PY -m venv' failed; install python3-venv (Debian/Ubuntu) and rerun" >&2
+      exit 1
+    fi
   fi
 fi
 "$PY" -m pip install --quiet --upgrade pip "maturin>=1.5,<2"
