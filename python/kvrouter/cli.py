@@ -2,14 +2,14 @@
 
 Other parts of the project add subcommands through modules that expose
 `register(subparsers) -> None`; they are imported only when named on the command
-line (or for --help), and a module that is not importable simply adds nothing.
+line. A subcommand whose module fails to import is an error that names the module
+and the cause, never a silently missing command.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import random
@@ -250,25 +250,26 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- main
+class CommandUnavailable(RuntimeError):
+    """A subcommand's module could not be imported (a missing dependency, a broken install)."""
+
+
 def _add_external(sub: Any, argv: Sequence[str]) -> None:
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module in EXTERNAL_COMMANDS.items():
         if wanted != name:
             # Not asked for: list it in --help without importing it (imports may be heavy).
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except ImportError:
-                found = False
-            if found:
-                sub.add_parser(name, help=f"(see kvrouter {name} --help)", add_help=False)
+            sub.add_parser(name, help=f"(see kvrouter {name} --help)", add_help=False)
             continue
         try:
             mod = importlib.import_module(module)
-        except ImportError:
-            continue
+        except ImportError as e:
+            raise CommandUnavailable(f"kvrouter {name}: cannot load its module {module}: "
+                                     f"{type(e).__name__}: {e}") from e
         register = getattr(mod, "register", None)
-        if callable(register):
-            register(sub)
+        if not callable(register):
+            raise CommandUnavailable(f"kvrouter {name}: module {module} has no register()")
+        register(sub)
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -285,7 +286,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
+    try:
+        parser = build_parser(argv)
+    except CommandUnavailable as e:
+        print(e, file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:  # an external command listed for --help only
