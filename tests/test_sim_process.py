@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +16,14 @@ import pytest
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.client import RouterClient
-from tests.conftest import RouterProcess, stop_process, subprocess_env
+from kvrouter.testing.processes import (
+    RouterProcess,
+    SimEngine,
+    sim_engine,
+    start_sim_engine,
+    wait_engine_serving,
+)
+from kvrouter.testing.wait import wait_until
 
 BS = 16
 T = TypeVar("T")
@@ -32,48 +35,12 @@ ROUTER_CONFIG = {
 }
 
 
-@dataclass
-class EngineProc:
-    name: str
-    proc: subprocess.Popen[bytes]
-    address: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
+def eventually(fn: Callable[[], T], timeout: float, what: str) -> T:
+    return wait_until(fn, timeout, what=what)
 
 
-def eventually(fn: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Poll until fn returns something truthy (bounded; no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def start_engine(workdir: Path, target: str, name: str, *extra: str) -> EngineProc:
-    ready = workdir / f"{name}.ready"
-    log_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "kvrouter.cli", "engine", "sim", "--worker-id", name,
-           "--router", target, "--time-scale", "0.2", "--ready-file", str(ready), *extra]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
-    eng = EngineProc(name, proc, "", log_path)
-    deadline = time.monotonic() + 60
-    while not (ready.exists() and ready.read_text().strip()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            eng.stop()
-            raise AssertionError(f"engine {name} did not start (status {proc.poll()}):\n{eng.log()}")
-        time.sleep(0.05)
-    eng.address = ready.read_text().strip()
-    return eng
+def start_engine(workdir: Path, target: str, name: str, *extra: str) -> SimEngine:
+    return start_sim_engine(workdir, name, router=target, args=("--time-scale", "0.2", *extra))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +48,7 @@ def fleet(module_router_server: Callable[..., RouterProcess],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     router = module_router_server(ROUTER_CONFIG)
     workdir = tmp_path_factory.mktemp("engines")
-    engines: list[EngineProc] = []
+    engines: list[SimEngine] = []
     try:
         for i in range(2):
             engines.append(start_engine(workdir, router.target, f"sim-{i}-{uuid.uuid4().hex[:6]}"))
@@ -230,7 +197,7 @@ def test_terminated_engine_deregisters(fleet: dict[str, Any]) -> None:
     assert eng.proc.wait(15) == 0
     # DeregisterWorker was sent on the way out: gone at once, not after a liveness TTL.
     assert eng.name not in _workers(target)
-    assert "Traceback" not in eng.log()
+    assert "Traceback" not in eng.logs()
 
 
 def test_engine_publishes_to_redis(router_server: Callable[..., RouterProcess],
@@ -243,20 +210,12 @@ def test_engine_publishes_to_redis(router_server: Callable[..., RouterProcess],
     router = router_server({"router": {"redis_url": url, "event_plane": {"namespace": ns}},
                             "models": [{"name": "default", "block_size": BS}]})
     name = f"redis-sim-{uuid.uuid4().hex[:6]}"
-    ready = tmp_path / "ready"
-    log_path = tmp_path / "engine.log"
-    cmd = [sys.executable, "-m", "kvrouter.cli", "engine", "sim", "--worker-id", name,
-           "--redis", url, "--namespace", ns, "--block-size", str(BS), "--time-scale", "0.2",
-           "--ready-file", str(ready)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
-    eng = EngineProc(name, proc, "", log_path)
+    eng = sim_engine(tmp_path, name, redis=url, namespace=ns,
+                     args=("--block-size", str(BS), "--time-scale", "0.2")).start()
+    proc = eng.proc
     client = redis.Redis.from_url(url)
     try:
-        eventually(lambda: (ready.exists() and ready.read_text().strip()) or proc.poll() is not None,
-                   60, "the engine to serve")
-        assert proc.poll() is None, eng.log()
-        eng.address = ready.read_text().strip()
+        wait_engine_serving(eng, 60)
         # (the first stream entry may make the worker known before its first heartbeat)
         eventually(lambda: (w := _workers(router.target).get(name)) and w.address == eng.address,
                    30, "the router to see the engine's heartbeat with its address")
@@ -267,7 +226,7 @@ def test_engine_publishes_to_redis(router_server: Callable[..., RouterProcess],
                        "the router to index the engine's blocks from Redis")
         assert any(k.startswith(f"{ns}:".encode()) for k in client.scan_iter(match=f"{ns}:*"))
         eng.stop()
-        assert proc.returncode == 0, eng.log()
+        assert proc.returncode == 0, eng.logs()
         eventually(lambda: name not in _workers(router.target), 15,
                    "the router to drop the engine that left")
     finally:

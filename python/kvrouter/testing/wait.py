@@ -33,7 +33,7 @@ class Watched(Protocol):
         """None while it runs."""
         ...
 
-    def log_tail(self, n: int = ...) -> str: ...
+    def log_tail(self, lines: int = ...) -> str: ...
 
 
 def _check_alive(what: str, procs: Sequence[Watched]) -> None:
@@ -45,7 +45,7 @@ def _check_alive(what: str, procs: Sequence[Watched]) -> None:
 
 
 def _timeout(what: str, timeout: float, last: object, procs: Sequence[Watched]) -> WaitTimeout:
-    tails = "".join(f"\n--- {p.name}:\n{p.log_tail(2500)}" for p in procs)
+    tails = "".join(f"\n--- {p.name}:\n{p.log_tail(20)}" for p in procs)
     return WaitTimeout(f"{what}: not true after {timeout:g}s (last: {last!r}){tails}")
 
 
