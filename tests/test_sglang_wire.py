@@ -11,13 +11,13 @@ import pytest
 from kvrouter.engines.sglang.wire import (
     DEFAULT_TOPIC,
     SglangDecoder,
-    check_block_size,
     endpoint_for_dp_rank,
     parse_replay_reply,
     replay_request,
 )
 from kvrouter.engines.vllm.wire import END_OF_REPLAY, WireError
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, Tier
+from kvrouter.protocol import check_block_size
 
 
 def _message(events: list[Any], seq: int = 0) -> list[bytes]:

@@ -21,14 +21,13 @@ from kvrouter.engines.vllm.wire import (
     SeqTracker,
     VllmDecoder,
     WireError,
-    check_block_size,
     decode_message,
-    lora_extra_key,
     medium_to_tier,
     parse_replay_reply,
     replay_request,
 )
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
+from kvrouter.protocol import check_block_size, lora_extra_key
 from kvrouter.shared_data import shared_dir
 
 CAPTURE = shared_dir() / "engines" / "vllm-cpu" / "capture"

@@ -67,7 +67,6 @@ from kvrouter.engines.vllm.wire import (
     SeqTracker,
     VllmDecoder,
     WireError,
-    check_block_size,
     decode_seq,
     parse_replay_reply,
     replay_request,
@@ -75,6 +74,7 @@ from kvrouter.engines.vllm.wire import (
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
+from kvrouter.protocol import check_block_size
 
 log = logging.getLogger("kvrouter.engines.bridge")
 

@@ -14,7 +14,7 @@ from typing import Any
 
 ENGINE_MODULES: tuple[str, ...] = (
     "kvrouter.engines.trtllm.worker",
-    "kvrouter.engines.sim.server",
+    "kvrouter.engines.sim.command",
 )
 
 log = logging.getLogger("kvrouter.engines.cli")

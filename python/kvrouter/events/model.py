@@ -10,11 +10,8 @@ a stored block's parent; matching uses the router's own hashes of the token ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-
-U64_MAX = (1 << 64) - 1
-U32_MAX = (1 << 32) - 1
 
 
 class Tier(IntEnum):
@@ -26,41 +23,29 @@ class Tier(IntEnum):
 
     @classmethod
     def parse(cls, value: str | int | Tier) -> Tier:
+        """A tier from its number, its name or an engine's name for the medium."""
         if isinstance(value, Tier):
             return value
         if isinstance(value, int):
             return cls(value)
-        name = value.strip().upper()
-        aliases = {"GPU": "GPU", "DEVICE": "GPU", "HBM": "GPU", "CPU": "HOST", "HOST": "HOST",
-                   "DRAM": "HOST", "DISK": "DISK", "SSD": "DISK", "NVME": "DISK"}
-        if name not in aliases:
-            raise ValueError(f"unknown storage tier {value!r} (expected gpu, host or disk)")
-        return cls[aliases[name]]
+        tier = _MEDIA.get(value.strip().upper())
+        if tier is None:
+            raise ValueError(f"unknown storage tier {value!r} (expected gpu, host, disk or an "
+                             "engine's name for one)")
+        return tier
 
     @property
     def wire(self) -> str:
         return self.name.lower()
 
 
-def normalise_engine_hash(value: int | bytes) -> int:
-    """Engine hashes are u64 on the wire: accept signed i64 and 32-byte digests.
-
-    A 32-byte (sha256-style) digest is reduced to its low 64 bits, read big-endian
-    as the engines that emit them do.
-    """
-    if isinstance(value, bool):
-        raise TypeError("engine hash must be an int or bytes, not bool")
-    if isinstance(value, bytes | bytearray):
-        if len(value) == 0 or len(value) > 32:
-            raise ValueError(f"engine hash of {len(value)} bytes (expected 1..32)")
-        return int.from_bytes(bytes(value)[-8:], "big")
-    if isinstance(value, int):
-        if -(1 << 63) <= value < 0:
-            return value & U64_MAX
-        if 0 <= value <= U64_MAX:
-            return value
-        raise ValueError(f"engine hash {value} outside the signed or unsigned 64-bit range")
-    raise TypeError(f"engine hash must be an int or bytes, not {type(value).__name__}")
+# Tier names and engines' names for the storage media (vLLM / SGLang `medium`): the one
+# table of tier aliases.
+_MEDIA: dict[str, Tier] = {
+    **dict.fromkeys(("GPU", "CUDA", "DEVICE", "HBM", "NPU", "XPU", "TPU"), Tier.GPU),
+    **dict.fromkeys(("CPU", "HOST", "DRAM", "MEMORY", "CPU_PINNED", "PINNED"), Tier.HOST),
+    **dict.fromkeys(("DISK", "SSD", "NVME", "STORAGE", "LOCAL_DISK", "FILE", "FS"), Tier.DISK),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +105,3 @@ class LoadReport:
     kv_free_blocks: int = 0
     queued_prefill_tokens: int = 0
 
-
-@dataclass(slots=True)
-class EventBatch:
-    """One stream entry: one worker's events in order, with its sequence position."""
-
-    worker: str
-    epoch: str
-    seq: int
-    events: list[KvEvent] = field(default_factory=list)

@@ -40,6 +40,7 @@ import numpy as np
 from kvrouter._proto.v1 import common_pb2, engine_pb2
 from kvrouter.config import ModelConfig
 from kvrouter.planner import NoWorker, Plan, Planner, PlanPath, Pool, Prompt, build_pools
+from kvrouter.protocol import extra_key_for
 from kvrouter.registry import ModelState, Role, WorkerInfo
 from kvrouter.server.backends import (
     Backends,
@@ -97,7 +98,7 @@ class _Request:
     max_tokens: int
     expected_output: int
     sampling: common_pb2.SamplingParams
-    extra_key: bytes
+    extra_key: bytes  # what the prompt is hashed with (kvrouter.protocol.extra_key_for)
     lora_name: str
     session_id: str
     trace: GenerateTrace
@@ -183,7 +184,8 @@ class GenerateProxy:
                                 f"{req.expected_output_tokens}")
         r = _Request(rid=rid, model=state, cfg=cfg, prompt=tokens, max_tokens=max_tokens,
                      expected_output=req.expected_output_tokens or max_tokens,
-                     sampling=sp, extra_key=bytes(req.extra_key), lora_name=req.lora_name,
+                     sampling=sp, extra_key=extra_key_for(req.extra_key, req.lora_name) or b"",
+                     lora_name=req.lora_name,
                      session_id=req.session_id, trace=trace)
         planner = self.planner(state, cfg)
         if sp.n > 1:

@@ -23,6 +23,7 @@ from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_gr
 from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, PolicyName
 from kvrouter.events.model import LoadReport
 from kvrouter.metrics import RouterMetrics
+from kvrouter.protocol import ProtocolError, check_block_size, decode_prompt, extra_key_for
 from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 
@@ -126,29 +127,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                f"unknown worker {name!r} for model {m.cfg.name!r}")
         return info
 
-    def _tokens(self, m: ModelRuntime, token_ids: Any, token_ids_le: bytes) -> Any:
-        """The prompt as something `Scheduler.route` takes without copying, range checked."""
-        if token_ids_le:
-            if len(token_ids):
-                _invalid("set token_ids or token_ids_le, not both")
-            if len(token_ids_le) % 4:
-                _invalid(f"token_ids_le has {len(token_ids_le)} bytes, not a multiple of 4")
-            arr = np.frombuffer(token_ids_le, dtype="<u4")
-        else:
-            if not len(token_ids):
-                _invalid(f"prompt is empty: no token ids for model {m.cfg.name!r}")
-            arr = np.array(token_ids, dtype=np.uint32)
-        n = arr.shape[0]
-        if n > self._max_tokens:
-            _invalid(f"prompt has {n} tokens, more than max_prompt_tokens={self._max_tokens}")
-        vocab = m.cfg.vocab_size
-        if vocab is not None:
-            top = int(arr.max())
-            if top >= vocab:
-                pos = int(arr.argmax())
-                _invalid(f"token id {top} at position {pos} is out of range for model "
-                         f"{m.cfg.name!r} (vocab_size {vocab})")
-        return token_ids_le if token_ids_le else arr
+    def _tokens(self, m: ModelRuntime, token_ids: Any, token_ids_le: bytes) -> np.ndarray:
+        """The prompt as a u32 array `Scheduler.route` reads in place, range checked."""
+        try:
+            return decode_prompt(token_ids, token_ids_le, max_prompt_tokens=self._max_tokens,
+                                 vocab_size=m.cfg.vocab_size)
+        except ProtocolError as e:
+            _invalid(f"{e} (model {m.cfg.name!r})")
 
     def _candidates(self, m: ModelRuntime, names: Iterable[str],
                     role: common_pb2.WorkerRole) -> list[int]:
@@ -206,7 +191,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, self._no_worker_message(m, True))
             try:
                 d: Decision = sched.route(
-                    tokens, extra_key=req.extra_key or None, request_id=rid,
+                    tokens, extra_key=extra_key_for(req.extra_key), request_id=rid,
                     expected_output_tokens=expected, candidates=candidates,
                     policy=cast(PolicyName | None, policy), explain=explain, reserve=not dry_run)
             except ValueError as e:
@@ -323,8 +308,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             m = self._model(request.model)
             tokens = self._tokens(m, request.token_ids, request.token_ids_le)
-            if request.token_ids_le:
-                tokens = np.frombuffer(tokens, dtype="<u4")
             mode = _GENERATE_MODES.get(request.mode)
             if mode is None:
                 _invalid(f"unknown generate mode {request.mode}")
@@ -419,9 +402,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
         model_bs = m.state.block_size
-        if bs and bs % model_bs:
-            reason = (f"engine block_size {bs} is not a multiple of model {m.cfg.name!r} "
-                      f"block_size {model_bs}")
+        mismatch = check_block_size(bs, model_bs) if bs else None  # 0: the engine did not say
+        if mismatch is not None:
+            reason = f"model {m.cfg.name!r}: {mismatch}"
             self.registry.set_status(m.cfg.name, info.name, WorkerStatus.MISMATCH, reason)
             log.warning("worker block size mismatch",
                         extra={"model": m.cfg.name, "worker": info.name, "reason": reason})

@@ -13,7 +13,7 @@ kvrouter.engines.vllm.wire):
 * The default topic is "" (an empty topic frame).
 * block_size is SGLang's page size, which defaults to 1. The router cannot merge
   engine blocks, so SGLang must run with --page-size a multiple of the router's
-  block size; `check_block_size` names the mismatch otherwise.
+  block size; kvrouter.protocol.check_block_size names the mismatch otherwise.
 * Hashes may be Python hash() values (signed i64); they are normalised to u64.
 """
 
@@ -25,7 +25,6 @@ from kvrouter.engines.vllm.wire import (
     DecodedBatch,
     ReplayItem,
     VllmDecoder,
-    check_block_size,
     parse_replay_reply,
     replay_request,
 )
@@ -33,7 +32,6 @@ from kvrouter.engines.vllm.wire import (
 __all__ = [
     "DEFAULT_TOPIC",
     "SglangDecoder",
-    "check_block_size",
     "endpoint_for_dp_rank",
     "parse_replay_reply",
     "replay_request",

@@ -19,7 +19,7 @@ return (each event can be read only once, so the adapter is their only reader)::
 Rules (why, where it is not obvious):
 
 * Hashes are u64 and may exceed 2**63; pybind may hand them over signed. Both
-  normalise through kvrouter.events.model.normalise_engine_hash.
+  normalise through kvrouter.protocol.normalise_engine_hash.
 * cache_level -> tier: 0 is the primary pool (GPU memory) -> gpu; 1 is the
   secondary pool blocks are offloaded to (host memory) -> host. Other levels are
   rejected: guessing would mis-score hits.
@@ -30,7 +30,7 @@ Rules (why, where it is not obvious):
   embeddings) or that list mm_keys hold KV that token ids alone do not describe;
   they and the rest of their event's chain are dropped and counted rather than
   indexed as if they were plain text.
-* lora_id -> extra_key via kvrouter.engines.vllm.wire.lora_extra_key, i.e.
+* lora_id -> extra_key via kvrouter.protocol.lora_extra_key, i.e.
   b"lora-id:<id>": the router must fold the same bytes into requests that use
   LoRA task <id>. Missing / None / 0 means the base model.
 * updated with a cache_level change (offload / onboard): the block moved tiers.
@@ -66,16 +66,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvrouter.engines.vllm.wire import lora_extra_key
-from kvrouter.events.model import (
-    U32_MAX,
-    AllCleared,
-    BlockRemoved,
-    BlockStored,
-    KvEvent,
-    Tier,
-    normalise_engine_hash,
-)
+from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
+from kvrouter.protocol import U32_MAX, lora_extra_key, normalise_engine_hash
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +144,7 @@ def _opt_int(value: object, what: str, minimum: int | None = None) -> int | None
 
 
 def _hash(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | bytes):
-        raise TrtllmEventError(f"{what} must be an integer, got {type(value).__name__}")
-    try:
-        return normalise_engine_hash(value)
-    except (TypeError, ValueError) as exc:
-        raise TrtllmEventError(f"{what}: {exc}") from exc
+    return normalise_engine_hash(value, what, TrtllmEventError)
 
 
 def _mapping(value: object, what: str) -> Mapping[str, Any]:

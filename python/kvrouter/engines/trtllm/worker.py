@@ -34,7 +34,6 @@ import logging
 import signal
 import sys
 import time
-from array import array
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +47,7 @@ from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_ra
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
+from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for
 from kvrouter.sampling import sampling_kwargs
 
 log = logging.getLogger("kvrouter.engines.trtllm")
@@ -247,21 +247,11 @@ class TrtllmWorker:
     def build_request(self, req: engine_pb2.GenerateRequest) -> tuple[list[int], Any, Any, str]:
         """(token ids, SamplingParams, DisaggregatedParams | None, request type) or RequestError."""
         inv = grpc.StatusCode.INVALID_ARGUMENT
-        if req.token_ids and req.token_ids_le:
-            raise RequestError(inv, "set token_ids or token_ids_le, not both")
-        if req.token_ids_le:
-            if len(req.token_ids_le) % 4:
-                raise RequestError(inv, "token_ids_le length is not a multiple of 4")
-            arr = array("I")
-            arr.frombytes(req.token_ids_le)
-            if sys.byteorder == "big":
-                arr.byteswap()
-            tokens = list(arr)
-        else:
-            tokens = list(req.token_ids)
-        if not tokens:
-            raise RequestError(inv, "empty prompt: token_ids is required")
-        if req.lora_name or req.extra_key:
+        try:
+            tokens: list[int] = decode_prompt(req.token_ids, req.token_ids_le).tolist()
+        except ProtocolError as exc:
+            raise RequestError(inv, str(exc)) from None
+        if extra_key_for(req.extra_key, req.lora_name) is not None:
             raise RequestError(inv, "LoRA adapters / extra_key are not configured on this "
                                     "TensorRT-LLM worker")
         kind = _REQUEST_TYPES.get(req.disaggregated.request_type)

@@ -28,15 +28,14 @@ Declared field order (what the positional layout follows)::
 
 Translation rules (each one is a contract with the router):
 
-* Hashes: u64 after kvrouter.events.model.normalise_engine_hash (signed i64, u64
+* Hashes: u64 after kvrouter.protocol.normalise_engine_hash (signed i64, u64
   >= 2**63 and 32-byte digests all arrive in the wild).
-* medium -> Tier: "GPU"/device names -> gpu, "CPU"/host memory -> host,
-  "STORAGE"/"DISK"/SSD-like names -> disk; absent -> gpu; anything else is a
-  WireError (silently guessing a tier would mis-score hits).
-* extra_key of BlockStored (see `lora_extra_key`): lora_name's utf-8 bytes when
-  set, else b"lora-id:<lora_id>" when only the (deprecated) numeric id is set,
-  else None. The router must fold the same bytes into a request's hashes, i.e. a
-  request for adapter "x" is hashed with extra_key=b"x".
+* medium -> Tier (kvrouter.events.model.Tier.parse): "GPU"/device names -> gpu,
+  "CPU"/host memory -> host, "STORAGE"/"DISK"/SSD-like names -> disk; absent ->
+  gpu; anything else is a WireError (silently guessing a tier would mis-score hits).
+* extra_key of BlockStored: kvrouter.protocol.lora_extra_key, the rule the router
+  also applies to a request's lora_name: lora_name's utf-8 bytes when set, else
+  b"lora-id:<lora_id>" when only the (deprecated) numeric id is set, else None.
 * Per-block extra_keys: vLLM lists what else went into each block's hash (LoRA
   name, multimodal content hashes, cache salt, prompt-embedding hashes). Entries
   that only repeat lora_name are covered by extra_key. Anything else cannot be
@@ -51,7 +50,7 @@ Translation rules (each one is a contract with the router):
   otherwise erase blocks the full-attention group still holds.
 * Block size: BlockStored keeps the engine's block_size; the router's index
   splits engine blocks that are a multiple of its own (see
-  `check_block_size`, which names every other case).
+  kvrouter.protocol.check_block_size, which names every other case).
 
 Malformed frames raise WireError (a ValueError) with a message saying what is
 wrong; the caller counts and drops them. Unknown event types and filtered events
@@ -70,15 +69,8 @@ from typing import Any
 
 import msgpack
 
-from kvrouter.events.model import (
-    U32_MAX,
-    AllCleared,
-    BlockRemoved,
-    BlockStored,
-    KvEvent,
-    Tier,
-    normalise_engine_hash,
-)
+from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
+from kvrouter.protocol import U32_MAX, lora_extra_key, normalise_engine_hash
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +101,6 @@ _REQUIRED_REMOVED = 1
 FULL_ATTENTION_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 """kv_cache_spec_kind values whose blocks hold the whole prefix (indexable)."""
 
-_GPU_MEDIA = frozenset({"GPU", "CUDA", "DEVICE", "HBM", "NPU", "XPU", "TPU"})
-_HOST_MEDIA = frozenset({"CPU", "HOST", "DRAM", "MEMORY", "CPU_PINNED", "PINNED"})
-_DISK_MEDIA = frozenset({"DISK", "SSD", "NVME", "STORAGE", "LOCAL_DISK", "FILE", "FS"})
 
 
 class WireError(ValueError):
@@ -149,62 +138,17 @@ class ReplayItem:
     payload: bytes
 
 
-def lora_extra_key(lora_name: str | None, lora_id: int | None) -> bytes | None:
-    """The extra key the router folds into hashes for a LoRA adapter (None: base model).
-
-    The adapter's name is what a client names in its request, so it is the key;
-    the numeric id (vLLM's deprecated lora_id, TensorRT-LLM's lora task id) is
-    only used when no name is known.
-    """
-    if lora_name:
-        return lora_name.encode("utf-8")
-    if lora_id is not None and lora_id != 0:
-        return f"lora-id:{lora_id}".encode()
-    return None
-
-
 def medium_to_tier(medium: object) -> Tier:
     """Engine storage medium name -> router tier (None means the GPU)."""
     if medium is None:
         return Tier.GPU
     if not isinstance(medium, str):
         raise WireError(f"medium must be a string or nil, got {type(medium).__name__}")
-    name = medium.strip().upper()
-    if name in _GPU_MEDIA:
-        return Tier.GPU
-    if name in _HOST_MEDIA:
-        return Tier.HOST
-    if name in _DISK_MEDIA:
-        return Tier.DISK
-    raise WireError(f"unknown storage medium {medium!r} (expected GPU, CPU or a disk tier)")
-
-
-def check_block_size(engine_block_size: int, router_block_size: int) -> str | None:
-    """None when the router can index this engine's blocks, else why it cannot.
-
-    The router's index splits an engine block that is exactly k router blocks
-    (PrefixIndex.apply_stored(engine_block_size=...)). It cannot merge smaller
-    engine blocks or split blocks that are not a whole multiple of its own.
-    """
-    if engine_block_size <= 0:
-        return f"engine block size {engine_block_size} is not positive"
-    if router_block_size <= 0:
-        return f"router block size {router_block_size} is not positive"
-    if engine_block_size == router_block_size:
-        return None
-    if engine_block_size % router_block_size == 0:
-        return None
-    if engine_block_size < router_block_size:
-        return (
-            f"engine block size {engine_block_size} is smaller than the router block size "
-            f"{router_block_size}; engine blocks cannot be merged: configure the model's "
-            f"router block size to a divisor of {engine_block_size}"
-        )
-    return (
-        f"engine block size {engine_block_size} is not a multiple of the router block size "
-        f"{router_block_size}: configure the model's router block size to a divisor of "
-        f"{engine_block_size}"
-    )
+    try:
+        return Tier.parse(medium)
+    except ValueError as exc:
+        raise WireError(f"unknown storage medium {medium!r} (expected GPU, CPU or a disk tier)"
+                        ) from exc
 
 
 # --------------------------------------------------------------------------- frames
@@ -254,12 +198,7 @@ def _unpack(payload: bytes) -> Any:
 
 
 def _hash(value: object, what: str) -> int:
-    if not isinstance(value, int | bytes) or isinstance(value, bool):
-        raise WireError(f"{what} must be an integer or bytes, got {type(value).__name__}")
-    try:
-        return normalise_engine_hash(value)
-    except (TypeError, ValueError) as exc:
-        raise WireError(f"{what}: {exc}") from exc
+    return normalise_engine_hash(value, what, WireError)
 
 
 def _hashes(value: object, what: str = "block_hashes") -> tuple[int, ...]:

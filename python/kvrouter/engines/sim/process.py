@@ -1,0 +1,187 @@
+"""The simulated engine as a worker process: options, start-up, serving and shutdown.
+
+`run_worker` builds a SimEngine from a calibration profile, serves the
+kvrouter.v1.Engine gRPC service around it (kvrouter.engines.sim.servicer) and
+reports to a router like any engine: events, heartbeats and load reports go
+through `EventPublisher`, to Redis Streams with `redis`, else to the router over
+gRPC (kvrouter.engines.router_link: RegisterWorker at start, Heartbeat with load,
+PublishEvents with per-worker epoch and seq, DeregisterWorker on a clean shutdown).
+The command line is kvrouter.engines.sim.command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kvrouter._proto.v1 import common_pb2, engine_pb2_grpc
+from kvrouter.engines.router_link import RegistrationRefused, RouterGrpcTransport, register_with_retry
+from kvrouter.engines.sim.engine import EngineConfig, SimEngine
+from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION, EngineProfile, ProfileError
+from kvrouter.engines.sim.servicer import SimEngineService
+from kvrouter.engines.sim.worker import SimWorker
+from kvrouter.events.publisher import EventPublisher, redis_publisher
+
+log = logging.getLogger("kvrouter.engines.sim")
+
+DEFAULT_ROUTER = "127.0.0.1:50051"
+# The router's default model block size (kvrouter.config.ModelConfig); used with --redis
+# when --block-size is not given, since there is no registration reply to learn it from.
+DEFAULT_REDIS_BLOCK_SIZE = 16
+
+ROLES = {
+    "aggregated": common_pb2.WORKER_ROLE_AGGREGATED,
+    "prefill": common_pb2.WORKER_ROLE_PREFILL,
+    "decode": common_pb2.WORKER_ROLE_DECODE,
+}
+
+
+class SetupError(RuntimeError):
+    """The engine cannot start (bad option, router refused it, port taken)."""
+
+
+@dataclass
+class SimOptions:
+    worker_id: str
+    model: str = "default"
+    router: str | None = None
+    redis: str | None = None
+    namespace: str = "kvrouter"
+    listen: str = "127.0.0.1:0"
+    advertise: str | None = None
+    profile: str = str(DEFAULT_CALIBRATION)
+    kv_capacity_tokens: int | None = None
+    time_scale: float = 1.0
+    block_size: int | None = None
+    role: str = "aggregated"
+    vocab_size: int = 32000
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_prompt_tokens: int = 1 << 20
+    ready_file: str | None = None
+    link_gbps: float = 50.0  # prefill -> decode KV link, GB/s (generation-only imports)
+    pool: str = ""  # router pool (kvrouter.planner); empty: the role's default pool
+
+
+def _advertised(listen: str, port: int, advertise: str | None) -> str:
+    if advertise:
+        return advertise
+    host = listen.rpartition(":")[0].strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> None:
+    """Run one simulated engine until `stop` is set (or SIGINT / SIGTERM)."""
+    try:
+        profile = EngineProfile.load(opts.profile)
+    except ProfileError as e:
+        raise SetupError(str(e)) from None
+    if not opts.worker_id:
+        raise SetupError("--worker-id must not be empty")
+    if opts.role not in ROLES:
+        raise SetupError(f"unknown role {opts.role!r} (aggregated, prefill or decode)")
+    if opts.vocab_size <= 0:
+        raise SetupError("--vocab-size must be > 0")
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    try:
+        port = server.add_insecure_port(opts.listen)
+    except RuntimeError as e:
+        raise SetupError(f"cannot listen on {opts.listen}: {e}") from None
+    if port == 0:
+        raise SetupError(f"cannot listen on {opts.listen} (address in use?)")
+    address = _advertised(opts.listen, port, opts.advertise)
+
+    meta = {"engine": "sim", "profile": profile.name}
+    if opts.pool:
+        meta["pool"] = opts.pool
+    transport: RouterGrpcTransport | None = None
+    heartbeat_interval = 1.0
+    block_size = opts.block_size
+    if opts.redis is None:
+        target = opts.router or DEFAULT_ROUTER
+        transport = RouterGrpcTransport(target, opts.model, opts.worker_id, role=opts.role,
+                                        address=address, block_size=block_size or 0,
+                                        metadata=meta)
+        try:
+            resp = await register_with_retry(transport, deadline_s=30.0)
+        except RegistrationRefused as e:
+            await transport.close()
+            raise SetupError(str(e)) from None
+        block_size = block_size or int(resp.block_size)
+        transport.block_size = block_size
+        # The router's in-process plane forgets a worker after a few silent seconds: beat
+        # at least every second whatever the router suggests.
+        heartbeat_interval = min(float(resp.heartbeat_interval_s or 1.0), 1.0)
+    block_size = block_size or DEFAULT_REDIS_BLOCK_SIZE
+    if block_size <= 0:
+        raise SetupError("--block-size must be > 0")
+
+    if not opts.link_gbps > 0 or not math.isfinite(opts.link_gbps):
+        raise SetupError(f"--link-gbps must be > 0, got {opts.link_gbps}")
+    config = EngineConfig(block_size=block_size, kv_capacity_tokens=opts.kv_capacity_tokens,
+                          max_num_seqs=opts.max_num_seqs,
+                          max_num_batched_tokens=opts.max_num_batched_tokens,
+                          link_bytes_per_s=opts.link_gbps * 1e9)
+    try:
+        engine = SimEngine(profile, config, name=opts.worker_id)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    sim = SimWorker(engine, worker=opts.worker_id, model=opts.model, time_scale=opts.time_scale,
+                    vocab_size=opts.vocab_size, address=address)
+    pub_opts: dict[str, Any] = {"block_size": block_size, "role": opts.role, "address": address,
+                                "dump": sim.dump, "heartbeat_interval_s": heartbeat_interval,
+                                "load_interval_s": 0.02,
+                                "extra_meta": meta}
+    if transport is not None:
+        publisher = EventPublisher(transport, opts.model, opts.worker_id, **pub_opts)
+    else:
+        assert opts.redis is not None
+        publisher = redis_publisher(opts.redis, opts.model, opts.worker_id,
+                                    namespace=opts.namespace, **pub_opts)
+    sim.publisher = publisher
+    service = SimEngineService(sim, opts.role, opts.max_prompt_tokens)
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1.health import aio as health_aio
+
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await server.start()
+    sim.start()
+    await publisher.start()
+    publisher.report_load(engine.load_report())
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("sim engine serving", extra={
+        "worker": opts.worker_id, "model": opts.model, "address": address,
+        "block_size": block_size, "kv_blocks": engine.cache.num_blocks,
+        "time_scale": opts.time_scale,
+        "events_to": f"redis {opts.redis}" if opts.redis else f"router {transport and transport.target}"})
+    if opts.ready_file:
+        Path(opts.ready_file).write_text(f"{address}\n")
+    try:
+        await stop.wait()
+    finally:
+        await health.enter_graceful_shutdown()
+        await server.stop(1.0)
+        await service.close()
+        await sim.stop()
+        # Flush what is left, then deregister / mark leaving so routers drop us at once.
+        await publisher.stop(leave=True)
+        log.info("sim engine stopped", extra={"worker": opts.worker_id})

@@ -1,0 +1,140 @@
+"""Rules the router service and every engine adapter share, each written once.
+
+* Prompts: a request carries its token ids either as `token_ids` (repeated u32) or
+  as `token_ids_le` (little-endian u32 bytes, for large prompts), never both;
+  `decode_prompt` reads either form and checks the limits a caller has.
+* Extra keys: what else goes into a request's block hashes besides its tokens.
+  An explicit `extra_key` wins; else a LoRA adapter names the key: its name's
+  utf-8 bytes, or b"lora-id:<id>" when only a numeric id is known (vLLM's
+  deprecated lora_id, TensorRT-LLM's lora task id). Engine adapters tag stored
+  blocks with the same bytes, so a request for adapter "x" matches blocks the
+  engine stored for "x" (`extra_key_for`).
+* Block sizes: the router's index splits an engine block that is exactly k
+  router blocks; any other engine block size is a mismatch (`check_block_size`).
+* Engine hashes: opaque u64 values that arrive signed, unsigned or as digests
+  (`normalise_engine_hash`).
+
+Every violation raises `ProtocolError` (a ValueError); the router and the engine
+services answer it with INVALID_ARGUMENT, decoders re-raise their own error type.
+Tier names live with the event model (kvrouter.events.model.Tier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+
+class ProtocolError(ValueError):
+    """A request or engine field that breaks the shared protocol (message says how)."""
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def decode_prompt(token_ids: Sequence[int], token_ids_le: bytes, *,
+                  max_prompt_tokens: int | None = None,
+                  vocab_size: int | None = None) -> np.ndarray:
+    """The prompt as a u32 array (a zero-copy view of `token_ids_le` when that is set).
+
+    ProtocolError when both forms or neither is set, when the bytes are not whole
+    u32s, or when the prompt breaks a limit the caller passes.
+    """
+    if token_ids_le:
+        if len(token_ids):
+            raise ProtocolError("set token_ids or token_ids_le, not both")
+        if len(token_ids_le) % 4:
+            raise ProtocolError(f"token_ids_le has {len(token_ids_le)} bytes, not a multiple of 4")
+        arr = np.frombuffer(token_ids_le, dtype="<u4")
+    else:
+        if not len(token_ids):
+            raise ProtocolError("prompt is empty: no token ids")
+        arr = np.array(token_ids, dtype=np.uint32)
+    n = arr.shape[0]
+    if max_prompt_tokens is not None and n > max_prompt_tokens:
+        raise ProtocolError(f"prompt has {n} tokens, more than max_prompt_tokens={max_prompt_tokens}")
+    if vocab_size is not None:
+        top = int(arr.max())
+        if top >= vocab_size:
+            raise ProtocolError(f"token id {top} at position {int(arr.argmax())} is out of range "
+                                f"(vocab_size {vocab_size})")
+    return arr
+
+
+# --------------------------------------------------------------------------- extra keys
+
+
+def lora_extra_key(lora_name: str | None, lora_id: int | None = None) -> bytes | None:
+    """The extra key of a LoRA adapter (None: the base model).
+
+    The adapter's name is what a client names in its request, so it is the key;
+    the numeric id is only used when no name is known.
+    """
+    if lora_name:
+        return lora_name.encode("utf-8")
+    if lora_id is not None and lora_id != 0:
+        return f"lora-id:{lora_id}".encode()
+    return None
+
+
+def extra_key_for(extra_key: bytes, lora_name: str = "", lora_id: int | None = None) -> bytes | None:
+    """The extra key a request is hashed with: explicit `extra_key`, else its adapter's."""
+    if extra_key:
+        return bytes(extra_key)
+    return lora_extra_key(lora_name, lora_id)
+
+
+# --------------------------------------------------------------------------- block sizes
+
+
+def check_block_size(engine_block_size: int, router_block_size: int) -> str | None:
+    """None when the router can index this engine's blocks, else why it cannot.
+
+    The router's index splits an engine block that is exactly k router blocks
+    (PrefixIndex.apply_stored(engine_block_size=...)). It cannot merge smaller
+    engine blocks or split blocks that are not a whole multiple of its own.
+    """
+    if engine_block_size <= 0:
+        return f"engine block size {engine_block_size} is not positive"
+    if router_block_size <= 0:
+        return f"router block size {router_block_size} is not positive"
+    if engine_block_size % router_block_size == 0:
+        return None
+    if engine_block_size < router_block_size:
+        return (
+            f"engine block size {engine_block_size} is smaller than the router block size "
+            f"{router_block_size}; engine blocks cannot be merged: configure the model's "
+            f"router block size to a divisor of {engine_block_size}"
+        )
+    return (
+        f"engine block size {engine_block_size} is not a multiple of the router block size "
+        f"{router_block_size}: configure the model's router block size to a divisor of "
+        f"{engine_block_size}"
+    )
+
+
+# --------------------------------------------------------------------------- engine hashes
+
+
+def normalise_engine_hash(value: object, what: str = "engine hash",
+                          error: type[ValueError] = ProtocolError) -> int:
+    """An engine's block hash as u64: accepts signed i64, u64 and 1..32-byte digests.
+
+    A digest is reduced to its low 64 bits, read big-endian as the engines that emit
+    them do. Anything else raises `error` (a decoder passes its own error type).
+    """
+    if isinstance(value, bytes | bytearray):
+        if len(value) == 0 or len(value) > 32:
+            raise error(f"{what}: engine hash of {len(value)} bytes (expected 1..32)")
+        return int.from_bytes(bytes(value)[-8:], "big")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise error(f"{what} must be an integer or bytes, got {type(value).__name__}")
+    if -(1 << 63) <= value < 0:
+        return value & U64_MAX
+    if 0 <= value <= U64_MAX:
+        return value
+    raise error(f"{what}: engine hash {value} outside the signed or unsigned 64-bit range")
