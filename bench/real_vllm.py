@@ -3,7 +3,7 @@
     python -m bench.real_vllm --quick --json /tmp/real_vllm.json
     python -m bench.real_vllm                       # full run -> bench/results/real_vllm.json
 
-Starts the fleet of scripts/vllm_harness.py (private Redis, `kvrouter serve`, two vLLM
+Starts the fleet of kvrouter.testing.vllm_harness (private Redis, `kvrouter serve`, two vLLM
 CPU servers with KV events, one `kvrouter bridge vllm` each) and replays the same
 workload once per policy, with empty caches at the start of each:
 
@@ -45,16 +45,17 @@ from typing import Any
 from bench.common import REPO, machine, summary, table, write_json
 from kvrouter.backends.openai_http import generate, request
 from kvrouter.client import AsyncRouterClient
-from scripts.vllm_harness import (
+from kvrouter.testing.vllm_harness import (
     ENGINE_BLOCK_SIZE,
     MODEL_NAME,
     VOCAB_SIZE,
-    FleetConfig,
     PrefixCacheCounters,
     VllmFleet,
+    VllmFleetConfig,
     scrape_prefix_cache,
     unavailable_reason,
 )
+from kvrouter.testing.wait import async_wait_until
 
 POLICIES = ("round_robin", "kv", "prefix_only")  # prefix_only: kv without the load terms
 RESULT = REPO / "bench" / "results" / "real_vllm.json"
@@ -233,11 +234,11 @@ async def reset_caches(fleet: VllmFleet) -> None:
         async for _ in generate(w.address, MODEL_NAME, [5], 1):
             pass
     async with AsyncRouterClient(fleet.router_target, timeout=10) as router:
-        deadline = time.monotonic() + 30
-        while any(w.cached_blocks for w in await router.list_workers(MODEL_NAME)):
-            if time.monotonic() > deadline:
-                raise RuntimeError("router still holds blocks 30 s after the caches were reset")
-            await asyncio.sleep(0.05)
+        async def emptied() -> bool:
+            return not any(w.cached_blocks for w in await router.list_workers(MODEL_NAME))
+
+        await async_wait_until(emptied, 30, interval=0.05,
+                               what="the router forgets every block after the caches were reset")
 
 
 async def run_policy(fleet: VllmFleet, spec: WorkloadSpec, policy: str, concurrency: int,
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = QUICK if args.quick else FULL
     spec = WorkloadSpec(**{**base.__dict__, "seed": args.seed})
-    cfg = FleetConfig(workers=2, router_block_size=args.router_block_size,
+    cfg = VllmFleetConfig(workers=2, router_block_size=args.router_block_size,
                       num_gpu_blocks=args.num_gpu_blocks, max_model_len=512)
     t0 = time.monotonic()
     with VllmFleet(cfg) as fleet:

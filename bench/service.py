@@ -19,16 +19,18 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
-import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, machine, summary, write_json
+from bench.common import machine, summary, write_json
 from kvrouter import PrefixIndex, Scheduler, hash_blocks
+from kvrouter.testing.processes import RouterProcess, start_router
 
 BLOCK = 16
 VOCAB = 32000
@@ -88,14 +90,6 @@ def bench_inproc(workers: int, tokens: int, iters: int, seed: int = 0,
 
 
 # ---------------------------------------------------------------------- (b) gRPC
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and its threads (Linux)."""
     try:
@@ -105,15 +99,11 @@ def _proc_cpu_s(pid: int) -> float:
         return float("nan")
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "python"), str(REPO),
-                                                    env.get("PYTHONPATH")) if p)
+def start_server(workdir: Path) -> RouterProcess:
+    """`kvrouter serve` of the installed package on a free port, serving when this returns."""
     # Short leases: the load generator never releases, expiry keeps the load bounded.
-    cmd = [sys.executable, "-m", "kvrouter.cli", "serve", "--listen", f"127.0.0.1:{port}",
-           "--metrics-port", "0", "--lease-s", "2", "--heartbeat-timeout-s", "0",
-           "--model", f"default,block_size={BLOCK}"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return start_router(workdir, None, ("--lease-s", "2", "--heartbeat-timeout-s", "0",
+                                        "--model", f"default,block_size={BLOCK}"), timeout=30)
 
 
 def setup_fleet(target: str, workers: int, prompts: list[list[int]]) -> None:
@@ -122,15 +112,6 @@ def setup_fleet(target: str, workers: int, prompts: list[list[int]]) -> None:
     from kvrouter.events.model import BlockStored
 
     with RouterClient(target) as c:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                c.list_models()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
         rng = np.random.default_rng(1)
         for w in range(workers):
             c.register_worker("default", f"w{w}", block_size=BLOCK)
@@ -316,9 +297,9 @@ def bench_grpc(quick: bool, workers: int = 64, prompt_tokens: int = 1024) -> dic
                           expected_output_tokens=128).SerializeToString()
             for i in range(256)]
     seconds = 3.0 if quick else 10.0
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    server = start_server(port)
+    workdir = Path(tempfile.mkdtemp(prefix="kvrouter-bench-service-"))
+    server = start_server(workdir)
+    target = server.target
     try:
         setup_fleet(target, workers, prompts)
         unary = run_loadgen("unary", server.pid, target=target, reqs=reqs, seconds=seconds,
@@ -331,12 +312,9 @@ def bench_grpc(quick: bool, workers: int = 64, prompt_tokens: int = 1024) -> dic
         stream1 = run_loadgen("stream", server.pid, target=target, reqs=reqs,
                               seconds=seconds / 2, streams=4, batch=1, inflight=16)
     finally:
-        server.terminate()
-        try:
-            _, err = server.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            _, err = server.communicate()
+        server.stop(15.0)
+        err = server.logs()
+        shutil.rmtree(workdir, ignore_errors=True)
     cores = unary.get("server_cpu_cores") or float("nan")
     return {
         "workers": workers, "prompt_tokens": prompt_tokens, "seconds_per_phase": seconds,
@@ -348,7 +326,7 @@ def bench_grpc(quick: bool, workers: int = 64, prompt_tokens: int = 1024) -> dic
         "unary_p99_ms_at_half_load": fixed.get("p99_ms"),
         "stream_rps": stream.get("rps"),
         "stream_rps_unbatched": stream1.get("rps"),
-        "server_stderr_tail": err.decode(errors="replace")[-2000:] if err else "",
+        "server_stderr_tail": err[-2000:],
     }
 
 

@@ -3,17 +3,18 @@ workload through gRPC, a results table per policy, and no process left behind.""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
 import signal
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-from tests.conftest import run_cli, subprocess_env
+from kvrouter.testing.processes import child_env, kvrouter_cmd
+from kvrouter.testing.wait import wait_until
+from tests.conftest import run_cli
 
 
 def _table(stdout: str) -> dict[str, dict[str, str]]:
@@ -70,8 +71,8 @@ def test_demo_rejects_unknown_policy_without_starting_anything() -> None:
 
 def test_interrupted_demo_stops_its_children() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvrouter.cli", "demo", "--requests", "2000", "--policies", "kv"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        kvrouter_cmd("demo", "--requests", "2000", "--policies", "kv"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
     lines: queue.Queue[str] = queue.Queue()
 
     def pump() -> None:
@@ -82,18 +83,21 @@ def test_interrupted_demo_stops_its_children() -> None:
     threading.Thread(target=pump, daemon=True).start()
     target = ""
     seen: list[str] = []
+
+    def router_reported() -> str:
+        if proc.poll() is not None:
+            raise AssertionError(f"demo exited ({proc.returncode}):\n" + "".join(seen))
+        with contextlib.suppress(queue.Empty):
+            while True:
+                line = lines.get_nowait()
+                seen.append(line)
+                m = re.search(r"router (127\.0\.0\.1:\d+)", line)
+                if m:
+                    return m.group(1)
+        return ""
+
     try:
-        deadline = time.monotonic() + 120
-        while not target and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            m = re.search(r"router (127\.0\.0\.1:\d+)", line)
-            if m:
-                target = m.group(1)
-        assert target, "demo did not report its router:\n" + "".join(seen)
+        target = wait_until(router_reported, 120, interval=0.2, what="the demo to report its router")
         assert _processes_mentioning(target), "router and engines should be running"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130

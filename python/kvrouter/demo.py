@@ -26,27 +26,31 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-import kvrouter
+from kvrouter.testing.processes import (
+    ChildProcess,
+    RouterProcess,
+    SimEngine,
+    sim_engine,
+    start_router,
+    stop_children,
+)
+from kvrouter.testing.wait import ProcessExited, WaitTimeout, async_wait_until
 
 DEFAULT_POLICIES = "kv,round_robin,least_loaded"
 _BLIND_POLICIES = frozenset({"round_robin", "random"})
-PACKAGE_ROOT = str(Path(kvrouter.__file__).resolve().parent.parent)
 
 
 class DemoError(RuntimeError):
@@ -55,35 +59,6 @@ class DemoError(RuntimeError):
 
 # ----------------------------------------------------------------------------------
 # child processes
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for kvrouter child processes: they import this same kvrouter and do not
-    pick up a KVROUTER_* configuration meant for some other router (demo and tests alike)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVROUTER_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-    env.update(extra or {})
-    return env
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(f"    {line}" for line in text[-lines:])
 
 
 class Fleet:
@@ -101,88 +76,53 @@ class Fleet:
         self.profile = profile
         self.namespace = f"kvdemo-{uuid.uuid4().hex[:8]}"
         self.model_options = ""
-        self.router: Child | None = None
-        self.engines: list[Child] = []
+        self.router: RouterProcess | None = None
+        self.engines: list[SimEngine] = []
         self.target = ""
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
-        log_path = self.workdir / f"{name}.log"
-        with log_path.open("wb") as log:
-            # A session of its own: a Ctrl-C at the terminal reaches only the demo, which
-            # then stops the children in order (engines deregister before the router goes).
-            proc = subprocess.Popen([sys.executable, "-m", "kvrouter.cli", *args],
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=child_env(env), start_new_session=True)
-        return Child(name, proc, log_path)
-
     def start_router(self, timeout_s: float) -> None:
-        for attempt in range(3):  # a free port can be taken between the probe and the bind
-            port = _free_port()
-            args = ["serve", "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-                    "--model", f"default,block_size={self.block_size}{self.model_options}"]
-            env: dict[str, str] = {}
-            if self.redis_url:
-                args += ["--redis-url", self.redis_url]
-                env["KVROUTER_EVENT_PLANE"] = json.dumps({"namespace": self.namespace})
-            child = self._spawn(f"router-{attempt}", args, env)
-            self.router = child
-            self.target = f"127.0.0.1:{port}"
-            try:
-                _wait_serving(self.target, child, timeout_s)
-                return
-            except DemoError:
-                if child.proc.poll() is None or attempt == 2:
-                    raise
-                _stop_children([child], 2.0)
-        raise DemoError("router did not start")  # pragma: no cover - loop raises first
+        args = ["--model", f"default,block_size={self.block_size}{self.model_options}"]
+        env: dict[str, str] = {}
+        if self.redis_url:
+            args += ["--redis-url", self.redis_url]
+            env["KVROUTER_EVENT_PLANE"] = json.dumps({"namespace": self.namespace})
+        try:
+            self.router = start_router(self.workdir, None, args, env=env, timeout=timeout_s)
+        except (ProcessExited, WaitTimeout) as e:
+            raise DemoError(f"the router did not start: {e}") from e
+        self.target = self.router.target
 
     def start_engines(self) -> None:
         for i in range(self.n_workers):
-            args = ["engine", "sim", "--worker-id", f"sim-{i}", "--listen", "127.0.0.1:0",
-                    "--time-scale", repr(self.time_scale), "--block-size", str(self.block_size)]
-            if self.redis_url:
-                args += ["--redis", self.redis_url, "--namespace", self.namespace]
-            else:
-                args += ["--router", self.target]
+            args = ["--time-scale", repr(self.time_scale), "--block-size", str(self.block_size)]
             if self.kv_capacity_tokens:
                 args += ["--kv-capacity-tokens", str(self.kv_capacity_tokens)]
             if self.profile:
                 args += ["--profile", self.profile]
-            self.engines.append(self._spawn(f"sim-{i}", args))
+            if self.redis_url:
+                eng = sim_engine(self.workdir, f"sim-{i}", redis=self.redis_url,
+                                 namespace=self.namespace, args=args)
+            else:
+                eng = sim_engine(self.workdir, f"sim-{i}", router=self.target, args=args)
+            self.engines.append(eng.start())
 
     def check_alive(self) -> None:
         for c in self.children():
-            code = c.proc.poll()
+            code = c.exit_code()
             if code is not None:
                 raise DemoError(f"{c.name} exited with status {code}; its log ({c.log_path}):\n"
-                                f"{c.tail()}")
+                                f"{c.log_tail(15)}")
 
-    def children(self) -> list[Child]:
+    def children(self) -> list[ChildProcess]:
         return [*self.engines, *([self.router] if self.router else [])]
 
     def stop(self) -> None:
         # Engines first, so they deregister from a router that is still there.
-        _stop_children(self.engines, 5.0)
+        stop_children(self.engines, 5.0)
         if self.router is not None:
-            _stop_children([self.router], 5.0)
+            self.router.stop(5.0)
         if self.redis_url:
             _delete_namespace(self.redis_url, self.namespace)
-
-
-def _stop_children(children: Sequence[Child], grace_s: float) -> None:
-    live = [c for c in children if c.proc.poll() is None]
-    for c in live:
-        with contextlib.suppress(ProcessLookupError):
-            c.proc.terminate()
-    deadline = time.monotonic() + grace_s
-    for c in live:
-        try:
-            c.proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                c.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(5.0)
 
 
 def _delete_namespace(url: str, namespace: str) -> None:
@@ -199,27 +139,6 @@ def _delete_namespace(url: str, namespace: str) -> None:
             client.close()
     except Exception as e:  # cleanup must not hide the demo's own result
         print(f"kvrouter demo: could not delete Redis keys {namespace}:*: {e}", file=sys.stderr)
-
-
-def _wait_serving(target: str, child: Child, timeout_s: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if child.proc.poll() is not None:
-                raise DemoError(f"router exited with status {child.proc.returncode} during start; "
-                                f"log ({child.log_path}):\n{child.tail()}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise DemoError(f"router at {target} not serving after {timeout_s:.0f}s; log:\n{child.tail()}")
 
 
 # ----------------------------------------------------------------------------------
@@ -317,8 +236,8 @@ class Progress:
         self.stream.flush()
 
 
-class Driver:
-    """Sends the workload through the router's gRPC API and the engines' Generate."""
+class ChatWorkloadDriver:
+    """Sends the chat workload through the router's gRPC API and the engines' Generate."""
 
     def __init__(self, target: str, workload: Workload) -> None:
         from kvrouter.client import AsyncRouterClient
@@ -350,22 +269,18 @@ class Driver:
         import grpc
 
         want = {f"sim-{i}" for i in range(fleet.n_workers)}
-        deadline = time.monotonic() + timeout_s
-        seen: set[str] = set()
-        while time.monotonic() < deadline:
-            fleet.check_alive()
-            try:
-                ws = await self.router.list_workers("default")
-                seen = {w.name for w in ws if w.routable and w.address}
-            except grpc.aio.AioRpcError:
-                seen = set()
-            if want <= seen:
-                return sorted(seen)
-            await asyncio.sleep(0.2)
-        missing = ", ".join(sorted(want - seen))
-        logs = "\n".join(f"  {c.name} ({c.log_path}):\n{c.tail(5)}" for c in fleet.engines
-                         if c.name in want - seen)
-        raise DemoError(f"engines not registered after {timeout_s:.0f}s: {missing}\n{logs}")
+
+        async def routable() -> list[str]:
+            ws = await self.router.list_workers("default")
+            seen = {w.name for w in ws if w.routable and w.address}
+            return sorted(seen) if want <= seen else []
+
+        try:
+            return await async_wait_until(routable, timeout_s, interval=0.2,
+                                          what=f"engines {', '.join(sorted(want))} routable",
+                                          procs=fleet.children(), ignore=(grpc.aio.AioRpcError,))
+        except (ProcessExited, WaitTimeout) as e:
+            raise DemoError(str(e)) from e
 
     async def one(self, policy: str, prompt: list[int], result: PolicyResult,
                   max_tokens: int) -> list[int]:
@@ -495,7 +410,7 @@ async def _run(args: argparse.Namespace, fleet: Fleet, policies: list[str]) -> l
                  system_tokens=args.system_tokens, user_tokens=args.user_tokens,
                  output_tokens=args.output_tokens, vocab=32000, seed=args.seed,
                  think_s=args.think_ms / 1e3)
-    driver = Driver(fleet.target, w)
+    driver = ChatWorkloadDriver(fleet.target, w)
     quiet = args.quiet
     try:
         workers = await driver.wait_workers(fleet, args.start_timeout)

@@ -1,4 +1,4 @@
-"""Fixtures for the end-to-end tests against real vLLM CPU servers (scripts/vllm_harness.py).
+"""Fixtures for the end-to-end tests against real vLLM CPU servers (kvrouter.testing.vllm_harness).
 
 One fleet per session: a private redis-server, `kvrouter serve` (router block size
 16), two vLLM CPU servers (engine block size 32, 12-block caches so evictions
@@ -24,17 +24,18 @@ import pytest
 
 from kvrouter.backends.openai_http import Usage, generate, request
 from kvrouter.client import RouterClient
-from scripts.vllm_harness import (
+from kvrouter.testing.vllm_harness import (
     ENGINE_BLOCK_SIZE,
     MODEL_NAME,
     VOCAB_SIZE,
-    FleetConfig,
     PrefixCacheCounters,
     VllmFleet,
+    VllmFleetConfig,
     Worker,
     scrape_prefix_cache,
     unavailable_reason,
 )
+from kvrouter.testing.wait import wait_stable, wait_until
 
 ROUTER_BLOCK_SIZE = 16
 HEARTBEAT_TTL_S = 3.0
@@ -75,7 +76,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def vllm_fleet() -> Iterator[VllmFleet]:
     if _reason is not None:  # a test not marked vllm asked for the fleet
         pytest.skip(f"{SKIP_BANNER}: {_reason}")
-    cfg = FleetConfig(workers=2, router_block_size=ROUTER_BLOCK_SIZE, num_gpu_blocks=12,
+    cfg = VllmFleetConfig(workers=2, router_block_size=ROUTER_BLOCK_SIZE, num_gpu_blocks=12,
                       max_model_len=256, heartbeat_ttl_s=HEARTBEAT_TTL_S)
     with VllmFleet(cfg) as fleet:
         yield fleet
@@ -93,7 +94,7 @@ class Completion:
         return self.prompt + self.output
 
 
-class Driver:
+class VllmFleetDriver:
     """What the tests do to the fleet: send prompts, ask the router, read engine counters."""
 
     def __init__(self, fleet: VllmFleet, seed: int) -> None:
@@ -165,31 +166,19 @@ class Driver:
     def wait_for(self, what: str, ok: Callable[[], bool], timeout: float = 15.0) -> float:
         """Poll until ok() (the event path is asynchronous); returns the seconds it took."""
         t0 = time.monotonic()
-        while not ok():
-            if time.monotonic() - t0 > timeout:
-                raise AssertionError(f"{what}: not true after {timeout:.0f}s")
-            time.sleep(0.05)
+        wait_until(ok, timeout, what=what)
         return time.monotonic() - t0
 
     def settle(self, name: str, quiet_s: float = 0.5, timeout: float = 15.0) -> int:
         """Wait until the router's block count for `name` stops changing (events applied)."""
-        last = self.cached_blocks(name)
-        stable_since = time.monotonic()
-        deadline = stable_since + timeout
-        while time.monotonic() - stable_since < quiet_s:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"router blocks of {name} still changing after {timeout}s")
-            time.sleep(0.05)
-            now = self.cached_blocks(name)
-            if now != last:
-                last, stable_since = now, time.monotonic()
-        return last or 0
+        return wait_stable(lambda: self.cached_blocks(name), quiet_s, timeout,
+                           what=f"router blocks of {name}") or 0
 
 
 @pytest.fixture
-def driver(vllm_fleet: VllmFleet, request: pytest.FixtureRequest) -> Iterator[Driver]:
+def driver(vllm_fleet: VllmFleet, request: pytest.FixtureRequest) -> Iterator[VllmFleetDriver]:
     """A driver over a fleet whose caches (engines and router) are empty."""
-    d = Driver(vllm_fleet, seed=zlib.crc32(request.node.nodeid.encode()))
+    d = VllmFleetDriver(vllm_fleet, seed=zlib.crc32(request.node.nodeid.encode()))
     try:
         # A test that crashed a worker leaves it down: bring it back first.
         healed = []
@@ -213,4 +202,4 @@ def driver(vllm_fleet: VllmFleet, request: pytest.FixtureRequest) -> Iterator[Dr
         d.close()
 
 
-__all__ = ["ENGINE_BLOCK_SIZE", "HEARTBEAT_TTL_S", "ROUTER_BLOCK_SIZE", "Completion", "Driver"]
+__all__ = ["ENGINE_BLOCK_SIZE", "HEARTBEAT_TTL_S", "ROUTER_BLOCK_SIZE", "Completion", "VllmFleetDriver"]

@@ -5,11 +5,11 @@ tokens back, and reserves and releases load around the call."""
 from __future__ import annotations
 
 from kvrouter._proto.v1 import common_pb2, router_pb2
-from scripts.vllm_harness import MODEL_NAME
-from tests.vllm_e2e.conftest import Driver
+from kvrouter.testing.vllm_harness import MODEL_NAME
+from tests.vllm_e2e.conftest import VllmFleetDriver
 
 
-def _generate(driver: Driver, prompt: list[int], max_tokens: int) -> tuple[list[int], dict[str, str]]:
+def _generate(driver: VllmFleetDriver, prompt: list[int], max_tokens: int) -> tuple[list[int], dict[str, str]]:
     req = router_pb2.RouterGenerateRequest(
         model=MODEL_NAME, token_ids=prompt, mode=router_pb2.GENERATE_MODE_AGGREGATED,
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
@@ -23,7 +23,7 @@ def _generate(driver: Driver, prompt: list[int], max_tokens: int) -> tuple[list[
     return tokens, dict(call.trailing_metadata() or ())
 
 
-def test_generate_streams_from_real_vllm_and_releases_load(driver: Driver) -> None:
+def test_generate_streams_from_real_vllm_and_releases_load(driver: VllmFleetDriver) -> None:
     prompt = driver.tokens(100)  # 6 full router blocks of 16
     tokens, meta = _generate(driver, prompt, max_tokens=8)
     assert len(tokens) == 8

@@ -17,8 +17,9 @@ from kvrouter.backends.openai_http import (
     generate,
     parse_address,
 )
-from scripts.vllm_harness import MODEL_NAME, free_port
-from tests.vllm_e2e.conftest import Driver
+from kvrouter.testing.processes import free_port
+from kvrouter.testing.vllm_harness import MODEL_NAME
+from tests.vllm_e2e.conftest import VllmFleetDriver
 
 
 async def _collect(it: AsyncIterator[Chunk]) -> list[Chunk]:
@@ -103,7 +104,7 @@ def test_stream_cut_before_finishing_is_a_protocol_error() -> None:
 
 
 @pytest.mark.vllm
-def test_streams_token_ids_and_usage_from_real_vllm(driver: Driver) -> None:
+def test_streams_token_ids_and_usage_from_real_vllm(driver: VllmFleetDriver) -> None:
     d = driver
     prompt = d.tokens(70)
     w = d.worker("vllm-0")

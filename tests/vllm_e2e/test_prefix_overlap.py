@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.vllm_harness import MODEL_NAME
-from tests.vllm_e2e.conftest import ROUTER_BLOCK_SIZE, Completion, Driver
+from kvrouter.testing.vllm_harness import MODEL_NAME
+from tests.vllm_e2e.conftest import ROUTER_BLOCK_SIZE, Completion, VllmFleetDriver
 
 pytestmark = pytest.mark.vllm
 
 
-def _send_measured(d: Driver, worker: str, prompt: list[int], max_tokens: int = 8,
+def _send_measured(d: VllmFleetDriver, worker: str, prompt: list[int], max_tokens: int = 8,
                    ) -> tuple[Completion, float, float]:
     """Send a request; returns it with vLLM's counter deltas (hit tokens, query tokens)."""
     before = d.counters(worker)
@@ -30,7 +30,7 @@ def _send_measured(d: Driver, worker: str, prompt: list[int], max_tokens: int = 
     return done, delta.hits, delta.queries
 
 
-def test_overlap_equals_engine_hits_for_a_shared_prefix(driver: Driver) -> None:
+def test_overlap_equals_engine_hits_for_a_shared_prefix(driver: VllmFleetDriver) -> None:
     d = driver
     prefix = d.tokens(128)  # 4 engine blocks
     a = prefix + d.tokens(40)
@@ -51,7 +51,7 @@ def test_overlap_equals_engine_hits_for_a_shared_prefix(driver: Driver) -> None:
     assert hits == second.usage.cached_tokens
 
 
-def test_overlap_includes_blocks_filled_during_generation(driver: Driver) -> None:
+def test_overlap_includes_blocks_filled_during_generation(driver: VllmFleetDriver) -> None:
     """A second turn (prompt + the model's real output + more) reuses blocks that were
     completed by generated tokens; the router learns them from the engine's events."""
     d = driver
@@ -67,7 +67,7 @@ def test_overlap_includes_blocks_filled_during_generation(driver: Driver) -> Non
     assert d.overlap("vllm-0", turn2) == 0
 
 
-def test_eviction_removes_blocks_from_the_index(driver: Driver) -> None:
+def test_eviction_removes_blocks_from_the_index(driver: VllmFleetDriver) -> None:
     d = driver
     fleet = d.fleet
     x = d.tokens(200)
@@ -91,7 +91,7 @@ def test_eviction_removes_blocks_from_the_index(driver: Driver) -> None:
     assert again.usage.cached_tokens == predicted * ROUTER_BLOCK_SIZE == hits
 
 
-def test_reset_prefix_cache_clears_the_worker_in_the_router(driver: Driver) -> None:
+def test_reset_prefix_cache_clears_the_worker_in_the_router(driver: VllmFleetDriver) -> None:
     d = driver
     p = d.tokens(100)
     d.complete("vllm-1", p)

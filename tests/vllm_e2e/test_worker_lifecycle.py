@@ -11,8 +11,8 @@ import redis
 
 from kvrouter.events.keys import Keys
 from kvrouter.events.wire import parse_heartbeat
-from scripts.vllm_harness import MODEL_NAME, VllmFleet
-from tests.vllm_e2e.conftest import HEARTBEAT_TTL_S, Driver
+from kvrouter.testing.vllm_harness import MODEL_NAME, VllmFleet
+from tests.vllm_e2e.conftest import HEARTBEAT_TTL_S, VllmFleetDriver
 
 pytestmark = pytest.mark.vllm
 
@@ -32,7 +32,7 @@ def heartbeat_epoch(fleet: VllmFleet, worker: str) -> str:
 
 
 def test_node_loss_leaves_routing_within_the_ttl_and_returns_as_a_new_epoch(
-        driver: Driver, record_property: pytest.RecordProperty) -> None:
+        driver: VllmFleetDriver, record_property: pytest.RecordProperty) -> None:
     d = driver
     fleet = d.fleet
     w1 = d.worker("vllm-1")
@@ -63,7 +63,7 @@ def test_node_loss_leaves_routing_within_the_ttl_and_returns_as_a_new_epoch(
     assert d.complete("vllm-1", p).usage.cached_tokens == 0
 
 
-def test_engine_restart_behind_a_live_bridge_starts_a_new_epoch(driver: Driver) -> None:
+def test_engine_restart_behind_a_live_bridge_starts_a_new_epoch(driver: VllmFleetDriver) -> None:
     d = driver
     fleet = d.fleet
     w0 = d.worker("vllm-0")
@@ -90,7 +90,7 @@ def test_engine_restart_behind_a_live_bridge_starts_a_new_epoch(driver: Driver) 
 
 
 def test_engine_crash_behind_a_live_bridge_leaves_routing_within_the_ttl(
-        driver: Driver) -> None:
+        driver: VllmFleetDriver) -> None:
     d = driver
     fleet = d.fleet
     w0 = d.worker("vllm-0")
