@@ -26,8 +26,6 @@ from kvrouter.fleet import (
 )
 from kvrouter.fleet.traces import AZURE_CONV, MOONCAKE_CONVERSATION, synthetic_tokens
 
-pytestmark = pytest.mark.skipif(not DEFAULT_CALIBRATION.exists(), reason="calibration not mounted")
-
 
 @pytest.fixture(scope="module")
 def profile() -> EngineProfile:

@@ -16,7 +16,6 @@ from kvrouter.engines.sim import (
 )
 from kvrouter.events.model import BlockRemoved, BlockStored
 
-pytestmark = pytest.mark.skipif(not DEFAULT_CALIBRATION.exists(), reason="calibration not mounted")
 BS = 64
 
 

@@ -10,7 +10,6 @@ import pytest
 from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION, EngineProfile, ProfileError
 
 CAL_DIR = DEFAULT_CALIBRATION.parent
-pytestmark = pytest.mark.skipif(not DEFAULT_CALIBRATION.exists(), reason="calibration not mounted")
 
 
 @pytest.fixture(scope="module")
