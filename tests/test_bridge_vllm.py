@@ -23,9 +23,9 @@ import zmq
 import zmq.asyncio
 
 from kvrouter._core import PrefixIndex
+from kvrouter.engines.block_mirror import BlockMirror
 from kvrouter.engines.bridge import (
     MISMATCH,
-    BlockMirror,
     BridgeConfig,
     BridgeConfigError,
     EngineBridge,
@@ -38,6 +38,7 @@ from kvrouter.events.publisher import redis_publisher
 from kvrouter.events.wire import DumpRequest
 from kvrouter.registry import Registry, WorkerStatus
 from kvrouter.shared_data import shared_dir
+from kvrouter.testing.wait import async_wait_until
 from tests.conftest import find_free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -136,7 +137,7 @@ def removed(hashes: list[int]) -> dict[str, Any]:
     return {"type": "BlockRemoved", "block_hashes": hashes, "medium": "GPU"}
 
 
-class Prompt:
+class BlockPrompt:
     """A prompt of n full blocks with made-up engine hashes (the router re-hashes tokens)."""
 
     def __init__(self, rng: random.Random, blocks: int, block_size: int = BLOCK) -> None:
@@ -186,16 +187,7 @@ class Env:
 
 async def eventually(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0,
                      what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = cond()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+    await async_wait_until(cond, timeout, what=what)
 
 
 @contextlib.asynccontextmanager
@@ -277,7 +269,7 @@ def test_captured_vllm_frames_reach_router_index() -> None:
 
 def test_gap_repaired_through_replay_socket() -> None:
     rng = random.Random(1)
-    p1, p2, p3 = (Prompt(rng, 3) for _ in range(3))
+    p1, p2, p3 = (BlockPrompt(rng, 3) for _ in range(3))
 
     async def main() -> None:
         async with router_env() as env:
@@ -304,7 +296,7 @@ def test_unrepairable_gap_starts_worker_over_empty() -> None:
     """Without a replay socket a lost batch may hide removals: the bridge forgets the
     engine's blocks (new epoch) instead of letting the router claim stale ones."""
     rng = random.Random(2)
-    p1, p2, p3 = (Prompt(rng, 2) for _ in range(3))
+    p1, p2, p3 = (BlockPrompt(rng, 2) for _ in range(3))
 
     async def main() -> None:
         async with router_env() as env:
@@ -328,7 +320,7 @@ def test_unrepairable_gap_starts_worker_over_empty() -> None:
 
 def test_engine_restart_is_a_new_epoch() -> None:
     rng = random.Random(3)
-    p1, p2 = Prompt(rng, 4), Prompt(rng, 2)
+    p1, p2 = BlockPrompt(rng, 4), BlockPrompt(rng, 2)
 
     async def main() -> None:
         async with router_env() as env:
@@ -356,7 +348,7 @@ def test_late_join_replays_history_and_dump_restores_router() -> None:
     socket; a router that lost the worker's state gets it back from the bridge's mirror
     through a full-dump request."""
     rng = random.Random(4)
-    p1, p2, p3 = Prompt(rng, 2), Prompt(rng, 3), Prompt(rng, 1)
+    p1, p2, p3 = BlockPrompt(rng, 2), BlockPrompt(rng, 3), BlockPrompt(rng, 1)
 
     async def main() -> None:
         async with router_env() as env:
@@ -394,7 +386,7 @@ def test_late_join_replays_history_and_dump_restores_router() -> None:
 def test_bind_mode_for_engines_that_connect() -> None:
     """vLLM with a plain-host endpoint connects its PUB; the bridge binds (--zmq-bind)."""
     rng = random.Random(5)
-    p1 = Prompt(rng, 2)
+    p1 = BlockPrompt(rng, 2)
 
     async def main() -> None:
         async with router_env() as env:
@@ -422,7 +414,7 @@ def test_block_size_mismatch_is_loud() -> None:
     BridgeConfig(engine="vllm", zmq_endpoint="tcp://127.0.0.1:1", block_size=64,
                  router_block_size=32).validate()
     rng = random.Random(6)
-    small = Prompt(rng, 4, block_size=16)
+    small = BlockPrompt(rng, 4, block_size=16)
 
     async def main() -> None:
         async with router_env() as env:
@@ -479,7 +471,7 @@ def test_load_scraped_from_engine_metrics() -> None:
             engine = FakeZmqEngine(env.ctx)
             await env.start_bridge("w", engine, metrics_url=url, metrics_interval_s=0.1)
             await engine.wait_subscriber()
-            await engine.send([Prompt(random.Random(7), 1).event()])
+            await engine.send([BlockPrompt(random.Random(7), 1).event()])
 
             def loaded() -> bool:
                 state = env.registry.model(env.model)
@@ -539,7 +531,7 @@ def test_dead_engine_behind_a_live_bridge_leaves_routing_and_returns_fresh() -> 
     gone (with its blocks) once /health has failed for longer than the TTL while the
     bridge keeps running; back as a new epoch, empty, when the engine answers again."""
     rng = random.Random(8)
-    p1, p2 = Prompt(rng, 3), Prompt(rng, 2)
+    p1, p2 = BlockPrompt(rng, 3), BlockPrompt(rng, 2)
     http = FakeEngineHttp()
     http.healthy = False
 

@@ -10,8 +10,9 @@ from typing import Any
 import grpc
 import pytest
 
-from kvrouter._proto.v1 import router_pb2
+from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2
 from kvrouter.client import RouterClient
+from kvrouter.protocol import lora_extra_key
 from tests.generate_helpers import (
     Engines,
     engine_stats,
@@ -159,3 +160,43 @@ def test_pools_by_metadata_and_long_context(router_server: Callable[..., Any],
         wait_no_reservations(router.target)
     finally:
         engines.stop_all()
+
+
+def test_lora_name_alone_routes_on_the_adapters_blocks(router_server: Callable[..., Any],
+                                                       tmp_path: Path) -> None:
+    """Generate with only `lora_name` is hashed with the adapter's extra key
+    (kvrouter.protocol.extra_key_for), the key engines tag the adapter's blocks with."""
+    router = router_server(router_config())
+    engines = Engines(tmp_path, router.target)
+    try:
+        base, tuned = engines.start("aggregated", name="base"), engines.start("aggregated",
+                                                                            name="tuned")
+        wait_routable(router.target, {"base", "tuned"})
+        toks = prompt(20, 6 * 16)
+        # The same prompt cached for the base model on one worker, for adapter "ad" on the other.
+        _engine_generate(base.address, toks, 1)
+        _engine_generate(tuned.address, toks, 1, lora_name="ad")
+        key = lora_extra_key("ad")
+        with RouterClient(router.target) as rc:
+            eventually(lambda: rc.route(toks, extra_key=key, dry_run=True).overlap_blocks == 6
+                       and rc.route(toks, dry_run=True).overlap_blocks == 6, 10,
+                       "both workers' blocks indexed")
+            assert rc.route(toks, extra_key=key, dry_run=True).worker == "tuned"
+            assert rc.route(toks, dry_run=True).worker == "base"
+        rep = generate(router.target, toks, 3, mode=AGG, lora_name="ad")
+        assert rep.code == grpc.StatusCode.OK, rep.details
+        assert rep.workers == ["tuned"] and rep.final.usage.cached_tokens > 0
+        rep = generate(router.target, toks, 3, mode=AGG)
+        assert rep.code == grpc.StatusCode.OK, rep.details
+        assert rep.workers == ["base"]
+        wait_no_reservations(router.target)
+    finally:
+        engines.stop_all()
+
+
+def _engine_generate(address: str, tokens: list[int], max_tokens: int, **kw: Any) -> None:
+    """One Generate straight to an engine (not through the router), run to the end."""
+    with grpc.insecure_channel(address) as ch:
+        req = engine_pb2.GenerateRequest(token_ids=tokens, sampling=common_pb2.SamplingParams(
+            max_tokens=max_tokens), **kw)
+        assert list(engine_pb2_grpc.EngineStub(ch).Generate(req, timeout=60))[-1].finished

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 EXTERNAL_COMMANDS: dict[str, str] = {
-    "engine": "kvrouter.engines.cli",
+    "engine": "kvrouter.engines.commands",
     "bridge": "kvrouter.engines.bridge_cli",
     "demo": "kvrouter.demo",
 }

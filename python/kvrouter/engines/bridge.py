@@ -17,8 +17,8 @@ beside it as a sidecar (DESIGN §4) and makes it a routing target:
 * Restart: seq back to 0 means a new engine process with an empty cache: a new
   publisher epoch, starting empty.
 * Full dumps: routers that lost track of this worker ask for its whole block
-  set; the bridge answers from `BlockMirror`, its own copy of the blocks the
-  engine holds, kept from the events it has applied.
+  set; the bridge answers from a BlockMirror (kvrouter.engines.block_mirror), its
+  own copy of the blocks the engine holds, kept from the events it has applied.
 * Load: the engine's Prometheus endpoint is scraped periodically
   (kvrouter.engines.vllm.metrics_scrape) and sent as load reports.
 * Engine liveness: the bridge's heartbeats must speak for the engine, not for
@@ -46,18 +46,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import zmq
 import zmq.asyncio
 from prometheus_client import Counter, Gauge
 
+from kvrouter.counters import Counters
+from kvrouter.engines.block_mirror import BlockMirror
 from kvrouter.engines.sglang.wire import SglangDecoder
 from kvrouter.engines.vllm.metrics_scrape import ScrapeError, scrape_to_load_report
 from kvrouter.engines.vllm.wire import (
@@ -71,7 +70,7 @@ from kvrouter.engines.vllm.wire import (
     parse_replay_reply,
     replay_request,
 )
-from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, Tier
+from kvrouter.events.model import BlockStored
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.protocol import check_block_size
@@ -106,116 +105,6 @@ MIRROR_BLOCKS = Gauge("kvrouter_bridge_mirror_blocks",
 
 class BridgeConfigError(ValueError):
     """A bridge configuration that cannot work (the message says why)."""
-
-
-# --------------------------------------------------------------------------- mirror
-
-
-@dataclass(slots=True)
-class _Held:
-    parent: int | None
-    tokens: bytes  # array('I') bytes of the block's token ids: compact
-    block_size: int
-    extra_key: bytes | None
-
-
-class BlockMirror:
-    """The blocks an engine holds, rebuilt from its events, to answer full dumps.
-
-    Keyed by (engine hash, tier) like the router's index. `dump()` returns
-    BlockStored events with every parent before its children; a block whose
-    parent is no longer held (its chain was cut by an eviction) is left out,
-    as the router could not place it either.
-    """
-
-    def __init__(self, max_blocks: int = 1 << 21) -> None:
-        if max_blocks <= 0:
-            raise ValueError("max_blocks must be > 0")
-        self.max_blocks = max_blocks
-        self._blocks: dict[tuple[int, Tier], _Held] = {}
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._blocks
-
-    def clear(self) -> None:
-        self._blocks.clear()
-
-    def apply(self, events: Iterable[KvEvent]) -> None:
-        for ev in events:
-            if isinstance(ev, BlockStored):
-                self._stored(ev)
-            elif isinstance(ev, BlockRemoved):
-                tier = Tier(ev.tier)
-                for h in ev.hashes:
-                    self._blocks.pop((h, tier), None)
-            elif isinstance(ev, AllCleared):
-                self._blocks.clear()
-
-    def _stored(self, ev: BlockStored) -> None:
-        if ev.token_ids is None:
-            return  # router-hash-only events (simulator) never come through a bridge
-        bs = ev.block_size
-        tier = Tier(ev.tier)
-        tokens = array("I", ev.token_ids)
-        parent = ev.parent
-        for i, h in enumerate(ev.hashes):
-            key = (h, tier)
-            self._blocks.pop(key, None)  # re-insert at the end: insertion order stays causal
-            if len(self._blocks) >= self.max_blocks:
-                # Guard against a removal stream that never comes: forget the oldest.
-                self._blocks.pop(next(iter(self._blocks)))
-                self.evicted += 1
-            self._blocks[key] = _Held(parent, tokens[i * bs:(i + 1) * bs].tobytes(), bs,
-                                      ev.extra_key)
-            parent = h
-
-    def dump(self) -> list[KvEvent]:
-        """The held blocks as BlockStored events, parents first, chains merged."""
-        children: dict[int | None, list[tuple[int, Tier]]] = {}
-        held_hashes = {h for h, _ in self._blocks}
-        for key, b in self._blocks.items():
-            if b.parent is None or b.parent in held_hashes:
-                children.setdefault(b.parent, []).append(key)
-        order: list[tuple[int, Tier]] = []
-        seen: set[tuple[int, Tier]] = set()
-        stack = list(reversed(children.get(None, [])))
-        while stack:  # iterative DFS: preorder keeps each chain contiguous
-            key = stack.pop()
-            if key in seen:
-                continue
-            seen.add(key)
-            order.append(key)
-            stack.extend(reversed(children.get(key[0], [])))
-        out: list[KvEvent] = []
-        run: list[tuple[int, Tier]] = []
-
-        def flush() -> None:
-            if not run:
-                return
-            first = self._blocks[run[0]]
-            tokens = array("I")
-            for k in run:
-                tokens.frombytes(self._blocks[k].tokens)
-            out.append(BlockStored(hashes=tuple(k[0] for k in run), parent=first.parent,
-                                   token_ids=tuple(tokens), block_size=first.block_size,
-                                   tier=run[0][1], extra_key=first.extra_key))
-            run.clear()
-
-        for key in order:
-            b = self._blocks[key]
-            if run:
-                prev_key = run[-1]
-                prev = self._blocks[prev_key]
-                if not (b.parent == prev_key[0] and key[1] == prev_key[1]
-                        and b.block_size == prev.block_size and b.extra_key == prev.extra_key):
-                    flush()
-            run.append(key)
-        flush()
-        return out
 
 
 # --------------------------------------------------------------------------- config
@@ -319,17 +208,20 @@ RESERVED_META = frozenset({"engine", "zmq", "bridge", "engine_block_size", "rout
 
 def base_url(url: str) -> str:
     """scheme://host[:port] of an http(s) URL (the engine's HTTP server from its /metrics URL)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise BridgeConfigError(f"{url!r} is not an http(s) URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.host:
         raise BridgeConfigError(f"{url!r} is not an http(s) URL")
-    return f"{parts.scheme}://{parts.netloc}"
+    return f"{parts.scheme}://{parts.netloc.decode('ascii')}"
 
 
 # --------------------------------------------------------------------------- bridge
 
 
 @dataclass
-class BridgeStats:
+class BridgeStats(Counters):
     batches: int = 0
     replayed: int = 0
     duplicates: int = 0
@@ -342,9 +234,6 @@ class BridgeStats:
     scrapes: int = 0
     scrape_errors: int = 0
     engine_downs: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
 
 
 class EngineBridge:
@@ -371,6 +260,8 @@ class EngineBridge:
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context.instance()
         self._sub: zmq.asyncio.Socket | None = None
+        # The engine's /health and /metrics: one pooled client, opened by run().
+        self._http: httpx.AsyncClient | None = None
         self._publisher_key = config.zmq_endpoint
         publisher.dump = self.mirror.dump
         if config.block_size is not None:
@@ -441,6 +332,9 @@ class EngineBridge:
             await cancel_and_wait([*tasks, stop_wait])
             sub.close(0)
             self._sub = None
+            if self._http is not None:
+                await self._http.aclose()
+                self._http = None
             await self.publisher.stop()
             log.info("bridge stopped: worker=%s stats=%s", self.worker, self.stats.as_dict())
 
@@ -607,7 +501,7 @@ class EngineBridge:
         timeout = max(0.5, min(5.0, self.down_after_s / 2))
         failing_since: float | None = None
         while True:
-            why = await asyncio.to_thread(_probe, url, timeout)
+            why = await self._probe(url, timeout)
             now = time.monotonic()
             if why is None:
                 failing_since = None
@@ -684,14 +578,33 @@ class EngineBridge:
         self.publisher.extra_meta.pop("mismatch", None)
         self.publisher.extra_meta.update(self._meta())
 
+    # engine HTTP ----------------------------------------------------------------------
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:  # opened on first use, closed when run() ends
+            self._http = httpx.AsyncClient(follow_redirects=True)
+        return self._http
+
+    async def _probe(self, url: str, timeout: float) -> str | None:
+        """None when GET url answers 200, else why not."""
+        try:
+            resp = await self._client().get(url, timeout=timeout)
+        except httpx.HTTPError as exc:
+            return str(exc) or type(exc).__name__
+        return None if resp.status_code == 200 else f"HTTP {resp.status_code}"
+
+    async def _get_text(self, url: str, timeout: float) -> str:
+        resp = await self._client().get(url, timeout=timeout)
+        resp.raise_for_status()
+        return resp.text
+
     # load ------------------------------------------------------------------------
     async def _scrape_loop(self) -> None:
         assert self.config.metrics_url is not None
         failing = False
         while True:
             try:
-                text = await asyncio.to_thread(_http_get, self.config.metrics_url,
-                                               min(5.0, self.config.metrics_interval_s * 2))
+                text = await self._get_text(self.config.metrics_url,
+                                            min(5.0, self.config.metrics_interval_s * 2))
                 report = scrape_to_load_report(
                     text, self.config.engine, self.config.metrics_labels,
                     total_blocks=self.config.total_blocks, block_size=self.engine_block_size)
@@ -700,7 +613,7 @@ class EngineBridge:
                 if failing:
                     log.info("engine metrics scrape recovered: worker=%s", self.worker)
                     failing = False
-            except (OSError, ScrapeError, ValueError) as exc:
+            except (httpx.HTTPError, ScrapeError, ValueError) as exc:
                 self.stats.scrape_errors += 1
                 SCRAPE_ERRORS.labels(self.worker).inc()
                 if not failing:
@@ -708,25 +621,6 @@ class EngineBridge:
                                 self.worker, self.config.metrics_url, exc)
                     failing = True
             await asyncio.sleep(self.config.metrics_interval_s)
-
-
-def _probe(url: str, timeout: float) -> str | None:
-    """None when GET url answers 200, else why not."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            resp.read()
-            status = int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:
-        return str(exc) or type(exc).__name__
-    return None if status == 200 else f"HTTP {status}"
-
-
-def _http_get(url: str, timeout: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        body: bytes = resp.read()
-    return body.decode("utf-8", errors="replace")
 
 
 def parse_labels(specs: Sequence[str]) -> dict[str, str]:

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from kvrouter.counters import Counters
 from kvrouter.engines.sim.kvcache import PagedKvCache
 from kvrouter.engines.sim.profile import EngineProfile
 from kvrouter.events.model import KvEvent, LoadReport
@@ -134,7 +135,9 @@ class StepRecord:
 
 
 @dataclass
-class EngineStats:
+class EngineStats(Counters):
+    """The core's tallies; itl and step_log are samples (lists), added by concatenation."""
+
     steps: int = 0
     busy_s: float = 0.0
     prefill_tokens: int = 0  # computed, excluding reused

@@ -11,7 +11,7 @@ its KV cache events and load into the router's event plane.
   (`worker_id_for_rank`: "<worker>/dp<rank>"). A jump in event ids (the engine's
   event buffer overflowed) makes that rank start over: a new epoch, empty,
   since the lost events may have removed blocks.
-* Full dumps for routers come from a BlockMirror per rank (kvrouter.engines.bridge),
+* Full dumps for routers come from a BlockMirror per rank (kvrouter.engines.block_mirror),
   fed with the same translated events.
 * Load: iteration stats from `get_stats_async` (numActiveRequests,
   numQueuedRequests, kvCacheStats.usedNumBlocks / freeNumBlocks or maxNumBlocks)
@@ -42,12 +42,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
-from kvrouter.engines.bridge import BlockMirror
+from kvrouter.engines.block_mirror import BlockMirror
 from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_rank
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for
+from kvrouter.retry import Backoff
 from kvrouter.sampling import sampling_kwargs
 
 log = logging.getLogger("kvrouter.engines.trtllm")
@@ -194,15 +195,17 @@ class TrtllmWorker:
 
     # KV events -----------------------------------------------------------------------
     async def _events_loop(self) -> None:
+        delays = Backoff(0.1, 2.0)
         while self._running:
             try:
                 async for raw in self.llm.get_kv_cache_events_async(self.events_timeout_s):
                     await self.handle_event(raw)
+                delays.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # engine hiccup: keep draining, events are buffered there
                 log.warning("reading kv cache events failed: worker=%s error=%r", self.worker, exc)
-                await asyncio.sleep(1.0)
+                await delays.wait()
 
     async def handle_event(self, raw: Any) -> None:
         tr = self.translator.translate([raw])
@@ -227,6 +230,7 @@ class TrtllmWorker:
 
     # load ----------------------------------------------------------------------------
     async def _stats_loop(self) -> None:
+        delays = Backoff(0.1, 2.0)
         while self._running:
             try:
                 async for stats in self.llm.get_stats_async(self.stats_timeout_s):
@@ -237,11 +241,12 @@ class TrtllmWorker:
                     # Iteration stats are the executor's: every rank gets them.
                     for r in self.ranks.values():
                         r.publisher.report_load(report)
+                delays.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("reading iteration stats failed: worker=%s error=%r", self.worker, exc)
-                await asyncio.sleep(1.0)
+                await delays.wait()
 
     # requests --------------------------------------------------------------------------
     def build_request(self, req: engine_pb2.GenerateRequest) -> tuple[list[int], Any, Any, str]:
@@ -353,7 +358,9 @@ def _disagg_to_proto(params: Any, first_tokens: list[int]) -> common_pb2.Disaggr
     return out
 
 
-class EngineService(engine_pb2_grpc.EngineServicer):
+class TrtllmEngineService(engine_pb2_grpc.EngineServicer):
+    """The Engine gRPC API of one TrtllmWorker."""
+
     def __init__(self, worker: TrtllmWorker) -> None:
         self.worker = worker
 
@@ -387,7 +394,7 @@ class EngineService(engine_pb2_grpc.EngineServicer):
 async def serve_worker(worker: TrtllmWorker, listen: str) -> tuple[grpc.aio.Server, int]:
     """Start the Engine gRPC service (and standard health) for a started worker."""
     server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServicer_to_server(EngineService(worker), server)
+    engine_pb2_grpc.add_EngineServicer_to_server(TrtllmEngineService(worker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(listen)
@@ -402,7 +409,7 @@ async def serve_worker(worker: TrtllmWorker, listen: str) -> tuple[grpc.aio.Serv
 
 
 def register(subparsers: Any) -> None:
-    """`kvrouter engine trtllm ...` (called by kvrouter.engines.cli)."""
+    """`kvrouter engine trtllm ...` (called by kvrouter.engines.commands)."""
     p = subparsers.add_parser(
         "trtllm", help="serve a TensorRT-LLM model as a kvrouter worker",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

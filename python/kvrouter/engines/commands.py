@@ -1,24 +1,21 @@
 """`kvrouter engine KIND ...`: run an engine as a kvrouter worker.
 
 Each engine registers its own subcommand from its package (a `register(subparsers)`
-function); a module that cannot be imported adds nothing, so optional engines never
-break the command line. Heavy engine libraries are imported only when that engine runs.
+function). Heavy engine libraries (tensorrt_llm) are imported only when that engine
+runs, so every module here imports with the core dependencies; one that fails to
+import is an error naming it, never a silently missing command.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 from typing import Any
 
 ENGINE_MODULES: tuple[str, ...] = (
     "kvrouter.engines.trtllm.worker",
     "kvrouter.engines.sim.command",
 )
-
-log = logging.getLogger("kvrouter.engines.cli")
-
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("engine", help="run an engine as a kvrouter worker",
@@ -27,14 +24,7 @@ def register(subparsers: Any) -> None:
     sub = p.add_subparsers(dest="engine_kind", metavar="KIND")
     sub.required = True
     for name in ENGINE_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as exc:
-            log.debug("engine module not available: module=%s error=%s", name, exc)
-            continue
-        reg = getattr(mod, "register", None)
-        if callable(reg):
-            reg(sub)
+        importlib.import_module(name).register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
