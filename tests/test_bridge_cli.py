@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import subprocess
-import sys
-import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +19,8 @@ import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvrouter.client import RouterClient
-from tests.conftest import RouterProcess, run_cli, subprocess_env
+from kvrouter.testing.processes import child_env, kvrouter_cmd, stop_process
+from tests.conftest import RouterProcess, run_cli
 from tests.test_bridge_vllm import FakeZmqEngine, eventually
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -55,9 +53,8 @@ class Bridges:
     def start(self, *args: str) -> subprocess.Popen[str]:
         log = self.tmp / f"bridge{len(self.procs)}.log"
         with log.open("w") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "kvrouter.cli", "bridge", *args],
-                                    stdout=f, stderr=subprocess.STDOUT, text=True,
-                                    env=subprocess_env())
+            proc = subprocess.Popen(kvrouter_cmd("bridge", *args), stdout=f,
+                                    stderr=subprocess.STDOUT, text=True, env=child_env())
         self.procs.append((proc, log))
         return proc
 
@@ -65,17 +62,7 @@ class Bridges:
         return "\n".join(p.read_text() for _, p in self.procs if p.exists())
 
     def stop_all(self) -> list[int]:
-        codes = []
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
-            codes.append(int(proc.returncode))
-        return codes
+        return [stop_process(proc) for proc, _ in self.procs]
 
 
 @pytest.fixture
@@ -165,10 +152,8 @@ def test_sglang_bridge_feeds_router_and_mismatch_shows_in_list_workers(
 
             # A graceful stop tells routers at once: the workers leave.
             assert bridges.stop_all() == [0, 0]
-            deadline = time.monotonic() + 10
-            while client.list_workers(model) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert client.list_workers(model) == []
+            await eventually(lambda: not client.list_workers(model), 10,
+                             what="the workers leave after a graceful stop")
         await ok.close()
         await bad.close()
         ctx.destroy(0)
