@@ -13,7 +13,7 @@ from kvrouter.config import load_config
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 SOURCES = [Path(__file__).resolve().parents[1] / "python" / "kvrouter" / p
-           for p in ("metrics.py", "events/metrics.py")]
+           for p in ("server/metrics.py", "events/metrics.py")]
 
 
 def test_k8s_manifests_parse_and_embed_a_valid_router_config(tmp_path: Path) -> None:

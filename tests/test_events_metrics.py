@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvrouter.events.codec import encode_payload
 from kvrouter.events.model import BlockStored
 from kvrouter.events.plane import InProcessPlane, make_event_plane
-from kvrouter.metrics import RouterMetrics, WorkerSample
+from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.registry import Registry
 
 BS = 4
