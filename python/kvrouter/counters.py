@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Self
 
+from kvrouter._core import ApplyResult
+
 
 @dataclasses.dataclass
 class Counters:
@@ -37,4 +39,17 @@ class Counters:
                     mine[k] = mine.get(k, 0) + n
             else:
                 setattr(self, f.name, mine + theirs)
+        return self
+
+
+class ApplyTotals(dict[str, int]):
+    """Sums of the index's ApplyResults, keyed by the core's counter names
+    (`ApplyResult.FIELDS`, declared once in rust/src/index.rs)."""
+
+    def __init__(self) -> None:
+        super().__init__(dict.fromkeys(ApplyResult.FIELDS, 0))
+
+    def add(self, r: ApplyResult) -> Self:
+        for name in ApplyResult.FIELDS:
+            self[name] += getattr(r, name)
         return self

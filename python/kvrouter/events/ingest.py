@@ -7,9 +7,7 @@ gap by re-reading the range from the stream or, when the range is gone, by
 asking the worker for a full dump; and applies payloads with one
 PrefixIndex.apply_payloads call per batch in a worker thread (the Rust side
 releases the GIL), so the gRPC event loop only does envelope parsing.
-
-Run `python -m kvrouter.events.ingest --redis URL --model NAME:BLOCK_SIZE` for a
-standalone ingest process (used by the tests to SIGKILL a router).
+`python -m kvrouter.events` runs the Redis plane's ingest as a process of its own.
 """
 
 from __future__ import annotations
@@ -21,21 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from kvrouter.counters import ApplyTotals, Counters
 from kvrouter.events import metrics as m
-from kvrouter.events.wire import Entry, Heartbeat, parse_entry
+from kvrouter.events.wire import Entry, Heartbeat, parse_entry, parse_stream_id
 from kvrouter.registry import Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
 
 log = logging.getLogger("kvrouter.events.ingest")
 
 AWAITING_HEARTBEAT = "awaiting heartbeat"
-
-
-def _id_tuple(sid: bytes) -> tuple[int, int]:
-    ms, _, seq = sid.partition(b"-")
-    try:
-        return int(ms), int(seq or 0)
-    except ValueError:
-        return (0, 0)
 
 
 class Repairer(Protocol):
@@ -79,7 +70,7 @@ class WorkerTrack:
 
 
 @dataclass
-class IngestStats:
+class IngestStats(Counters):
     entries_applied: int = 0
     blocks_stored: int = 0
     blocks_duplicate: int = 0
@@ -98,10 +89,21 @@ class IngestStats:
     data_losses: int = 0
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        d["malformed"] = dict(self.malformed)
-        d["malformed_total"] = sum(self.malformed.values())
+        d = super().as_dict()
+        d["malformed_total"] = sum(self.malformed.values())  # read by tests and status pages
         return d
+
+
+# How each core apply counter (ApplyResult.FIELDS) this plane tallies is kept: its
+# IngestStats field and its kvrouter_events_blocks_total label (None: not a block count).
+_TALLIED: dict[str, tuple[str, str | None]] = {
+    "stored_blocks": ("blocks_stored", "stored"),
+    "duplicate_blocks": ("blocks_duplicate", "duplicate"),
+    "removed_blocks": ("blocks_removed", "removed"),
+    "unknown_removals": ("unknown_removals", "unknown_removal"),
+    "cleared_blocks": ("blocks_cleared", "cleared"),
+    "orphan_events": ("orphan_events", None),
+}
 
 
 class IngestCore:
@@ -275,7 +277,8 @@ class IngestCore:
         m.APPLY_SECONDS.observe(time.perf_counter() - t0)
         now_wall = time.time()
         st = self.stats
-        ok = stored = dup = removed = unknown = cleared = orphans = 0
+        ok = 0
+        tot = ApplyTotals()  # keyed by the core's counter names (ApplyResult.FIELDS)
         sink = self.lag_sink
         for (tr, e), r in zip(metas, results, strict=True):
             if r.malformed:
@@ -284,41 +287,33 @@ class IngestCore:
                 await self._request_dump(tr, e.epoch, "malformed payload")
                 continue
             ok += 1
-            stored += r.stored_blocks
-            dup += r.duplicate_blocks
-            removed += r.removed_blocks
-            unknown += r.unknown_removals
-            cleared += r.cleared_blocks
-            orphans += r.orphan_events
+            tot.add(r)
             if e.t > 0:
                 lag = now_wall - e.t
                 m.INGEST_LAG.observe(lag)
                 if sink is not None:
                     sink.append(lag)
         st.entries_applied += ok
-        st.blocks_stored += stored
-        st.blocks_duplicate += dup
-        st.blocks_removed += removed
-        st.unknown_removals += unknown
-        st.blocks_cleared += cleared
-        st.orphan_events += orphans
+        for name, (stat, label) in _TALLIED.items():
+            setattr(st, stat, getattr(st, stat) + tot[name])
+            if label is not None and tot[name]:
+                m.BLOCKS.labels(label).inc(tot[name])
         counter = self._applied_counters.get(model)
         if counter is None:
             counter = self._applied_counters[model] = m.EVENTS_APPLIED.labels(model)
         counter.inc(ok)
-        for op, n in (("stored", stored), ("duplicate", dup), ("removed", removed),
-                      ("unknown_removal", unknown), ("cleared", cleared)):
-            if n:
-                m.BLOCKS.labels(op).inc(n)
-        if orphans:
-            m.ORPHANS.inc(orphans)
+        if tot["orphan_events"]:
+            m.ORPHANS.inc(tot["orphan_events"])
 
     def _seen_by_reader(self, e: Entry) -> bool:
         """Whether a re-applied (repair) entry was already read, and counted, by the reader."""
         pos = self.positions.get(e.stream)
         if not pos or not e.id:
             return False
-        return _id_tuple(e.id) <= _id_tuple(pos)
+        try:
+            return parse_stream_id(e.id) <= parse_stream_id(pos)
+        except ValueError:
+            return False  # not comparable: count the entry rather than lose the count
 
     def _count_malformed(self, reason: str, tr: WorkerTrack | None, stream: str, eid: bytes) -> None:
         self.stats.malformed[reason] = self.stats.malformed.get(reason, 0) + 1
@@ -540,10 +535,6 @@ class IngestCore:
         log.info("worker removed: model=%s worker=%s reason=%s dropped_requests=%d",
                  model, worker, reason, len(dropped))
 
-    async def remove(self, model: str, worker: str, reason: str) -> None:
-        async with self.lock:
-            self._remove(model, worker, reason)
-
     def stream_lost(self, stream: str) -> None:
         """Redis lost the stream's data: re-read it from its start; repair scans must
         not start from ids of the lost stream."""
@@ -560,86 +551,3 @@ class IngestCore:
             if tr.confirmed:
                 out[model] = out.get(model, 0) + 1
         return out
-
-
-# --------------------------------------------------------------------------------
-# Standalone ingest process (the tests SIGKILL it; `kvrouter serve` embeds the plane).
-
-
-def _parse_models(specs: list[str]) -> list[tuple[str, int]]:
-    out = []
-    for spec in specs:
-        name, _, bs = spec.partition(":")
-        if not name or not bs.isdigit():
-            raise SystemExit(f"--model expects NAME:BLOCK_SIZE, got {spec!r}")
-        out.append((name, int(bs)))
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-    import os
-    import signal
-
-    p = argparse.ArgumentParser(prog="python -m kvrouter.events.ingest",
-                                description="Run the Redis event plane ingest for a router's index.")
-    p.add_argument("--redis", required=True, help="Redis URL (redis://, rediss://, redis+sentinel://...)")
-    p.add_argument("--namespace", default="kvrouter")
-    p.add_argument("--model", action="append", required=True, help="NAME:BLOCK_SIZE (repeatable)")
-    p.add_argument("--replica-id", default=None)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--heartbeat-ttl", type=float, default=3.0)
-    p.add_argument("--snapshot-interval", type=float, default=30.0)
-    p.add_argument("--snapshot-min-retention", type=float, default=10.0)
-    p.add_argument("--state-file", default=None,
-                   help="write the index state (per worker block hashes digest) here as JSON, periodically")
-    p.add_argument("--state-interval", type=float, default=0.2)
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-    from kvrouter.events.plane import make_event_plane, state_summary
-
-    async def run() -> None:
-        registry = Registry()
-        for name, bs in _parse_models(args.model):
-            registry.add_model(name, bs)
-        plane = make_event_plane(
-            registry, args.redis, namespace=args.namespace, replica_id=args.replica_id,
-            num_shards=args.num_shards, heartbeat_ttl_s=args.heartbeat_ttl,
-            snapshot_interval_s=args.snapshot_interval,
-            snapshot_min_retention_s=args.snapshot_min_retention,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await plane.start()
-        try:
-            while not stop.is_set():
-                if args.state_file:
-                    summary = await state_summary(plane)
-                    tmp = args.state_file + ".tmp"
-                    with open(tmp, "w") as f:
-                        json.dump(summary, f)
-                    os.replace(tmp, args.state_file)
-                try:
-                    await asyncio.wait_for(stop.wait(), args.state_interval)
-                except TimeoutError:
-                    pass
-        finally:
-            await plane.stop()
-
-    try:
-        import uvloop
-
-        uvloop.run(run())
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(run())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
