@@ -292,9 +292,3 @@ def load_config(
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, sources)) from None
-
-
-def default_config_text() -> str:
-    """The defaults as YAML (`kvrouter serve --print-config`)."""
-    cfg = Config()
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -88,7 +87,6 @@ class EngineProfile:
     weight_bytes: int
     gpu_mem_bytes: int
     h2d_bytes_per_s: float
-    d2h_bytes_per_s: float
     raw: list[RawPoint]
     source: str = ""
     # fitted / derived, filled by __post_init__
@@ -179,10 +177,9 @@ class EngineProfile:
         copy = data.get("copy") or {}
         # Without a copy measurement (the 49B file has none), assume a PCIe-5-class link.
         h2d = float(copy.get("h2d_GBps", 50.0)) * 1e9
-        d2h = float(copy.get("d2h_GBps", 50.0)) * 1e9
         return cls(name=name, device=device, kv_bytes_per_token=kv,
                    weight_bytes=int(params * 2),  # bf16 weights
-                   gpu_mem_bytes=int(gpu_mem_bytes), h2d_bytes_per_s=h2d, d2h_bytes_per_s=d2h,
+                   gpu_mem_bytes=int(gpu_mem_bytes), h2d_bytes_per_s=h2d,
                    raw=raw, source=source)
 
     @staticmethod
@@ -247,9 +244,6 @@ class EngineProfile:
     def h2d_time(self, tokens: int) -> float:
         return tokens * self.kv_bytes_per_token / self.h2d_bytes_per_s
 
-    def d2h_time(self, tokens: int) -> float:
-        return tokens * self.kv_bytes_per_token / self.d2h_bytes_per_s
-
     def transfer_time(self, tokens: int, link_bytes_per_s: float) -> float:
         """KV of `tokens` over a link (disaggregated prefill -> decode)."""
         if link_bytes_per_s <= 0:
@@ -284,7 +278,3 @@ class EngineProfile:
                 "kv_capacity_tokens": self.kv_capacity_tokens(),
                 "attn_s_per_token_pair": self.attn_s_per_token_pair,
                 "max_abs_rel_err": max(abs(float(r["rel_err"])) for r in self.residuals())}
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    return math.ceil(tokens / block_size)
