@@ -13,7 +13,8 @@ import grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from kvrouter.client import RouterClient
-from tests.test_sim_process import EngineProc, eventually, start_engine
+from kvrouter.testing.processes import SimEngine, start_sim_engine
+from kvrouter.testing.wait import wait_until
 
 BS = 16
 
@@ -96,12 +97,12 @@ def routable(target: str) -> set[str]:
 
 
 def wait_routable(target: str, names: set[str]) -> None:
-    eventually(lambda: names <= routable(target), 30, f"workers {sorted(names)} routable")
+    wait_until(lambda: names <= routable(target), 30, what=f"workers {sorted(names)} routable")
 
 
 def wait_no_reservations(target: str) -> None:
     """Releases happen as the handler ends, just after the client saw the status: poll."""
-    eventually(lambda: not any(reservations(target).values()), 10, "no reservation left")
+    wait_until(lambda: not any(reservations(target).values()), 10, what="no reservation left")
 
 
 class Engines:
@@ -110,18 +111,17 @@ class Engines:
     def __init__(self, workdir: Path, target: str) -> None:
         self.workdir = workdir
         self.target = target
-        self.procs: dict[str, EngineProc] = {}
+        self.procs: dict[str, SimEngine] = {}
 
-    def start(self, role: str, *extra: str, name: str = "") -> EngineProc:
+    def start(self, role: str, *extra: str, name: str = "") -> SimEngine:
         name = name or f"{role[:3]}-{uuid.uuid4().hex[:6]}"
-        eng = start_engine(self.workdir, self.target, name, "--role", role, *extra)
+        eng = start_sim_engine(self.workdir, name, router=self.target,
+                               args=("--time-scale", "0.2", "--role", role, *extra))
         self.procs[name] = eng
         return eng
 
     def kill(self, name: str) -> None:
-        eng = self.procs[name]
-        eng.proc.kill()
-        eng.proc.wait(10)
+        self.procs[name].kill()
 
     def stop_all(self) -> None:
         for e in self.procs.values():

@@ -579,7 +579,8 @@ def test_dead_engine_behind_a_live_bridge_leaves_routing_and_returns_fresh() -> 
 def test_heartbeat_metadata_for_proxy_mode() -> None:
     """What Router.Generate needs to reach a bridged engine: backend=openai, the engine's
     HTTP URL as the worker address (from --metrics-url when not given), served_model."""
-    from kvrouter.server.backends import Backends, OpenAIBackend
+    from kvrouter.backends.dispatch import Backends
+    from kvrouter.backends.openai_http import OpenAIBackend
 
     http = FakeEngineHttp()
     with pytest.raises(BridgeConfigError, match="engine_block_size"):

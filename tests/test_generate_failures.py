@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from kvrouter._proto.v1 import engine_pb2, router_pb2
+from kvrouter.testing.wait import wait_until
 from tests.generate_helpers import (
     Engines,
     Reply,
@@ -26,7 +27,6 @@ from tests.generate_helpers import (
     wait_no_reservations,
     wait_routable,
 )
-from tests.test_sim_process import eventually
 
 DISAGG = router_pb2.GENERATE_MODE_DISAGGREGATED
 
@@ -60,7 +60,7 @@ def test_decode_dies_while_importing_then_decodes_elsewhere(
     engines.start("decode", "--link-gbps", "0.005", name="slow")
     wait_routable(router.target, {"pre", "slow"})
     t, out = in_background(lambda: generate(router.target, prompt(1, 1500), 8, mode=DISAGG))
-    eventually(busy(engines, "slow"), 30, "generation-only request on the slow decode worker")
+    wait_until(busy(engines, "slow"), 30, what="generation-only request on the slow decode worker")
     engines.start("decode", name="fast")
     wait_routable(router.target, {"fast"})
     engines.kill("slow")
@@ -83,7 +83,7 @@ def test_kv_lost_with_the_prefill_worker_means_prefill_again(
     engines.start("decode", "--link-gbps", "0.005", name="slow")
     wait_routable(router.target, {"pre", "slow"})
     t, out = in_background(lambda: generate(router.target, prompt(2, 1500), 8, mode=DISAGG))
-    eventually(busy(engines, "slow"), 30, "generation-only request on the slow decode worker")
+    wait_until(busy(engines, "slow"), 30, what="generation-only request on the slow decode worker")
     engines.start("decode", name="fast")
     wait_routable(router.target, {"fast"})
     engines.kill("pre")
@@ -108,7 +108,7 @@ def test_prefill_dies_then_aggregated_on_the_decode_worker(setup: tuple[Any, Eng
     engines.start("decode", name="dec")
     wait_routable(router.target, {"pre", "dec"})
     t, out = in_background(lambda: generate(router.target, prompt(3, 4000), 6, mode=DISAGG))
-    eventually(busy(engines, "pre"), 30, "context request on the prefill worker")
+    wait_until(busy(engines, "pre"), 30, what="context request on the prefill worker")
     engines.kill("pre")
     t.join(60)
     (rep,) = out

@@ -13,6 +13,7 @@ import pytest
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2
 from kvrouter.client import RouterClient
 from kvrouter.protocol import lora_extra_key
+from kvrouter.testing.wait import wait_until
 from tests.generate_helpers import (
     Engines,
     engine_stats,
@@ -22,7 +23,6 @@ from tests.generate_helpers import (
     wait_no_reservations,
     wait_routable,
 )
-from tests.test_sim_process import eventually
 
 AGG = router_pb2.GENERATE_MODE_AGGREGATED
 DISAGG = router_pb2.GENERATE_MODE_DISAGGREGATED
@@ -88,8 +88,8 @@ def test_prefix_held_by_decode_worker_means_local_prefill(fleet: tuple[Any, Engi
     # the decode worker now caches the imported prompt; once the router knows it, the
     # uncached part is tiny and the prefill runs locally there (conditional disaggregation)
     with RouterClient(router.target) as rc:
-        eventually(lambda: {w.name: w.cached_blocks for w in rc.list_workers()}["dec"] >= 120,
-                   10, "decode worker's blocks indexed")
+        wait_until(lambda: {w.name: w.cached_blocks for w in rc.list_workers()}["dec"] >= 120,
+                   10, what="decode worker's blocks indexed")
     pre = engines.procs["pre"].address
     n0 = engine_stats(pre)["requests"]
     again = generate(router.target, toks + prompt(4, 30), 4)
@@ -178,9 +178,9 @@ def test_lora_name_alone_routes_on_the_adapters_blocks(router_server: Callable[.
         _engine_generate(tuned.address, toks, 1, lora_name="ad")
         key = lora_extra_key("ad")
         with RouterClient(router.target) as rc:
-            eventually(lambda: rc.route(toks, extra_key=key, dry_run=True).overlap_blocks == 6
+            wait_until(lambda: rc.route(toks, extra_key=key, dry_run=True).overlap_blocks == 6
                        and rc.route(toks, dry_run=True).overlap_blocks == 6, 10,
-                       "both workers' blocks indexed")
+                       what="both workers' blocks indexed")
             assert rc.route(toks, extra_key=key, dry_run=True).worker == "tuned"
             assert rc.route(toks, dry_run=True).worker == "base"
         rep = generate(router.target, toks, 3, mode=AGG, lora_name="ad")

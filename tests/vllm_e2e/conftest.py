@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kvrouter.backends.openai_http import Usage, generate, request
+from kvrouter.backends.openai_http import CompletionUsage, generate, request
 from kvrouter.client import RouterClient
 from kvrouter.testing.vllm_harness import (
     ENGINE_BLOCK_SIZE,
@@ -87,7 +87,7 @@ class Completion:
     worker: str
     prompt: list[int]
     output: list[int]
-    usage: Usage
+    usage: CompletionUsage
 
     @property
     def sequence(self) -> list[int]:
@@ -115,7 +115,7 @@ class VllmFleetDriver:
     def complete(self, name: str, prompt: list[int], max_tokens: int = 8) -> Completion:
         async def run() -> Completion:
             out: list[int] = []
-            usage: Usage | None = None
+            usage: CompletionUsage | None = None
             async for chunk in generate(self.worker(name).address, MODEL_NAME, prompt, max_tokens,
                                         ignore_eos=True, temperature=0.0, read_timeout=60):
                 out += chunk.token_ids

@@ -13,7 +13,7 @@ from kvrouter.backends.openai_http import (
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
-    Chunk,
+    CompletionChunk,
     generate,
     parse_address,
 )
@@ -22,7 +22,7 @@ from kvrouter.testing.vllm_harness import MODEL_NAME
 from tests.vllm_e2e.conftest import VllmFleetDriver
 
 
-async def _collect(it: AsyncIterator[Chunk]) -> list[Chunk]:
+async def _collect(it: AsyncIterator[CompletionChunk]) -> list[CompletionChunk]:
     return [c async for c in it]
 
 

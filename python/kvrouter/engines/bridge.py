@@ -30,7 +30,7 @@ beside it as a sidecar (DESIGN §4) and makes it a routing target:
   Heartbeats start only after the first successful probe.
 * Proxy mode: the heartbeat metadata says how the router reaches the engine
   (backend=openai, served_model; the address is the engine's HTTP URL), the keys
-  kvrouter.server.backends reads, plus any --meta KEY=VALUE.
+  kvrouter.backends.dispatch reads, plus any --meta KEY=VALUE.
 * Block size: the engine's block size is published in the heartbeat; routers
   mark the worker MISMATCH when their model's block size does not divide it.
   When the bridge is told the router's block size it refuses to start on an
@@ -55,6 +55,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import Counter, Gauge
 
+from kvrouter.backends.base import BACKEND_METADATA_KEY, SERVED_MODEL_METADATA_KEY
 from kvrouter.counters import Counters
 from kvrouter.engines.block_mirror import BlockMirror
 from kvrouter.engines.sglang.wire import SglangDecoder
@@ -272,8 +273,9 @@ class EngineBridge:
         MISMATCH.labels(self.worker).set(0)
 
     def _meta(self) -> dict[str, str]:
-        # backend / served_model: the keys kvrouter.server.backends picks the proxy by.
-        meta = {"backend": "openai", "served_model": self.config.served_model or self.publisher.model,
+        # the keys kvrouter.backends.dispatch picks the router's proxy backend by
+        meta = {BACKEND_METADATA_KEY: "openai",
+                SERVED_MODEL_METADATA_KEY: self.config.served_model or self.publisher.model,
                 **self.config.meta,
                 "engine": self.config.engine, "zmq": self.config.zmq_endpoint,
                 "bridge": "kvrouter"}

@@ -38,19 +38,19 @@ import grpc
 import numpy as np
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2
-from kvrouter.config import ModelConfig
-from kvrouter.planner import NoWorker, Plan, Planner, PlanPath, Pool, Prompt, build_pools
-from kvrouter.protocol import extra_key_for
-from kvrouter.registry import ModelState, Role, WorkerInfo
-from kvrouter.server.backends import (
-    Backends,
+from kvrouter.backends.base import (
     DisaggParams,
     EngineCall,
     EngineChunk,
     EngineFailure,
     FailureKind,
-    RequestType,
+    RequestPhase,
 )
+from kvrouter.backends.dispatch import Backends
+from kvrouter.config import ModelConfig
+from kvrouter.planner import NoWorker, Plan, Planner, PlanPath, Pool, Prompt, build_pools
+from kvrouter.protocol import extra_key_for
+from kvrouter.registry import ModelState, Role, WorkerInfo
 
 log = logging.getLogger("kvrouter.server.generate")
 
@@ -234,7 +234,7 @@ class GenerateProxy:
             completion_tokens=len(r.generated)))
         return resp
 
-    def _call(self, r: _Request, request_type: RequestType, max_tokens: int,
+    def _call(self, r: _Request, request_type: RequestPhase, max_tokens: int,
               disagg: DisaggParams | None = None, suffix: str = "") -> EngineCall:
         r.attempts += 1
         # engine request ids are unique per call, so that a retry on the same engine (or a
@@ -277,7 +277,7 @@ class GenerateProxy:
         while True:
             info = self._info(r, wid)
             r.trace.worker = info.name
-            call = self._call(r, RequestType.CONTEXT_AND_GENERATION, r.remaining)
+            call = self._call(r, RequestPhase.CONTEXT_AND_GENERATION, r.remaining)
             marked = False
             done = 0
             try:
@@ -349,7 +349,7 @@ class GenerateProxy:
     async def _context(self, r: _Request, info: WorkerInfo,
                        ) -> tuple[list[int], DisaggParams, int]:
         """Run the context phase; (first tokens, params for the generation phase, cached)."""
-        call = self._call(r, RequestType.CONTEXT_ONLY, 1, suffix="p")
+        call = self._call(r, RequestPhase.CONTEXT_ONLY, 1, suffix="p")
         backend = self.backends.for_worker(info)
         tokens: list[int] = []
         async for c in backend.generate(info, r.model.name, call):
@@ -404,7 +404,7 @@ class GenerateProxy:
         while True:
             dinfo = self._info(r, wid)
             r.trace.worker = dinfo.name
-            call = self._call(r, RequestType.GENERATION_ONLY, r.remaining, disagg=params)
+            call = self._call(r, RequestPhase.GENERATION_ONLY, r.remaining, disagg=params)
             call.token_ids = r.prompt  # the context's prompt: its KV is what gets imported
             produced = False
             try:
