@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import Field
 
 from kvrouter.config import (
     DEFAULT_MODEL,
     ConfigError,
+    Layer,
+    LayeredSettings,
     load_config,
     parse_model_spec,
 )
@@ -92,3 +96,65 @@ def test_unreadable_and_unknown_files(tmp_path: Path) -> None:
     broken.write_text("router = [\n")
     with pytest.raises(ConfigError, match="does not parse"):
         load_config(broken, env={})
+
+
+def test_env_beats_file_and_flags_beat_env_deeply(tmp_path: Path) -> None:
+    """Tables merge key by key across layers (event_plane here); lists (models) replace."""
+    f = tmp_path / "c.json"
+    f.write_text('{"router": {"event_plane": {"namespace": "file", "num_shards": 2},'
+                 ' "lease_s": 10}, "models": [{"name": "filemodel"}]}')
+    env = {"KVROUTER_EVENT_PLANE": '{"namespace": "env"}', "KVROUTER_LEASE_S": "20"}
+    cfg = load_config(f, env=env)
+    assert cfg.router.event_plane == {"namespace": "env", "num_shards": 2}
+    assert cfg.router.lease_s == 20
+    assert [m.name for m in cfg.models] == ["filemodel"]
+    cfg = load_config(f, env=env, overrides={"router": {"lease_s": 30,
+                                                         "event_plane": {"num_shards": 4}}})
+    assert cfg.router.event_plane == {"namespace": "env", "num_shards": 4}
+    assert cfg.router.lease_s == 30
+
+
+def test_a_bad_value_names_its_source(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("router:\n  lease_s: 0\n  metrics_port: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env={})
+    assert f"router.lease_s: Input should be greater than 0 (from file {f})" in str(e.value)
+
+    # The environment's value replaces the file's: the error is the environment's.
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env={"KVROUTER_LEASE_S": "-1"})
+    assert "router.lease_s" in str(e.value) and "(from environment: KVROUTER_LEASE_S)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"models\[0\]\.policy.*from environment: KVROUTER_MODELS"):
+        load_config(env={"KVROUTER_MODELS": '[{"name": "m", "policy": "fastest"}]'})
+
+    # A flag's value replaces both, and is named by the flag when the caller says which.
+    with pytest.raises(ConfigError) as e:
+        load_config(f, env={"KVROUTER_LEASE_S": "5"}, overrides={"router": {"lease_s": -2}},
+                    flag_names={("router", "lease_s"): "--lease-s"})
+    assert "(from flags: --lease-s)" in str(e.value)
+    # Only the bad value is reported, with its own source.
+    assert "metrics_port" not in str(e.value)
+
+
+def test_serve_names_the_bad_flag(kvrouter_cli: Any) -> None:
+    r = kvrouter_cli("serve", "--lease-s", "0", "--model", "m,block_size=0", "--print-config")
+    assert r.returncode == 2
+    assert "router.lease_s" in r.stderr and "(from flags: --lease-s)" in r.stderr
+    assert "models[0].block_size" in r.stderr and "(from flags: --model)" in r.stderr
+
+
+class _Options(LayeredSettings):
+    size: int = Field(default=1, gt=0)
+    name: str = "x"
+
+
+def test_other_option_types_validate_by_the_same_path() -> None:
+    assert _Options.from_values({"size": 3}).size == 3
+    assert _Options(size=2).size == 2  # plain keywords validate too (and read no environment)
+    with pytest.raises(ConfigError, match=r"size: Input should be greater than 0 \(from flags: --size\)"):
+        _Options.from_values({"size": 0}, keys={("size",): "--size"})
+    with pytest.raises(ConfigError, match=r"colour: Extra inputs are not permitted \(from flags\)"):
+        _Options.from_values({"colour": "red"})
+    with pytest.raises(ConfigError, match=r"size.*from environment"):
+        _Options.from_layers(Layer("file f", {"size": 2}), Layer("environment", {"size": -1}))

@@ -76,10 +76,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     router = {k: getattr(args, k) for k in _SERVE_FIELDS if getattr(args, k) is not None}
     if router:
         overrides["router"] = router
+    # Errors in a flag's value name the flag.
+    names = {("router", k): "--" + k.replace("_", "-") for k in router}
     try:
         if args.model:
             overrides["models"] = [parse_model_spec(s) for s in args.model]
-        config = load_config(args.config, overrides=overrides)
+            names[("models",)] = "--model"
+        config = load_config(args.config, overrides=overrides, flag_names=names)
     except ConfigError as e:
         print(f"kvrouter serve: {e}", file=sys.stderr)
         return 2

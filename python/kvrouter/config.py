@@ -1,4 +1,4 @@
-"""Router configuration: defaults < file (YAML or TOML) < environment (KVROUTER_*) < flags.
+"""Router configuration: defaults < file (YAML, JSON or TOML) < environment (KVROUTER_*) < flags.
 
     router:
       listen: 127.0.0.1:50051     # gRPC address
@@ -14,20 +14,32 @@
 
 Environment: KVROUTER_<ROUTER FIELD> (e.g. KVROUTER_LISTEN, KVROUTER_LEASE_S),
 KVROUTER_MODELS (a JSON list of model tables) and KVROUTER_CONFIG (the file).
-Every validation error names the offending field (ConfigError).
+Every validation error names the offending field and the layer its value came from
+(ConfigError). The layering is pydantic-settings' (LayeredSettings, a custom source
+order); the bridge, event-plane and sim-engine options validate through the same path.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 ENV_PREFIX = "KVROUTER_"
 DEFAULT_MODEL = "default"
@@ -170,7 +182,109 @@ class RouterConfig(_Strict):
         return None if v == "" else v
 
 
-class Config(_Strict):
+# ---------------------------------------------------------------------- layering
+
+
+class Layer(NamedTuple):
+    """One source of settings: where they come from (named in errors) and what it says.
+    `keys` maps a field path to the name the user wrote (KVROUTER_LEASE_S, --lease-s)."""
+
+    source: str
+    data: Mapping[str, Any]
+    keys: Mapping[tuple[str, ...], str] = {}
+
+
+# The layers of the settings object being built (BaseSettings builds from sources it asks
+# its class for, so they travel beside the call rather than through __init__).
+_LAYERS: contextvars.ContextVar[tuple[Layer, ...]] = contextvars.ContextVar("kvrouter_layers")
+
+
+class _LayerSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], layer: Layer) -> None:
+        super().__init__(settings_cls)
+        self.layer = layer
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.layer.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.layer.data)
+
+
+class LayeredSettings(BaseSettings):
+    """Base of every option type (router, bridge, event plane, sim engine): built from
+    layers, lowest first, that pydantic-settings merges deeply (file < KVROUTER_*
+    environment < flags for the router) and validated once, by `from_layers`, whose
+    ConfigError names each bad field and the layer its value came from. Constructed
+    directly with keywords, it validates them like any pydantic model and reads nothing
+    else (no environment)."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True,
+                                      validate_default=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        layers = _LAYERS.get(())
+        # Highest priority first: keywords, then the layers from the last to the first.
+        return (init_settings, *(_LayerSource(settings_cls, layer) for layer in reversed(layers)))
+
+    @classmethod
+    def from_layers(cls, *layers: Layer, what: str = "configuration") -> Self:
+        token = _LAYERS.set(layers)
+        try:
+            return cls()
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, layers, what)) from None
+        finally:
+            _LAYERS.reset(token)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any], source: str = "flags",
+                    keys: Mapping[tuple[str, ...], str] | None = None) -> Self:
+        """Options from one layer (a command line's flags); `keys` names the flags."""
+        return cls.from_layers(Layer(source, values, keys or {}),
+                               what=f"{cls.__name__} options")
+
+
+def _lookup(data: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:
+    cur: Any = data
+    for part in loc:
+        if isinstance(part, int) and isinstance(cur, list) and 0 <= part < len(cur):
+            cur = cur[part]
+        elif isinstance(part, str) and isinstance(cur, Mapping) and part in cur:
+            cur = cur[part]
+        else:
+            return False
+    return True
+
+
+def _origin(loc: tuple[str | int, ...], layers: tuple[Layer, ...]) -> str:
+    """The highest layer that set the value at `loc` (or a part of the path to it)."""
+    for n in range(len(loc), 0, -1):
+        for layer in reversed(layers):
+            if _lookup(layer.data, loc[:n]):
+                key = next((layer.keys[k] for k in (tuple(str(p) for p in loc[:m])
+                                                     for m in range(n, 0, -1))
+                            if k in layer.keys), None)
+                return f"{layer.source}: {key}" if key else layer.source
+    return "default"
+
+
+def _format_error(err: ValidationError, layers: tuple[Layer, ...], what: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ""
+        for part in e["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        lines.append(f"{loc or '<root>'}: {e['msg']} (from {_origin(tuple(e['loc']), layers)})")
+    return f"invalid {what}:\n  " + "\n  ".join(lines)
+
+
+class Config(LayeredSettings):
     router: RouterConfig = Field(default_factory=lambda: RouterConfig())
     models: list[ModelConfig] = Field(default_factory=list)
 
@@ -186,44 +300,40 @@ class Config(_Strict):
         return self
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ""
-        for part in e["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        loc = loc or "<root>"
-        lines.append(f"{loc}: {e['msg']}")
-    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
-
-
-def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+def file_layer(path: str | os.PathLike[str]) -> Layer:
+    """A YAML, JSON or TOML file as a layer, read by pydantic-settings' file sources."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb"):
+            pass
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+    sources: dict[str, Callable[[], PydanticBaseSettingsSource]] = {
+        ".toml": lambda: TomlConfigSettingsSource(Config, toml_file=p),
+        ".yaml": lambda: YamlConfigSettingsSource(Config, yaml_file=p),
+        ".yml": lambda: YamlConfigSettingsSource(Config, yaml_file=p),
+        ".json": lambda: JsonConfigSettingsSource(Config, json_file=p),
+    }
+    make = sources.get(p.suffix.lower())
+    if make is None:
+        raise ConfigError(f"config file {p}: unknown format (use .yaml, .yml, .json or .toml)")
     try:
-        if p.suffix.lower() == ".toml":
-            data: Any = tomllib.loads(text)
-        elif p.suffix.lower() in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"config file {p}: unknown format (use .yaml, .yml or .toml)")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        data = make()()  # the sources read and parse the file when built
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConfigError(f"config file {p} does not parse: {e}") from e
-    if data is None:
-        return {}
+    except (TypeError, ValueError, AttributeError) as e:  # a list or scalar at the top
+        raise ConfigError(f"config file {p}: top level must be a table/mapping ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {p}: top level must be a table/mapping")
-    return data
+    return Layer(f"file {p}", data)
 
 
-def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+def env_layer(env: Mapping[str, str]) -> Layer:
     """KVROUTER_<FIELD> for router fields, KVROUTER_MODELS as JSON. Unknown names are ignored
     (KVROUTER_CONFIG names the file; other tools may share the prefix)."""
     router: dict[str, Any] = {}
     out: dict[str, Any] = {}
+    keys: dict[tuple[str, ...], str] = {}
     for name in RouterConfig.model_fields:
         key = ENV_PREFIX + name.upper()
         if key in env:
@@ -231,11 +341,13 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             if name == "event_plane":
                 value = _json_env(key, value)
             router[name] = value
+            keys[("router", name)] = key
     if router:
         out["router"] = router
     if ENV_PREFIX + "MODELS" in env:
         out["models"] = _json_env(ENV_PREFIX + "MODELS", env[ENV_PREFIX + "MODELS"])
-    return out
+        keys[("models",)] = ENV_PREFIX + "MODELS"
+    return Layer("environment", out, keys)
 
 
 def _json_env(key: str, value: str) -> Any:
@@ -264,31 +376,17 @@ def parse_model_spec(spec: str) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    flag_names: Mapping[tuple[str, ...], str] | None = None,
 ) -> Config:
-    """Build the configuration. `overrides` (from flags) wins over `env` (default os.environ),
-    which wins over the file (`path`, else $KVROUTER_CONFIG), which wins over defaults."""
+    """Build the configuration. `overrides` (from flags, named in errors by `flag_names`)
+    wins over `env` (default os.environ), which wins over the file (`path`, else
+    $KVROUTER_CONFIG), which wins over defaults."""
     env = os.environ if env is None else env
     path = path or env.get(ENV_PREFIX + "CONFIG") or None
-    data: dict[str, Any] = read_file(path) if path else {}
-    data = _merge(data, env_overrides(env))
-    if overrides:
-        data = _merge(data, overrides)
-    sources = (f"file {path}, " if path else "") + "environment and flags"
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, sources)) from None
+    layers = [file_layer(path)] if path else []
+    layers += [env_layer(env), Layer("flags", overrides or {}, flag_names or {})]
+    return Config.from_layers(*layers)
