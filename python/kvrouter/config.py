@@ -244,10 +244,10 @@ class LayeredSettings(BaseSettings):
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], source: str = "flags",
-                    keys: Mapping[tuple[str, ...], str] | None = None) -> Self:
+                    keys: Mapping[tuple[str, ...], str] | None = None,
+                    what: str = "options") -> Self:
         """Options from one layer (a command line's flags); `keys` names the flags."""
-        return cls.from_layers(Layer(source, values, keys or {}),
-                               what=f"{cls.__name__} options")
+        return cls.from_layers(Layer(source, values, keys or {}), what=what)
 
 
 def _lookup(data: Mapping[str, Any], loc: tuple[str | int, ...]) -> bool:

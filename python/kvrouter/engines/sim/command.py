@@ -6,12 +6,12 @@ See kvrouter.engines.sim.process for what the process does.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from kvrouter.config import ConfigError
 from kvrouter.engines.sim.process import (
     DEFAULT_REDIS_BLOCK_SIZE,
     DEFAULT_ROUTER,
@@ -65,25 +65,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> SimOptions:
-    return SimOptions(
-        worker_id=args.worker_id, model=args.model, router=args.router, redis=args.redis,
-        namespace=args.namespace, listen=args.listen, advertise=args.advertise,
-        profile=args.profile, kv_capacity_tokens=args.kv_capacity_tokens,
-        time_scale=args.time_scale, block_size=args.block_size, role=args.role,
-        vocab_size=args.vocab_size, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, ready_file=args.ready_file,
-        link_gbps=args.link_gbps, pool=args.pool)
+    """The options, validated (kvrouter.config.ConfigError names the bad flag)."""
+    values = {name: getattr(args, name) for name in SimOptions.model_fields
+              if getattr(args, name, None) is not None}
+    return SimOptions.from_values(
+        values, keys={(name,): "--" + name.replace("_", "-") for name in values})
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from kvrouter.logs import setup_logging
 
     setup_logging(args.log_level.upper())
-    if not args.time_scale > 0 or not math.isfinite(args.time_scale):
-        print(f"kvrouter engine sim: --time-scale must be > 0, got {args.time_scale}",
-              file=sys.stderr)
+    try:
+        opts = options_from_args(args)
+    except ConfigError as e:
+        print(f"kvrouter engine sim: {e}", file=sys.stderr)
         return 2
-    opts = options_from_args(args)
     try:
         import uvloop
 

@@ -17,13 +17,14 @@ import logging
 import math
 import signal
 import socket
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
+from pydantic import Field
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2_grpc
+from kvrouter.config import LayeredSettings
 from kvrouter.engines.router_link import RegistrationRefused, RouterGrpcTransport, register_with_retry
 from kvrouter.engines.sim.engine import EngineConfig, SimEngine
 from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION, EngineProfile, ProfileError
@@ -49,26 +50,27 @@ class SetupError(RuntimeError):
     """The engine cannot start (bad option, router refused it, port taken)."""
 
 
-@dataclass
-class SimOptions:
-    worker_id: str
-    model: str = "default"
+class SimOptions(LayeredSettings):
+    """`kvrouter engine sim` options, validated like every option type (kvrouter.config)."""
+
+    worker_id: str = Field(min_length=1)
+    model: str = Field(default="default", min_length=1)
     router: str | None = None
     redis: str | None = None
     namespace: str = "kvrouter"
     listen: str = "127.0.0.1:0"
     advertise: str | None = None
     profile: str = str(DEFAULT_CALIBRATION)
-    kv_capacity_tokens: int | None = None
-    time_scale: float = 1.0
-    block_size: int | None = None
-    role: str = "aggregated"
-    vocab_size: int = 32000
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_prompt_tokens: int = 1 << 20
+    kv_capacity_tokens: int | None = Field(default=None, gt=0)
+    time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    block_size: int | None = Field(default=None, gt=0)
+    role: Literal["aggregated", "prefill", "decode"] = "aggregated"  # the keys of ROLES
+    vocab_size: int = Field(default=32000, gt=0)
+    max_num_seqs: int = Field(default=256, gt=0)
+    max_num_batched_tokens: int = Field(default=8192, gt=0)
+    max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     ready_file: str | None = None
-    link_gbps: float = 50.0  # prefill -> decode KV link, GB/s (generation-only imports)
+    link_gbps: float = Field(default=50.0, gt=0)  # prefill -> decode KV link (generation-only imports)
     pool: str = ""  # router pool (kvrouter.planner); empty: the role's default pool
 
 
@@ -87,12 +89,6 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         profile = EngineProfile.load(opts.profile)
     except ProfileError as e:
         raise SetupError(str(e)) from None
-    if not opts.worker_id:
-        raise SetupError("--worker-id must not be empty")
-    if opts.role not in ROLES:
-        raise SetupError(f"unknown role {opts.role!r} (aggregated, prefill or decode)")
-    if opts.vocab_size <= 0:
-        raise SetupError("--vocab-size must be > 0")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
