@@ -47,15 +47,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import zmq
 import zmq.asyncio
 from prometheus_client import Counter, Gauge
+from pydantic import Field, model_validator
 
 from kvrouter.backends.base import BACKEND_METADATA_KEY, SERVED_MODEL_METADATA_KEY
+from kvrouter.config import ConfigError, LayeredSettings
 from kvrouter.counters import Counters
 from kvrouter.engines.block_mirror import BlockMirror
 from kvrouter.engines.sglang.wire import SglangDecoder
@@ -104,68 +106,88 @@ MIRROR_BLOCKS = Gauge("kvrouter_bridge_mirror_blocks",
                       "Blocks the bridge believes the engine holds", ["worker"])
 
 
-class BridgeConfigError(ValueError):
+class BridgeConfigError(ConfigError):
     """A bridge configuration that cannot work (the message says why)."""
 
 
 # --------------------------------------------------------------------------- config
 
 
-@dataclass
-class BridgeConfig:
-    engine: str
-    """"vllm" or "sglang"."""
-    zmq_endpoint: str
-    zmq_bind: bool = False
-    """Bind the SUB socket (the engine's endpoint is a plain host, so the engine connects)."""
-    replay_endpoint: str | None = None
-    topic: str = ""
-    """Subscription prefix ("" = every topic)."""
-    dp_rank: int = 0
-    """SGLang attention-DP rank of this publisher (its endpoint is port + rank)."""
-    group_idx: int | None = None
-    """vLLM KV cache group to index (default: the first full-attention group)."""
-    block_size: int | None = None
-    """The engine's block size (vLLM --block-size, SGLang --page-size); None: learnt
-    from the first stored event."""
-    router_block_size: int | None = None
-    """The router model's block size, when known: an incompatible engine is refused."""
-    metrics_url: str | None = None
-    metrics_interval_s: float = 1.0
-    metrics_labels: dict[str, str] = field(default_factory=dict)
-    total_blocks: int | None = None
-    """KV capacity in blocks when /metrics does not say (SGLang without max tokens)."""
-    replay_timeout_s: float = 2.0
-    max_mirror_blocks: int = 1 << 21
-    http_url: str | None = None
-    """The engine's HTTP server (OpenAI API, /health), e.g. http://10.0.0.5:8000;
-    default: scheme://host:port of metrics_url."""
-    served_model: str | None = None
-    """The model's name on the engine's OpenAI API; default: the router's model name."""
-    meta: dict[str, str] = field(default_factory=dict)
-    """Extra heartbeat metadata (e.g. pool=...); may override backend and served_model."""
-    health_check: bool = True
-    """Probe the engine's health (needs health_url or an HTTP URL to derive it from)."""
-    health_url: str | None = None
-    """Default: http_url + /health."""
-    health_interval_s: float = 1.0
-    engine_down_after_s: float | None = None
-    """How long the health check must fail before the worker leaves routing; default:
-    the publisher's heartbeat TTL."""
+class BridgeConfig(LayeredSettings):
+    """The bridge's options, validated like every option type (kvrouter.config); `validate`
+    adds the checks that span several options."""
 
-    def __post_init__(self) -> None:
-        if self.http_url is None and self.metrics_url:
-            self.http_url = base_url(self.metrics_url)
-        if self.http_url:
-            self.http_url = self.http_url.rstrip("/")
-        if self.health_url is None and self.http_url:
-            self.health_url = f"{self.http_url}/health"
+    engine: str = Field(description='"vllm" or "sglang"')
+    zmq_endpoint: str
+    zmq_bind: bool = Field(
+        default=False,
+        description="bind the SUB socket (the engine's endpoint is a plain host, so the "
+                    "engine connects)")
+    replay_endpoint: str | None = None
+    topic: str = Field(default="", description='subscription prefix ("" = every topic)')
+    dp_rank: int = Field(default=0, ge=0,
+                         description="SGLang attention-DP rank of this publisher (its endpoint "
+                                     "is port + rank)")
+    group_idx: int | None = Field(
+        default=None, description="vLLM KV cache group to index (default: the first "
+                                  "full-attention group)")
+    block_size: int | None = Field(
+        default=None, gt=0,
+        description="the engine's block size (vLLM --block-size, SGLang --page-size); None: "
+                    "learnt from the first stored event")
+    router_block_size: int | None = Field(
+        default=None, gt=0,
+        description="the router model's block size, when known: an incompatible engine is "
+                    "refused")
+    metrics_url: str | None = None
+    metrics_interval_s: float = Field(default=1.0, gt=0)
+    metrics_labels: dict[str, str] = Field(default_factory=dict)
+    total_blocks: int | None = Field(
+        default=None, description="KV capacity in blocks when /metrics does not say (SGLang "
+                                  "without max tokens)")
+    replay_timeout_s: float = Field(default=2.0, gt=0)
+    max_mirror_blocks: int = Field(default=1 << 21, gt=0)
+    http_url: str | None = Field(
+        default=None, description="the engine's HTTP server (OpenAI API, /health), e.g. "
+                                  "http://10.0.0.5:8000; default: scheme://host:port of "
+                                  "metrics_url")
+    served_model: str | None = Field(
+        default=None, description="the model's name on the engine's OpenAI API; default: the "
+                                  "router's model name")
+    meta: dict[str, str] = Field(
+        default_factory=dict, description="extra heartbeat metadata (e.g. pool=...); may "
+                                          "override backend and served_model")
+    health_check: bool = Field(
+        default=True, description="probe the engine's health (needs health_url or an HTTP URL "
+                                  "to derive it from)")
+    health_url: str | None = Field(default=None, description="default: http_url + /health")
+    health_interval_s: float = Field(default=1.0, gt=0)
+    engine_down_after_s: float | None = Field(
+        default=None, gt=0,
+        description="how long the health check must fail before the worker leaves routing; "
+                    "default: the publisher's heartbeat TTL")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_urls(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        http = data.get("http_url")
+        if http is None and data.get("metrics_url"):
+            http = base_url(data["metrics_url"])
+        if http:
+            data["http_url"] = http = http.rstrip("/")
+        if data.get("health_url") is None and http:
+            data["health_url"] = f"{http}/health"
+        return data
 
     @property
     def health_enabled(self) -> bool:
         return self.health_check and bool(self.health_url)
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # type: ignore[override]  # BaseModel.validate is deprecated
+        """The checks that span options (each option is valid on its own already)."""
         if self.engine not in ENGINES:
             raise BridgeConfigError(f"engine must be one of {', '.join(ENGINES)}, "
                                     f"got {self.engine!r}")
@@ -173,29 +195,14 @@ class BridgeConfig:
             if ep is not None and not ep.startswith(("tcp://", "ipc://", "inproc://")):
                 raise BridgeConfigError(f"{name} endpoint {ep!r} must start with tcp://, "
                                         "ipc:// or inproc://")
-        if self.block_size is not None and self.block_size <= 0:
-            raise BridgeConfigError(f"--block-size must be > 0, got {self.block_size}")
-        if self.router_block_size is not None and self.router_block_size <= 0:
-            raise BridgeConfigError(f"--router-block-size must be > 0, got "
-                                    f"{self.router_block_size}")
         if self.block_size is not None and self.router_block_size is not None:
             why = check_block_size(self.block_size, self.router_block_size)
             if why is not None:
                 raise BridgeConfigError(f"engine and router block sizes are incompatible: {why}")
-        if self.metrics_interval_s <= 0:
-            raise BridgeConfigError("--metrics-interval must be > 0")
-        if self.replay_timeout_s <= 0:
-            raise BridgeConfigError("--replay-timeout must be > 0")
-        if self.dp_rank < 0:
-            raise BridgeConfigError(f"--dp-rank must be >= 0, got {self.dp_rank}")
         for name, url in (("--http-url", self.http_url), ("--health-url", self.health_url),
                           ("--metrics-url", self.metrics_url)):
             if url and not url.startswith(("http://", "https://")):
                 raise BridgeConfigError(f"{name} {url!r} must start with http:// or https://")
-        if self.health_interval_s <= 0:
-            raise BridgeConfigError("--health-interval must be > 0")
-        if self.engine_down_after_s is not None and self.engine_down_after_s <= 0:
-            raise BridgeConfigError("--engine-down-after must be > 0")
         reserved = sorted(set(self.meta) & RESERVED_META)
         if reserved:
             raise BridgeConfigError(f"--meta cannot set {', '.join(reserved)}: the bridge "

@@ -90,25 +90,41 @@ def _add_args(p: argparse.ArgumentParser, engine: str) -> None:
     p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
 
 
+# Option -> the flag that sets it, so that an error names the flag.
+_FLAG_NAMES: dict[tuple[str, ...], str] = {(k,): v for k, v in {
+    "zmq_endpoint": "--zmq", "zmq_bind": "--zmq-bind", "replay_endpoint": "--replay",
+    "topic": "--topic", "dp_rank": "--dp-rank", "group_idx": "--group-idx",
+    "block_size": "--block-size", "router_block_size": "--router-block-size",
+    "metrics_url": "--metrics-url", "metrics_interval_s": "--metrics-interval",
+    "metrics_labels": "--metrics-label", "total_blocks": "--total-blocks",
+    "replay_timeout_s": "--replay-timeout", "http_url": "--http-url",
+    "served_model": "--served-model", "meta": "--meta", "health_check": "--no-health-check",
+    "health_url": "--health-url", "health_interval_s": "--health-interval",
+    "engine_down_after_s": "--engine-down-after"}.items()}
+
+
 def _cmd_bridge(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from kvrouter.config import ConfigError
     from kvrouter.engines.bridge import BridgeConfig, BridgeConfigError, parse_labels
 
+    values: dict[str, Any] = {
+        "engine": args.engine, "zmq_endpoint": args.zmq, "zmq_bind": args.zmq_bind,
+        "replay_endpoint": args.replay, "topic": args.topic,
+        "dp_rank": getattr(args, "dp_rank", 0), "group_idx": getattr(args, "group_idx", None),
+        "block_size": args.block_size, "router_block_size": args.router_block_size,
+        "metrics_url": args.metrics_url, "metrics_interval_s": args.metrics_interval,
+        "total_blocks": args.total_blocks, "replay_timeout_s": args.replay_timeout,
+        "http_url": args.http_url, "served_model": args.served_model or args.model,
+        "health_check": not args.no_health_check, "health_url": args.health_url,
+        "health_interval_s": args.health_interval, "engine_down_after_s": args.engine_down_after}
     try:
-        config = BridgeConfig(
-            engine=args.engine, zmq_endpoint=args.zmq, zmq_bind=args.zmq_bind,
-            replay_endpoint=args.replay, topic=args.topic,
-            dp_rank=getattr(args, "dp_rank", 0), group_idx=getattr(args, "group_idx", None),
-            block_size=args.block_size, router_block_size=args.router_block_size,
-            metrics_url=args.metrics_url, metrics_interval_s=args.metrics_interval,
-            metrics_labels=parse_labels(args.metrics_label), total_blocks=args.total_blocks,
-            replay_timeout_s=args.replay_timeout, http_url=args.http_url,
-            served_model=args.served_model or args.model, meta=parse_labels(args.meta),
-            health_check=not args.no_health_check, health_url=args.health_url,
-            health_interval_s=args.health_interval, engine_down_after_s=args.engine_down_after)
+        values["metrics_labels"] = parse_labels(args.metrics_label)
+        values["meta"] = parse_labels(args.meta)
+        config = BridgeConfig.from_values(values, keys=_FLAG_NAMES)
         config.validate()
-    except BridgeConfigError as exc:
+    except ConfigError as exc:  # BridgeConfigError is one
         print(f"kvrouter bridge: {exc}", file=sys.stderr)
         return 2
     try:
