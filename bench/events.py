@@ -26,9 +26,10 @@ from typing import Any
 
 from bench.common import machine, summary, table, write_json
 from kvrouter.events.model import BlockStored
-from kvrouter.events.plane import RedisPlane, make_event_plane
+from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher, redis_publisher
 from kvrouter.events.redis_conn import RedisConfig, delete_namespace, make_client
+from kvrouter.events.redis_plane import RedisPlane
 from kvrouter.registry import Registry
 
 MODEL = "bench"

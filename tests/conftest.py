@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from kvrouter.testing.processes import (
     RouterProcess,
@@ -19,11 +20,26 @@ from kvrouter.testing.processes import (
 )
 from kvrouter.testing.wait import wait_until
 
-__all__ = ["RouterProcess", "find_free_port", "run_cli", "start_router", "stop_process",
-           "subprocess_env"]
+__all__ = ["REDIS_URL", "RouterProcess", "find_free_port", "run_cli", "start_router",
+           "stop_process", "subprocess_env"]
 
 find_free_port = free_port
 subprocess_env = child_env
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+"""The Redis the test command starts (scripts/test.sh runs scripts/ensure_redis.sh)."""
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """REDIS_URL once it answers. A test that needs Redis fails without it, never skips:
+    the test command always starts one, so a missing Redis is a broken run."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis does not answer at {REDIS_URL} ({exc}); the test command starts it "
+                    "(scripts/ensure_redis.sh)", pytrace=False)
+    return REDIS_URL
 
 
 @pytest.fixture

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
+from kvrouter.events.publisher import EventPublisher
+from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry
 from kvrouter.testing.wait import async_wait_until
 
@@ -21,3 +24,19 @@ def held(reg: Registry, worker: str, model: str = "m") -> set[int] | None:
     if w is None:
         return None
     return {h for h, _ in st.index.worker_router_hashes(w.wid)}
+
+
+def all_equal(reg: Registry, caches: dict[str, SyntheticCache]) -> bool:
+    """Whether the router holds exactly each synthetic worker's blocks."""
+    return all(held(reg, n) == c.router_hashes() for n, c in caches.items())
+
+
+async def churn(pubs: dict[str, EventPublisher], caches: dict[str, SyntheticCache], steps: int) -> None:
+    """`steps` random changes per worker, published, then flushed."""
+    for i in range(steps):
+        for n, c in caches.items():
+            pubs[n].publish(c.step())
+        if i % 5 == 0:
+            await asyncio.sleep(0.001)  # yield to the publishers' loops, not a wait for anything
+    for p in pubs.values():
+        assert await p.flush()

@@ -9,10 +9,11 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvrouter.events.codec import encode_payload
+from kvrouter.events.inprocess import InProcessPlane
 from kvrouter.events.model import BlockStored
-from kvrouter.events.plane import InProcessPlane, make_event_plane
-from kvrouter.server.metrics import RouterMetrics, WorkerSample
+from kvrouter.events.plane import make_event_plane
 from kvrouter.registry import Registry
+from kvrouter.server.metrics import RouterMetrics, WorkerSample
 
 BS = 4
 

@@ -19,26 +19,20 @@ import redis
 from kvrouter._core import decode_payload
 from kvrouter.events.codec import encode_payload
 from kvrouter.events.keys import Keys
-from kvrouter.events.plane import RedisPlane, make_event_plane
+from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher, redis_publisher
 from kvrouter.events.redis_conn import RedisConfig, delete_namespace, make_client
+from kvrouter.events.redis_plane import RedisPlane
 from kvrouter.events.wire import entry_fields
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry
-from tests.event_helpers import held, wait_until
+from tests.conftest import REDIS_URL
+from tests.event_helpers import all_equal, churn, held, wait_until
 
-URL = "redis://127.0.0.1:6379/0"
+URL = REDIS_URL
 BS = 4
 
-
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(URL, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_up(), reason="needs Redis on 127.0.0.1:6379")
+pytestmark = pytest.mark.usefixtures("redis_url")  # fails, never skips, without Redis
 
 
 @pytest.fixture
@@ -71,20 +65,6 @@ def worker(ns: str, name: str, cache: SyntheticCache, shards: int = 1, **opts: A
     opts.setdefault("heartbeat_ttl_s", 1.0)
     return redis_publisher(URL, "m", name, namespace=ns, num_shards=shards, block_size=BS,
                            dump=cache.dump, **opts)
-
-
-async def churn(pubs: dict[str, EventPublisher], caches: dict[str, SyntheticCache], steps: int) -> None:
-    for i in range(steps):
-        for n, c in caches.items():
-            pubs[n].publish(c.step())
-        if i % 5 == 0:
-            await asyncio.sleep(0.001)
-    for p in pubs.values():
-        assert await p.flush()
-
-
-def all_equal(reg: Registry, caches: dict[str, SyntheticCache]) -> bool:
-    return all(held(reg, n) == c.router_hashes() for n, c in caches.items())
 
 
 def test_publish_to_index_end_to_end(ns: str) -> None:

@@ -19,16 +19,25 @@ import pytest
 import redis
 
 from kvrouter.events.keys import Keys
-from kvrouter.events.plane import RedisPlane, digest_router_hashes, make_event_plane
+from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher, redis_publisher
 from kvrouter.events.redis_conn import RedisConfig, delete_namespace, make_client
+from kvrouter.events.redis_plane import RedisPlane
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry
+from tests.conftest import REDIS_URL as URL
 from tests.conftest import find_free_port, subprocess_env
-from tests.test_events_redis import URL, all_equal, churn, wait_until
+from tests.event_helpers import all_equal, churn, wait_until
 
 BS = 4
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+
+@pytest.fixture(autouse=True)
+def _redis_server_installed() -> None:
+    """These tests start redis-server processes of their own; the test command installs
+    it (scripts/ensure_redis.sh), so its absence fails them rather than skipping them."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not on PATH; scripts/ensure_redis.sh installs it", pytrace=False)
 
 
 class PrivateRedis:
@@ -88,6 +97,9 @@ def test_redis_restart_with_data_loss(private_redis: PrivateRedis) -> None:
             await p.start()
         await churn(pubs, caches, 100)
         assert await wait_until(lambda: all_equal(reg, caches))
+        # Live before the outage (their heartbeats were seen), so the check at the end
+        # shows that the outage and the data loss made none of them unroutable.
+        assert await wait_until(lambda: all(w.routable for w in reg.model("m").workers.values()))
         stop = asyncio.Event()
 
         async def keep_publishing() -> None:
@@ -96,12 +108,25 @@ def test_redis_restart_with_data_loss(private_redis: PrivateRedis) -> None:
                     pubs[n].publish(c.step())
                 await asyncio.sleep(0.005)
 
+        def applied() -> int:
+            return int(plane.stats()["entries_applied"])
+
+        def written() -> int:
+            return sum(p.stats["entries"] for p in pubs.values())
+
         task = asyncio.create_task(keep_publishing())
-        await asyncio.sleep(0.3)
+        before = applied()
+        assert await wait_until(lambda: applied() > before + 20)  # the stream is flowing
         private_redis.kill()  # mid-stream: what was not yet read is gone with it
-        await asyncio.sleep(0.5)
+        # Both sides noticed: the router's reader and every publisher's writes fail.
+        assert await wait_until(lambda: plane.stats()["redis_down"])
+        errors = {n: p.stats["send_errors"] for n, p in pubs.items()}
+        assert await wait_until(lambda: all(p.stats["send_errors"] > errors[n] for n, p in pubs.items()))
         private_redis.start()
-        await asyncio.sleep(1.0)
+        # The router found the loss, and the publishers write to the new Redis again.
+        assert await wait_until(lambda: plane.stats()["data_losses"] >= 1)
+        at_restart = written()
+        assert await wait_until(lambda: written() > at_restart + 20)
         stop.set()
         await task
         for p in pubs.values():
@@ -149,7 +174,7 @@ def test_publisher_buffer_overflow_resyncs_when_redis_returns() -> None:
 
 
 def _start_router(url: str, ns: str, replica: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "kvrouter.events.ingest", "--redis", url, "--namespace", ns,
+    cmd = [sys.executable, "-m", "kvrouter.events", "--redis", url, "--namespace", ns,
            "--model", f"m:{BS}", "--replica-id", replica, "--heartbeat-ttl", "2",
            "--snapshot-interval", "0.5", "--snapshot-min-retention", "0",
            "--state-file", str(state), "--state-interval", "0.1"]
@@ -165,7 +190,7 @@ def _state(path: Path) -> dict[str, Any]:
 
 def _matches(state: dict[str, Any], caches: dict[str, SyntheticCache]) -> bool:
     workers = state.get("models", {}).get("m", {})
-    return all(n in workers and workers[n]["digest"] == digest_router_hashes(c.router_hashes())
+    return all(n in workers and set(workers[n]["hashes"]) == c.router_hashes()
                for n, c in caches.items())
 
 

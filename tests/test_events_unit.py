@@ -9,11 +9,15 @@ import zlib
 
 import pytest
 
+from kvrouter._core import decode_payload
 from kvrouter.events.codec import encode_payload
+from kvrouter.events.inprocess import InProcessPlane
 from kvrouter.events.keys import Keys, check_name, shard_of
 from kvrouter.events.model import LoadReport
-from kvrouter.events.plane import InProcessPlane, make_event_plane
+from kvrouter.events.plane import make_event_plane
+from kvrouter.events.publisher import EventPublisher, InProcessTransport, OutEntry
 from kvrouter.events.redis_conn import RedisConfig, make_client
+from kvrouter.events.sink import EventSink
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry, UnknownModel, WorkerStatus
 from tests.event_helpers import held, wait_until
@@ -171,8 +175,6 @@ def test_inprocess_bad_input_rejected_and_malformed_counted() -> None:
                      ("w0", "x" * 200, 0)):
             with pytest.raises(ValueError):
                 plane.submit("m", *args, payload)  # type: ignore[arg-type]
-        with pytest.raises(ValueError):
-            plane.submit_load("m", "w0", LoadReport(running=-1))
         assert not reg.model("m").workers
         # A malformed payload with a valid envelope is counted and skipped; the entries
         # around it still apply.
@@ -185,7 +187,7 @@ def test_inprocess_bad_input_rejected_and_malformed_counted() -> None:
         assert plane.stats()["malformed"] == {"payload": 1}
         # The router holds both good batches and asked the worker for a resync.
         assert held(reg, "w1") == cache.router_hashes()
-        assert plane.take_dump_requests("m", "w1")
+        assert plane.stats()["dumps_requested"] == 1
         await plane.stop()
 
     asyncio.run(run())
@@ -212,20 +214,50 @@ def test_inprocess_liveness_lapse_and_return() -> None:
     asyncio.run(run())
 
 
+class RecordingTransport(InProcessTransport):
+    """The in-process transport, keeping every entry it delivered."""
+
+    def __init__(self, sink: EventSink) -> None:
+        super().__init__(sink)
+        self.sent: list[OutEntry] = []
+
+    async def send(self, model: str, worker: str, entries: list[OutEntry]) -> None:
+        self.sent.extend(entries)
+        await super().send(model, worker, entries)
+
+
+def _blocks(entry: OutEntry) -> list[int]:
+    """Blocks per event of an entry (AllCleared counts as one, as the publisher counts)."""
+    out = []
+    for ev in decode_payload(entry.payload):
+        hashes = ev[1] if ev[0] in ("stored", "removed") else (None,)
+        assert isinstance(hashes, list | tuple)
+        out.append(len(hashes))
+    return out
+
+
 def test_publisher_chunks_large_batches() -> None:
     async def run() -> None:
         reg, plane = make_plane()
         await plane.start()
         cache = SyntheticCache(BS, seed=6, max_blocks=100_000, max_run=64)
-        pub = plane.publisher("m", "w0", block_size=BS, max_blocks_per_entry=100)
+        rec = RecordingTransport(plane)
+        pub = EventPublisher(rec, "m", "w0", block_size=BS, max_blocks_per_entry=100)
         await pub.start()
-        await asyncio.sleep(0.05)
-        for _ in range(40):
-            pub.publish(cache.store(64))
-        await pub.flush()
+        assert await pub.flush()
+        start = len(rec.sent)  # the epoch's opening entry (AllCleared)
+        # One call, so the publisher chunks all 40 events (1200 blocks) at once.
+        pub.publish([ev for _ in range(40) for ev in cache.store(30)])
+        big = cache.store(150)  # one event over the limit: alone, never split
+        pub.publish(big)
+        assert await pub.flush()
         assert await wait_until(lambda: held(reg, "w0") == cache.router_hashes())
-        # 2560 blocks in entries of at most 100 blocks (events are never split).
-        assert pub.acked_seq + 1 >= 2560 // 128
+        entries = [_blocks(e) for e in rec.sent[start:]]
+        assert sum(map(sum, entries)) == 40 * 30 + 150
+        # At most 100 blocks per entry: three 30-block events each (the 14th holds the
+        # last one), then the 150-block event in an entry of its own.
+        assert entries == [[30, 30, 30]] * 13 + [[30], [150]]
+        assert [e.seq for e in rec.sent[start:]] == list(range(start, start + 15))
         await pub.stop()
         await plane.stop()
 

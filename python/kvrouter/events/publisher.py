@@ -14,14 +14,14 @@ AllCleared without one. Routers therefore never silently miss events: they
 either get every entry of an epoch in order, or a new epoch that replaces the state.
 
 Two transports share this logic: Redis (`RedisTransport`) and the in-process
-bus (`InProcessTransport`, for single-process use).
+bus (`InProcessTransport`, for single-process use), which delivers into an
+`EventSink` (kvrouter.events.sink) that the in-process plane implements.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import inspect
 import logging
 import os
@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -43,7 +43,9 @@ from kvrouter.events import metrics as m
 from kvrouter.events.codec import encode_payload
 from kvrouter.events.keys import Keys, check_name, shard_of
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, LoadReport
+from kvrouter.events.redis_conn import OPTION_NAMES as REDIS_OPTION_NAMES
 from kvrouter.events.redis_conn import RedisClient, RedisConfig, make_client
+from kvrouter.events.sink import EventSink
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.events.wire import (
     H_BEAT,
@@ -58,9 +60,6 @@ from kvrouter.events.wire import (
     encode_meta,
     entry_fields,
 )
-
-if TYPE_CHECKING:
-    from kvrouter.events.plane import InProcessPlane
 
 log = logging.getLogger("kvrouter.events.publisher")
 
@@ -164,23 +163,24 @@ class RedisTransport(PublisherTransport):
 
 
 class InProcessTransport(PublisherTransport):
-    """Delivers straight into an in-process plane (the embedded default)."""
+    """Delivers straight into a sink in this process (the in-process plane, the
+    embedded default)."""
 
-    def __init__(self, plane: InProcessPlane) -> None:
-        self.plane = plane
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
 
     async def send(self, model: str, worker: str, entries: list[OutEntry]) -> None:
         for e in entries:
-            self.plane.submit(model, worker, e.epoch, e.seq, e.payload, t=e.t, kind=e.kind)
+            self.sink.submit(model, worker, e.epoch, e.seq, e.payload, t=e.t, kind=e.kind)
 
     async def beat(self, model: str, worker: str, fields: dict[bytes, bytes], ttl_s: float) -> None:
-        self.plane.submit_heartbeat_fields(model, worker, fields)
+        self.sink.submit_heartbeat_fields(model, worker, fields)
 
     async def leave(self, model: str, worker: str, ttl_s: float) -> None:
-        self.plane.submit_heartbeat_fields(model, worker, {H_STATE: STATE_LEAVING.encode()})
+        self.sink.submit_heartbeat_fields(model, worker, {H_STATE: STATE_LEAVING.encode()})
 
     async def dump_requests(self, model: str, worker: str, timeout_s: float) -> list[DumpRequest]:
-        return await self.plane.wait_dump_requests(model, worker, timeout_s)
+        return await self.sink.wait_dump_requests(model, worker, timeout_s)
 
 
 def _blocks_of(ev: KvEvent) -> int:
@@ -347,10 +347,6 @@ class EventPublisher:
     @property
     def buffered_events(self) -> int:
         return len(self._pending) + self._outbox_events
-
-    @property
-    def needs_resync(self) -> bool:
-        return self._resync_reason is not None
 
     # lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -596,8 +592,7 @@ def redis_publisher(
     """A publisher writing to Redis (owning its client unless one is given); options
     named like RedisConfig fields configure the connection, the rest the publisher."""
     owns = client is None
-    redis_names = {f.name for f in dataclasses.fields(RedisConfig)} - {"url"}
-    redis_opts = {k: opts.pop(k) for k in list(opts) if k in redis_names}
+    redis_opts = {k: opts.pop(k) for k in list(opts) if k in REDIS_OPTION_NAMES}
     if client is None:
         cfg = redis if isinstance(redis, RedisConfig) else RedisConfig.from_options(redis, **redis_opts)
         client = make_client(cfg)

@@ -93,6 +93,10 @@ class RedisConfig:
         return parts._replace(netloc=netloc).geturl()
 
 
+OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(RedisConfig)) - {"url"}
+"""Keyword options that configure a Redis connection (beside the URL)."""
+
+
 def _common_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "socket_timeout": cfg.socket_timeout_s,

@@ -24,18 +24,13 @@ from kvrouter.events import metrics as m
 from kvrouter.events.ingest import AWAITING_HEARTBEAT, IngestCore, WorkerTrack
 from kvrouter.events.keys import Keys
 from kvrouter.events.redis_conn import RedisClient
+from kvrouter.events.wire import parse_stream_id
 from kvrouter.registry import Registry, Role, UnknownWorker, WorkerStatus
 
 log = logging.getLogger("kvrouter.events.snapshots")
 
 F_DATA = b"data"
 F_META = b"meta"
-
-
-def parse_id(sid: bytes | str) -> tuple[int, int]:
-    s = sid.decode() if isinstance(sid, bytes) else sid
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass
@@ -57,12 +52,20 @@ def _meta_dict(info: SnapshotInfo) -> dict[str, Any]:
 
 
 def decode_meta(raw: bytes) -> SnapshotInfo:
+    """Raises ValueError (or a msgpack / lookup error) on metadata that cannot be used,
+    including stream ids that are not ids: the snapshot is then ignored as a whole."""
     d = msgpack.unpackb(raw, raw=False)
-    return SnapshotInfo(replica=str(d["replica"]), model=str(d["model"]), t=float(d["t"]),
+    info = SnapshotInfo(replica=str(d["replica"]), model=str(d["model"]), t=float(d["t"]),
                         block_size=int(d["block_size"]),
                         positions={str(k): bytes(v) for k, v in d["positions"].items()},
                         markers={str(k): bytes(v) for k, v in d["markers"].items()},
                         workers=list(d["workers"]), size=int(d.get("size", 0)))
+    for sid in info.positions.values():
+        parse_stream_id(sid)
+    for w in info.workers:
+        if w.get("last_id") is not None:
+            parse_stream_id(w["last_id"])
+    return info
 
 
 def _track_record(tr: WorkerTrack, info_role: str, address: str) -> dict[str, Any]:
@@ -236,7 +239,7 @@ async def trim(client: RedisClient, keys: Keys, model: str, streams: list[str],
         positions = [s.positions.get(stream) for s in snaps]
         if any(p is None for p in positions):
             continue  # some snapshot needs this stream from its start
-        oldest = min(parse_id(p) for p in positions if p is not None)
+        oldest = min(parse_stream_id(p) for p in positions if p is not None)
         minid = min(oldest, (floor_ms, 0))
         if minid[0] <= 0:
             continue

@@ -28,6 +28,20 @@ MAX_SEQ = (1 << 63) - 1
 _WORKER_RE = re.compile(rb"^[^\s{}]{1,200}$")
 
 
+def parse_stream_id(sid: bytes | str) -> tuple[int, int]:
+    """A Redis stream id (`<ms>-<seq>`, or `<ms>` alone for seq 0) as a comparable
+    (ms, seq) pair. Raises ValueError naming the id when it is not one; callers count
+    and drop what carries it, they never let it stop a loop."""
+    try:
+        text = sid.decode("ascii") if isinstance(sid, bytes) else sid
+        ms, dash, seq = text.partition("-")
+        if ms.isdecimal() and ms.isascii() and (not dash or (seq.isdecimal() and seq.isascii())):
+            return int(ms), int(seq or 0)
+    except (UnicodeDecodeError, AttributeError):
+        pass
+    raise ValueError(f"malformed Redis stream id: {sid!r}")
+
+
 @dataclass(slots=True)
 class Entry:
     """One stream entry: one batch of one worker's events, in its stream position."""

@@ -1,0 +1,148 @@
+"""What every event plane is: the interface the router uses and its options.
+
+The planes themselves live in kvrouter.events.inprocess (`InProcessPlane`, the
+embedded default) and kvrouter.events.redis_plane (`RedisPlane`);
+kvrouter.events.plane.make_event_plane chooses one. See docs/event-plane.md for
+the protocol and the consistency model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import socket
+from abc import ABC, abstractmethod
+from typing import Any
+
+from kvrouter.events.ingest import IngestCore
+from kvrouter.events.keys import check_name
+from kvrouter.events.model import LoadReport
+from kvrouter.events.publisher import EventPublisher
+from kvrouter.events.wire import (
+    H_LOAD,
+    H_META,
+    H_STATE,
+    MAX_EPOCH_LEN,
+    MAX_SEQ,
+    STATE_LEAVING,
+    STATE_UP,
+    encode_load,
+    encode_meta,
+)
+from kvrouter.registry import Registry
+
+
+@dataclasses.dataclass
+class PlaneOptions:
+    namespace: str = "kvrouter"
+    replica_id: str | None = None
+    num_shards: int = 1
+    heartbeat_ttl_s: float = 3.0
+    liveness_interval_s: float | None = None
+    """Default: a sixth of the TTL, at most 0.5 s."""
+    dump_timeout_s: float = 5.0
+    max_payload_bytes: int = 64 << 20
+    xread_count: int = 4096
+    xread_block_ms: int = 500
+    max_repair_scan: int = 1_000_000
+    snapshot_interval_s: float = 30.0
+    """0 disables snapshots (and trimming)."""
+    snapshot_ttl_s: float | None = None
+    """Default: max(3 intervals, 60 s)."""
+    snapshot_min_retention_s: float = 10.0
+    load_snapshot: bool = True
+    reservation_interval_s: float = 0.2
+    reservation_ttl_s: float | None = None
+    """Default: 10 intervals, at least 1 s."""
+    max_stream_len: int | None = 1_000_000
+    max_submit_backlog: int = 100_000
+    start_timeout_s: float = 5.0
+    lag_sink: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        check_name("namespace", self.namespace)
+        if self.replica_id is None:
+            self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        check_name("replica", self.replica_id)
+        if not 1 <= self.num_shards <= 1024:
+            raise ValueError(f"num_shards must be 1..1024, got {self.num_shards}")
+        if self.heartbeat_ttl_s <= 0:
+            raise ValueError("heartbeat_ttl_s must be > 0")
+        if self.liveness_interval_s is None:
+            self.liveness_interval_s = min(0.5, self.heartbeat_ttl_s / 6)
+        if self.snapshot_ttl_s is None:
+            self.snapshot_ttl_s = max(3 * self.snapshot_interval_s, 60.0)
+        if self.reservation_ttl_s is None:
+            self.reservation_ttl_s = max(10 * self.reservation_interval_s, 1.0)
+
+
+class EventPlane(ABC):
+    """Common interface of the in-process and Redis planes."""
+
+    events_confirm_liveness = False
+    """Whether a worker's fresh events alone make it routable (IngestCore's option of
+    that name): only where workers may deliver without ever heartbeating."""
+
+    def __init__(self, registry: Registry, opts: PlaneOptions) -> None:
+        self.registry = registry
+        self.opts = opts
+        self.replica_id: str = opts.replica_id or ""
+        self.core = IngestCore(registry, None, liveness_ttl_s=opts.heartbeat_ttl_s,
+                               events_confirm_liveness=self.events_confirm_liveness,
+                               dump_timeout_s=opts.dump_timeout_s,
+                               max_payload_bytes=opts.max_payload_bytes, lag_sink=opts.lag_sink)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def stop(self) -> None: ...
+
+    @abstractmethod
+    def submit(self, model: str, worker: str, epoch: str, seq: int, payload: bytes, *,
+               t: float | None = None, kind: str = "") -> None:
+        """Accept one batch of a worker's events (the PublishEvents RPC calls this).
+        Raises UnknownModel or ValueError on bad input, changing nothing."""
+
+    @abstractmethod
+    def submit_heartbeat_fields(self, model: str, worker: str, fields: dict[bytes, bytes]) -> None: ...
+
+    @abstractmethod
+    def publisher(self, model: str, worker: str, **opts: Any) -> EventPublisher:
+        """A publisher for a worker living in this process."""
+
+    def submit_heartbeat(self, model: str, worker: str, *, role: str = "aggregated",
+                         address: str = "", block_size: int = 0, epoch: str = "", seq: int = -1,
+                         load: LoadReport | None = None, leaving: bool = False) -> None:
+        """Heartbeat of a worker that talks to the router over gRPC instead of Redis."""
+        self._check(model, worker)
+        meta = {"role": role, "address": address, "block_size": block_size, "epoch": epoch, "seq": seq}
+        fields = {H_META: encode_meta(meta), H_STATE: (STATE_LEAVING if leaving else STATE_UP).encode()}
+        if load is not None:
+            fields[H_LOAD] = encode_load(load)
+        self.submit_heartbeat_fields(model, worker, fields)
+
+    def _check(self, model: str, worker: str) -> None:
+        self.registry.model(model)  # UnknownModel
+        check_name("worker", worker)
+
+    def _check_submit(self, model: str, worker: str, epoch: str, seq: int, payload: bytes) -> None:
+        self._check(model, worker)
+        if not isinstance(epoch, str) or not epoch or len(epoch.encode()) > MAX_EPOCH_LEN:
+            raise ValueError(f"epoch must be a non-empty string of at most {MAX_EPOCH_LEN} bytes")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+            raise ValueError(f"seq must be an integer in 0..2^63-1, got {seq!r}")
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise ValueError("payload must be bytes")
+        if len(payload) > self.opts.max_payload_bytes:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds the limit of "
+                             f"{self.opts.max_payload_bytes}")
+
+    def stats(self) -> dict[str, Any]:
+        d = self.core.stats.as_dict()
+        d["workers_tracked"] = len(self.core.tracks)
+        return d
