@@ -55,7 +55,7 @@ from kvrouter.testing.vllm_harness import (
     scrape_prefix_cache,
     unavailable_reason,
 )
-from kvrouter.testing.wait import async_wait_until
+from kvrouter.testing.wait import async_wait_until, wait_stable
 
 POLICIES = ("round_robin", "kv", "prefix_only")  # prefix_only: kv without the load terms
 RESULT = REPO / "bench" / "results" / "real_vllm.json"
@@ -267,9 +267,11 @@ async def run_policy(fleet: VllmFleet, spec: WorkloadSpec, policy: str, concurre
         await asyncio.gather(*(lane() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     sys.stderr.write("\n")
-    # The counters are updated by the engines' output loops: give them a moment.
-    await asyncio.sleep(1.0)
-    after = {w.name: scrape_prefix_cache(w) for w in fleet.workers}
+    # The engines update their counters in their output loops, after the last response:
+    # read them once they stop changing.
+    after = await asyncio.to_thread(
+        wait_stable, lambda: {w.name: scrape_prefix_cache(w) for w in fleet.workers}, 0.5, 30,
+        what="the engines' prefix-cache counters")
     delta = {n: after[n] - before[n] for n in after}
     return summarise(policy, records, delta, wall, ideal_hit_rate(state.prompts,
                                                                    ENGINE_BLOCK_SIZE))
