@@ -91,7 +91,7 @@ async def _publish(args: dict[str, Any], conn: Any) -> None:
             pubs[i].publish([events[i][k // n_pub]])
     for p in pubs:
         await p.flush(120)
-    conn.send(("done", time.time(), sum(p.stats["events"] for p in pubs)))
+    conn.send(("done", time.time(), sum(p.stats.events for p in pubs)))
     conn.recv()  # keep heartbeating until the parent is done measuring
     for p in pubs:
         await p.stop(leave=False)

@@ -112,7 +112,7 @@ def test_redis_restart_with_data_loss(private_redis: PrivateRedis) -> None:
             return int(plane.stats()["entries_applied"])
 
         def written() -> int:
-            return sum(p.stats["entries"] for p in pubs.values())
+            return sum(p.stats.entries for p in pubs.values())
 
         task = asyncio.create_task(keep_publishing())
         before = applied()
@@ -120,8 +120,8 @@ def test_redis_restart_with_data_loss(private_redis: PrivateRedis) -> None:
         private_redis.kill()  # mid-stream: what was not yet read is gone with it
         # Both sides noticed: the router's reader and every publisher's writes fail.
         assert await wait_until(lambda: plane.stats()["redis_down"])
-        errors = {n: p.stats["send_errors"] for n, p in pubs.items()}
-        assert await wait_until(lambda: all(p.stats["send_errors"] > errors[n] for n, p in pubs.items()))
+        errors = {n: p.stats.send_errors for n, p in pubs.items()}
+        assert await wait_until(lambda: all(p.stats.send_errors > errors[n] for n, p in pubs.items()))
         private_redis.start()
         # The router found the loss, and the publishers write to the new Redis again.
         assert await wait_until(lambda: plane.stats()["data_losses"] >= 1)
@@ -155,7 +155,7 @@ def test_publisher_buffer_overflow_resyncs_when_redis_returns() -> None:
         for _ in range(300):
             pub.publish(cache.step())
             await asyncio.sleep(0)
-        assert pub.stats["dropped_events"] > 0 and pub.buffered_events <= 100
+        assert pub.stats.dropped_events > 0 and pub.buffered_events <= 100
         r.start()
         try:
             reg = Registry()
@@ -164,7 +164,7 @@ def test_publisher_buffer_overflow_resyncs_when_redis_returns() -> None:
             await plane.start()
             assert await pub.flush(10)
             assert await wait_until(lambda: all_equal(reg, {"w0": cache}))
-            assert pub.stats["resyncs"] >= 1
+            assert pub.stats.resyncs >= 1
             await pub.stop()
             await plane.stop()
         finally:
@@ -218,7 +218,7 @@ def test_router_sigkill_restarts_from_snapshot(tmp_path: Path) -> None:
         stream = Keys(ns).stream("m", 0)
         c = redis.Redis.from_url(URL)
         first_id = c.xrange(stream, count=1)[0][0]
-        total = sum(p.stats["entries"] for p in pubs.values())
+        total = sum(p.stats.entries for p in pubs.values())
         assert c.xlen(stream) < total
         state_b = tmp_path / "b.json"
         b = _start_router(URL, ns, "rb", state_b, tmp_path / "b.log")

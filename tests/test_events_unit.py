@@ -277,7 +277,7 @@ def test_request_resync_starts_a_new_epoch_with_the_dump() -> None:
         epoch = pub.epoch
         pub.request_resync("adapter lost events")
         assert await pub.flush()
-        assert pub.epoch != epoch and pub.stats["resyncs"] == 1
+        assert pub.epoch != epoch and pub.stats.resyncs == 1
         assert await wait_until(lambda: plane.core.tracks[("m", "w0")].epoch == pub.epoch)
         assert held(reg, "w0") == cache.router_hashes()
         await pub.stop()

@@ -39,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from kvrouter.counters import Counters
 from kvrouter.events import metrics as m
 from kvrouter.events.codec import encode_payload
 from kvrouter.events.keys import Keys, check_name, shard_of
@@ -78,6 +79,18 @@ class OutEntry:
     t: float
     kind: str = ""
     events: int = 0
+
+
+@dataclass
+class PublisherStats(Counters):
+    """A publisher's running tallies (the process-wide metrics are kvrouter_publisher_*)."""
+
+    events: int = 0
+    entries: int = 0
+    dropped_events: int = 0
+    resyncs: int = 0
+    dumps: int = 0
+    send_errors: int = 0
 
 
 class PublisherTransport(ABC):
@@ -263,8 +276,7 @@ class EventPublisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._down_since: float | None = None
-        self.stats = {"events": 0, "entries": 0, "dropped_events": 0, "resyncs": 0, "dumps": 0,
-                      "send_errors": 0}
+        self.stats = PublisherStats()
 
     # any thread --------------------------------------------------------------------
     def publish(self, events: Iterable[KvEvent]) -> None:
@@ -274,13 +286,13 @@ class EventPublisher:
         with self._lock:
             if self._resync_reason is not None and self._resync_reason != "start":
                 # A resync is due: its dump will contain the effect of these events.
-                self.stats["dropped_events"] += len(evs)
+                self.stats.dropped_events += len(evs)
                 m.PUB_DROPPED.inc(len(evs))
                 return
             if not self._pending:
                 self._pending_t = time.time()
             self._pending.extend(evs)
-            self.stats["events"] += len(evs)
+            self.stats.events += len(evs)
             if len(self._pending) + self._outbox_events > self.max_buffer_events:
                 self._overflow_locked()
         m.PUB_EVENTS.inc(len(evs))
@@ -326,7 +338,7 @@ class EventPublisher:
         self._outbox_gen += 1
         self._outbox_events = 0
         self._resync_reason = "overflow"
-        self.stats["dropped_events"] += dropped
+        self.stats.dropped_events += dropped
         m.PUB_DROPPED.inc(dropped)
         log.warning("publisher buffer overflow, dropping and resyncing: model=%s worker=%s "
                     "dropped_events=%d", self.model, self.worker, dropped)
@@ -416,7 +428,7 @@ class EventPublisher:
                                 e = self._outbox.popleft()
                                 self._outbox_events -= e.events
                     self.acked_epoch, self.acked_seq = chunk[-1].epoch, chunk[-1].seq
-                    self.stats["entries"] += len(chunk)
+                    self.stats.entries += len(chunk)
                     m.PUB_ENTRIES.inc(len(chunk))
                     self._encode_pending()
                 if self._down_since is not None:
@@ -425,7 +437,7 @@ class EventPublisher:
                     self._down_since = None
                 backoff = 0.01
             except TransportUnavailable as exc:
-                self.stats["send_errors"] += 1
+                self.stats.send_errors += 1
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     log.warning("publisher cannot write, buffering: model=%s worker=%s error=%s",
@@ -485,10 +497,10 @@ class EventPublisher:
             self._next_seq = seq
             self._resync_reason = None
         if reason != "start":
-            self.stats["resyncs"] += 1
+            self.stats.resyncs += 1
             m.PUB_RESYNCS.labels(reason).inc()
         if self.dump is not None:
-            self.stats["dumps"] += 1
+            self.stats.dumps += 1
         log.debug("publisher new epoch: model=%s worker=%s epoch=%s reason=%s dump_events=%d",
                   self.model, self.worker, new_epoch, reason, len(events))
 

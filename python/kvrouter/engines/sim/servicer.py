@@ -156,7 +156,6 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
         sim = self.sim
         ld = sim.load()
         st = sim.engine.stats
-        pub = sim.publisher.stats if sim.publisher is not None else {}
         return engine_pb2.StatsResponse(
             worker=sim.worker, model=sim.model, block_size=sim.block_size,
             load=common_pb2.LoadReport(running=ld.running, queued=ld.queued,
@@ -164,7 +163,7 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
                                        kv_free_blocks=ld.kv_free_blocks,
                                        queued_prefill_tokens=ld.queued_prefill_tokens),
             kv_total_blocks=sim.engine.cache.num_blocks, kv_host_blocks=0, kv_disk_blocks=0,
-            events_published=int(pub.get("events", 0)),
+            events_published=sim.publisher.stats.events if sim.publisher is not None else 0,
             extra={"sim_time_s": sim.sim_now(), "time_scale": sim.time_scale,
                    "cached_blocks": float(sim.engine.cache.cached_blocks),
                    "steps": float(st.steps), "busy_s": st.busy_s,

@@ -340,7 +340,7 @@ class TrtllmWorker:
                                        queued_prefill_tokens=ld.queued_prefill_tokens),
             kv_total_blocks=self.capacity.get(0, ld.kv_used_blocks + ld.kv_free_blocks),
             kv_host_blocks=self.capacity.get(1, 0),
-            events_published=sum(r.publisher.stats["events"] for r in self.ranks.values()),
+            events_published=sum(r.publisher.stats.events for r in self.ranks.values()),
             extra={"mirror_blocks": float(sum(len(r.mirror) for r in self.ranks.values())),
                    "epochs_lost": float(self.epochs_lost),
                    "malformed_events": float(self.translator.malformed)})
