@@ -178,9 +178,19 @@ def test_lora_name_alone_routes_on_the_adapters_blocks(router_server: Callable[.
         _engine_generate(tuned.address, toks, 1, lora_name="ad")
         key = lora_extra_key("ad")
         with RouterClient(router.target) as rc:
-            wait_until(lambda: rc.route(toks, extra_key=key, dry_run=True).overlap_blocks == 6
-                       and rc.route(toks, dry_run=True).overlap_blocks == 6, 10,
-                       what="both workers' blocks indexed")
+
+            def indexed_and_idle() -> bool:
+                # Both workers' blocks indexed, and no load left from the warm-up requests
+                # (their last load reports land a moment later): overlap alone decides.
+                for k in (key, None):
+                    for c in rc.route(toks, extra_key=k, dry_run=True, explain=True).candidates:
+                        if (c.new_prefill_tokens, c.decode_blocks, c.queue) != (
+                                len(toks) - 16 * c.gpu_blocks, 0, 0):
+                            return False
+                return (rc.route(toks, extra_key=key, dry_run=True).overlap_blocks == 6
+                        and rc.route(toks, dry_run=True).overlap_blocks == 6)
+
+            wait_until(indexed_and_idle, 10, what="both workers' blocks indexed, workers idle")
             assert rc.route(toks, extra_key=key, dry_run=True).worker == "tuned"
             assert rc.route(toks, dry_run=True).worker == "base"
         rep = generate(router.target, toks, 3, mode=AGG, lora_name="ad")
