@@ -118,7 +118,6 @@ class IngestCore:
         dump_timeout_s: float = 5.0,
         dump_backoff_max_s: float = 60.0,
         max_payload_bytes: int = 64 << 20,
-        lag_sink: list[float] | None = None,
         events_confirm_liveness: bool = True,
         repair_min_interval_s: float = 1.0,
         stream_for: Callable[[str, str], str] | None = None,
@@ -129,7 +128,6 @@ class IngestCore:
         self.dump_timeout_s = dump_timeout_s
         self.dump_backoff_max_s = dump_backoff_max_s
         self.max_payload_bytes = max_payload_bytes
-        self.lag_sink = lag_sink
         # In-process mode, workers that deliver over gRPC may never heartbeat, so their
         # events make them routable; with Redis every worker heartbeats, and events alone
         # (e.g. old history replayed at start) never make a worker routable.
@@ -279,7 +277,6 @@ class IngestCore:
         st = self.stats
         ok = 0
         tot = ApplyTotals()  # keyed by the core's counter names (ApplyResult.FIELDS)
-        sink = self.lag_sink
         for (tr, e), r in zip(metas, results, strict=True):
             if r.malformed:
                 if not self._seen_by_reader(e):
@@ -291,8 +288,6 @@ class IngestCore:
             if e.t > 0:
                 lag = now_wall - e.t
                 m.INGEST_LAG.observe(lag)
-                if sink is not None:
-                    sink.append(lag)
         st.entries_applied += ok
         for name, (stat, label) in _TALLIED.items():
             setattr(st, stat, getattr(st, stat) + tot[name])

@@ -59,7 +59,6 @@ class PlaneOptions:
     max_stream_len: int | None = 1_000_000
     max_submit_backlog: int = 100_000
     start_timeout_s: float = 5.0
-    lag_sink: list[float] | None = None
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
@@ -92,7 +91,7 @@ class EventPlane(ABC):
         self.core = IngestCore(registry, None, liveness_ttl_s=opts.heartbeat_ttl_s,
                                events_confirm_liveness=self.events_confirm_liveness,
                                dump_timeout_s=opts.dump_timeout_s,
-                               max_payload_bytes=opts.max_payload_bytes, lag_sink=opts.lag_sink)
+                               max_payload_bytes=opts.max_payload_bytes)
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
 
