@@ -22,9 +22,9 @@ class Backoff:
 
     def __init__(self, initial_s: float = 0.05, max_s: float = 1.0, *,
                  deadline_s: float | None = None, jitter: bool = True) -> None:
-        if not 0 < initial_s <= max_s:
-            raise ValueError(f"need 0 < initial_s <= max_s, got {initial_s}, {max_s}")
-        self.initial_s = initial_s
+        if not (initial_s > 0 and max_s > 0):
+            raise ValueError(f"backoff delays must be > 0, got {initial_s}, {max_s}")
+        self.initial_s = min(initial_s, max_s)
         self.max_s = max_s
         self.deadline_s = deadline_s
         self.jitter = jitter

@@ -61,6 +61,7 @@ from kvrouter.events.wire import (
     encode_meta,
     entry_fields,
 )
+from kvrouter.retry import Backoff
 
 log = logging.getLogger("kvrouter.events.publisher")
 
@@ -409,7 +410,7 @@ class EventPublisher:
     # loops -------------------------------------------------------------------------
     async def _flush_loop(self) -> None:
         assert self._wake is not None
-        backoff = 0.01
+        delays = Backoff(0.01, self.retry_backoff_max_s)
         while self._running:
             await self._wake.wait()
             self._wake.clear()
@@ -435,15 +436,14 @@ class EventPublisher:
                     log.info("publisher reconnected: model=%s worker=%s down_s=%.1f", self.model,
                              self.worker, time.monotonic() - self._down_since)
                     self._down_since = None
-                backoff = 0.01
+                delays.reset()
             except TransportUnavailable as exc:
                 self.stats.send_errors += 1
                 if self._down_since is None:
                     self._down_since = time.monotonic()
                     log.warning("publisher cannot write, buffering: model=%s worker=%s error=%s",
                                 self.model, self.worker, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.retry_backoff_max_s)
+                await delays.wait()
                 self._wake.set()
             m.PUB_BUFFERED.set(self.buffered_events)
 

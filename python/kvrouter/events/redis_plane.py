@@ -32,6 +32,7 @@ from kvrouter.events.wire import (
     parse_heartbeat,
 )
 from kvrouter.registry import Registry
+from kvrouter.retry import Backoff
 
 log = logging.getLogger("kvrouter.events.redis_plane")
 
@@ -187,7 +188,7 @@ class RedisPlane(EventPlane):
                 t.cancel()
 
     async def _reader(self, only: str | None) -> None:
-        backoff = 0.05
+        delays = Backoff(0.05, 2.0)
         core = self.core
         while self._running:
             streams = self.streams()
@@ -207,11 +208,10 @@ class RedisPlane(EventPlane):
             except _REDIS_DOWN as exc:
                 m.REDIS_ERRORS.labels("reader").inc()
                 await self._outage("reader", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await delays.wait()
                 await self._recover()
                 continue
-            backoff = 0.05
+            delays.reset()
             full = False
             for stream, entries in _xread_items(resp):
                 name = stream.decode() if isinstance(stream, bytes) else str(stream)
@@ -368,20 +368,19 @@ class RedisPlane(EventPlane):
 
     async def _submit_loop(self) -> None:
         assert self._submit_wake is not None
-        backoff = 0.05
+        delays = Backoff(0.05, 2.0)
         while self._running:
             await self._submit_wake.wait()
             self._submit_wake.clear()
             try:
                 await self._drain_submits()
-                backoff = 0.05
+                delays.reset()
             except asyncio.CancelledError:
                 raise
             except _REDIS_DOWN as exc:
                 m.REDIS_ERRORS.labels("submit").inc()
                 log.debug("submit write failed: error=%r", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await delays.wait()
                 self._submit_wake.set()
 
     def submit_heartbeat_fields(self, model: str, worker: str, fields: dict[bytes, bytes]) -> None:
