@@ -77,7 +77,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if router:
         overrides["router"] = router
     # Errors in a flag's value name the flag.
-    names = {("router", k): "--" + k.replace("_", "-") for k in router}
+    names: dict[tuple[str, ...], str] = {("router", k): "--" + k.replace("_", "-") for k in router}
     try:
         if args.model:
             overrides["models"] = [parse_model_spec(s) for s in args.model]

@@ -21,8 +21,8 @@ from kvrouter.config import Config
 from kvrouter.events.plane import EventPlane
 from kvrouter.events.plane import make_event_plane as make_plane
 from kvrouter.events.tasks import cancel_and_wait
-from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.registry import Registry
+from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.server.service import RouterService
 
 log = logging.getLogger("kvrouter.server")

@@ -22,10 +22,10 @@ from kvrouter._core import Decision, Scheduler, decode_payload
 from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, PolicyName
 from kvrouter.events.model import LoadReport
-from kvrouter.server.metrics import RouterMetrics
 from kvrouter.protocol import ProtocolError, check_block_size, decode_prompt, extra_key_for
 from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
+from kvrouter.server.metrics import RouterMetrics
 
 log = logging.getLogger("kvrouter.server")
 

@@ -9,7 +9,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -73,10 +73,22 @@ def wait_until(cond: Callable[[], T], timeout: float, *, interval: float = 0.05,
         time.sleep(interval)
 
 
-async def async_wait_until(cond: Callable[[], T | Awaitable[T]], timeout: float, *,
+@overload
+async def async_wait_until(cond: Callable[[], Awaitable[T]], timeout: float, *,
+                           interval: float = ..., what: str = ..., procs: Sequence[Watched] = ...,
+                           ignore: tuple[type[BaseException], ...] = ...) -> T: ...
+
+
+@overload
+async def async_wait_until(cond: Callable[[], T], timeout: float, *,
+                           interval: float = ..., what: str = ..., procs: Sequence[Watched] = ...,
+                           ignore: tuple[type[BaseException], ...] = ...) -> T: ...
+
+
+async def async_wait_until(cond: Callable[[], Any], timeout: float, *,
                            interval: float = 0.02, what: str = "condition",
                            procs: Sequence[Watched] = (),
-                           ignore: tuple[type[BaseException], ...] = ()) -> T:
+                           ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """`wait_until` for a running event loop; `cond` may be a plain or an async callable."""
     deadline = time.monotonic() + timeout
     last: object = None
@@ -84,7 +96,7 @@ async def async_wait_until(cond: Callable[[], T | Awaitable[T]], timeout: float,
         _check_alive(what, procs)
         try:
             r = cond()
-            value: T = await r if inspect.isawaitable(r) else r
+            value = await r if inspect.isawaitable(r) else r
             if value:
                 return value
             last = value
