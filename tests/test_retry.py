@@ -26,8 +26,8 @@ def test_jitter_stays_within_the_unjittered_delay() -> None:
 
 def test_wait_stops_at_the_deadline_without_sleeping() -> None:
     async def run() -> list[bool]:
-        b = Backoff(0.01, 10.0, deadline_s=0.05, jitter=False)
-        return [await b.wait() for _ in range(5)]
+        b = Backoff(0.1, 10.0, deadline_s=0.5, jitter=False)  # 0.1 + 0.2, then 0.4 > 0.2 left
+        return [await b.wait() for _ in range(3)]
 
     outcomes = asyncio.run(run())
     assert outcomes[:2] == [True, True] and outcomes[-1] is False
