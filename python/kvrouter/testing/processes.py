@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -269,24 +269,7 @@ def start_sim_engine(workdir: Path, name: str, *, timeout: float = 60.0,
     return eng
 
 
-@dataclass
-class ProcessGroup:
-    """Children stopped together, newest first (engines before the router they report to)."""
-
-    children: list[ChildProcess] = field(default_factory=list)
-
-    def add(self, child: ChildProcess) -> ChildProcess:
-        self.children.append(child)
-        return child
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        for c in reversed(self.children):
-            with contextlib.suppress(Exception):
-                c.stop(grace_s)
-        self.children.clear()
-
-
-__all__ = ["KVROUTER", "ChildProcess", "ProcessGroup", "RouterProcess", "SimEngine",
+__all__ = ["KVROUTER", "ChildProcess", "RouterProcess", "SimEngine",
            "child_env", "free_port", "kvrouter_cmd", "sim_engine", "start_router",
            "start_sim_engine", "stop_children", "stop_process", "stop_processes",
            "wait_engine_serving", "wait_grpc_serving"]
