@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from kvrouter.counters import ApplyTotals, Counters
 from kvrouter.events import metrics as m
 from kvrouter.events.wire import Entry, Heartbeat, parse_entry, parse_stream_id
+from kvrouter.protocol import check_block_size
 from kvrouter.registry import Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
 
 log = logging.getLogger("kvrouter.events.ingest")
@@ -431,14 +432,14 @@ class IngestCore:
             if tr is None:
                 tr = WorkerTrack(model=model, name=hb.worker, wid=info.wid, last_seen=now)
                 self.tracks[key] = tr
-        if hb.block_size and hb.block_size % state.block_size != 0:
+        mismatch = check_block_size(hb.block_size, state.block_size) if hb.block_size else None
+        if mismatch is not None:
             if info.status is not WorkerStatus.MISMATCH:
                 log.warning("worker block size incompatible with model: model=%s worker=%s "
                             "engine_block_size=%d model_block_size=%d",
                             model, hb.worker, hb.block_size, state.block_size)
                 self.registry.set_status(model, hb.worker, WorkerStatus.MISMATCH,
-                                         f"engine block size {hb.block_size} is not a multiple of "
-                                         f"{state.block_size}")
+                                         f"model {model!r}: {mismatch}")
         elif hb.block_size and info.status is WorkerStatus.MISMATCH:
             # Restarted (or reconfigured) with a block size the model can index. A
             # heartbeat without a block size (0: unknown) proves nothing either way.
