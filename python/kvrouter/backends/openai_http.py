@@ -273,6 +273,8 @@ class OpenAIHttpClient:
     def _client(self, ep: Endpoint) -> httpx.AsyncClient:
         client = self._clients.get(ep.base_url)
         if client is None:
+            # trust_env=False: engines are reached directly, never through an HTTP(S)_PROXY
+            # meant for the outside world
             client = httpx.AsyncClient(base_url=ep.base_url, limits=self._limits,
                                        verify=_tls_context(), trust_env=False,
                                        headers={"User-Agent": "kvrouter"})
