@@ -107,7 +107,7 @@ def metrics(res: FleetResult, oracle: float) -> dict[str, Any]:
                 "imbalance_requests": r.imbalance_requests,
                 "imbalance_prefill_tokens": r.imbalance_prefill_tokens,
                 "completed": r.completed, "rejected": r.rejected, "wall_s": res.wall_s,
-                "index_orphan_events": res.apply.orphan_events})
+                "index_orphan_events": res.apply["orphan_events"]})
     return out
 
 

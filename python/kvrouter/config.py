@@ -27,7 +27,7 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -41,11 +41,18 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from kvrouter._core import DEFAULT_POLICY, DEFAULT_WEIGHTS, POLICIES
+
 ENV_PREFIX = "KVROUTER_"
 DEFAULT_MODEL = "default"
 
-PolicyName = Literal["kv", "prefix_only", "least_loaded", "round_robin", "random"]
-POLICIES: tuple[str, ...] = ("kv", "prefix_only", "least_loaded", "round_robin", "random")
+# The policy names and every scoring default are the core's (rust/src/scoring.rs); the
+# static type comes from the stub, the runtime one (pydantic validates with it) from the core.
+if TYPE_CHECKING:
+    from kvrouter._core import PolicyName
+else:
+    PolicyName = Literal[POLICIES]  # Literal[("a", "b")] is Literal["a", "b"]
+_D = DEFAULT_WEIGHTS
 
 
 class ConfigError(ValueError):
@@ -59,15 +66,16 @@ class _Strict(BaseModel):
 class Weights(_Strict):
     """Weights of the kv policy's cost (DESIGN §3.3)."""
 
-    prefill: float = Field(default=1.0, ge=0,
+    prefill: float = Field(default=_D["prefill_weight"], ge=0,
                            description="per block of prompt not cached on the worker")
     # A request's decode blocks count for its whole life while its prefill is paid once, so a
     # block of decode load weighs less than a block of prefill: at 1.0 the router gave up
     # cache hits to balance (demo, fleet simulator and real vLLM all measured better at 0.1-0.5).
-    decode: float = Field(default=0.25, ge=0, description="per KV block held by active requests")
-    queue: float = Field(default=0.0, ge=0, description="per queued request")
+    decode: float = Field(default=_D["decode_weight"], ge=0,
+                          description="per KV block held by active requests")
+    queue: float = Field(default=_D["queue_weight"], ge=0, description="per queued request")
     queued_prefill: float | None = Field(
-        default=None, ge=0,
+        default=_D["queued_prefill_weight"], ge=0,
         description="per block already queued for prefill on the worker; null = same as prefill")
 
 
@@ -113,13 +121,13 @@ class ModelConfig(_Strict):
     block_size: int = Field(default=16, gt=0, le=1 << 20)
     vocab_size: int | None = Field(default=None, gt=0, le=1 << 32,
                                    description="token ids >= vocab_size are rejected")
-    policy: PolicyName = "kv"
+    policy: PolicyName = DEFAULT_POLICY
     weights: Weights = Field(default_factory=lambda: Weights())
-    temperature: float = Field(default=0.0, ge=0,
+    temperature: float = Field(default=_D["temperature"], ge=0,
                                description="> 0 samples by softmax instead of argmin")
-    host_credit: float = Field(default=0.5, ge=0, le=1,
+    host_credit: float = Field(default=_D["host_credit"], ge=0, le=1,
                                description="credit of a host-tier cache hit")
-    disk_credit: float = Field(default=0.25, ge=0, le=1,
+    disk_credit: float = Field(default=_D["disk_credit"], ge=0, le=1,
                                description="credit of a disk-tier cache hit")
     seed: int | None = Field(default=None, ge=0,
                              description="seed of random choices (tests, benches)")
@@ -148,9 +156,10 @@ class RouterConfig(_Strict):
     redis_url: str | None = Field(default=None, description="None: in-process event plane")
     event_plane: dict[str, Any] = Field(default_factory=dict,
                                         description="extra options for the event plane")
-    lease_s: float = Field(default=300.0, gt=0, description="reservation lease without Release")
+    lease_s: float = Field(default=_D["lease_s"], gt=0,
+                           description="reservation lease without Release")
     expire_interval_s: float = Field(default=1.0, gt=0, description="how often leases are checked")
-    report_ttl_s: float = Field(default=5.0, gt=0,
+    report_ttl_s: float = Field(default=_D["report_ttl_s"], gt=0,
                                 description="how long an engine load report counts")
     heartbeat_timeout_s: float = Field(
         default=10.0, ge=0,

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from kvrouter._core import Decision, Scheduler
+from kvrouter._core import Decision, NoRoutableWorker, Scheduler
 from kvrouter.config import DisaggConfig, SpecialisationConfig
 from kvrouter.registry import Role
 
@@ -230,9 +230,8 @@ class Planner:
                                expected_output_tokens=expected_output_tokens,
                                candidates=candidates, reserve=reserve, now=now,
                                prefill_weight=prefill_weight)
-        except ValueError as e:
-            # route() says ValueError for "no routable candidate" and for bad input; input
-            # was validated by the caller, so this is the former.
+        except NoRoutableWorker as e:
+            # Bad input (InvalidArgument, DuplicateRequest) is a bug here, not "no worker".
             raise NoWorker(str(e)) from None
 
     def route_whole(self, prompt: Prompt, request_id: str, expected_output_tokens: int,

@@ -9,6 +9,7 @@
 
 use hashbrown::HashMap;
 
+use crate::error::{Error, Result};
 use crate::scoring::LoadView;
 
 #[derive(Debug, Clone)]
@@ -42,7 +43,8 @@ pub struct External {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct WorkerLoad {
+/// One worker's accounting state.
+pub struct LoadState {
     pub routable: bool,
     pub reserved_prefill_tokens: u64,
     pub reserved_decode_blocks: u64,
@@ -53,7 +55,7 @@ pub struct WorkerLoad {
     pub external: External,
 }
 
-impl WorkerLoad {
+impl LoadState {
     pub fn view(&self, now: f64, report_ttl_s: f64) -> LoadView {
         let fresh = self.report.filter(|r| now - r.at <= report_ttl_s);
         let (d_prefill, d_decode, d_queue) = fresh.map_or((0, 0, 0), |r| {
@@ -72,9 +74,61 @@ impl WorkerLoad {
     }
 }
 
+/// What a worker's load looks like at one instant: its state flattened, plus the
+/// view the scorer uses. The Python `WorkerLoad` class is this struct.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(module = "kvrouter._core", frozen, get_all)
+)]
+pub struct WorkerLoad {
+    pub worker: u64,
+    pub routable: bool,
+    pub reserved_prefill_tokens: u64,
+    pub reserved_decode_blocks: u64,
+    pub reserved_requests: u64,
+    pub waiting_requests: u64,
+    pub reported_running: u64,
+    pub reported_queued: u64,
+    pub reported_kv_used_blocks: u64,
+    pub reported_kv_free_blocks: u64,
+    pub external_prefill_tokens: u64,
+    pub external_decode_blocks: u64,
+    pub external_requests: u64,
+    /// The scorer's view (reservations + fresh report drift + external load).
+    pub prefill_tokens: u64,
+    pub decode_blocks: u64,
+    pub queue: u64,
+}
+
+impl LoadState {
+    pub fn summary(&self, worker: u64, now: f64, report_ttl_s: f64) -> WorkerLoad {
+        let v = self.view(now, report_ttl_s);
+        let r = self.report.unwrap_or_default();
+        WorkerLoad {
+            worker,
+            routable: self.routable,
+            reserved_prefill_tokens: self.reserved_prefill_tokens,
+            reserved_decode_blocks: self.reserved_decode_blocks,
+            reserved_requests: self.reserved_requests,
+            waiting_requests: self.waiting_requests,
+            reported_running: r.running,
+            reported_queued: r.queued,
+            reported_kv_used_blocks: r.kv_used_blocks,
+            reported_kv_free_blocks: r.kv_free_blocks,
+            external_prefill_tokens: self.external.prefill_tokens,
+            external_decode_blocks: self.external.decode_blocks,
+            external_requests: self.external.requests,
+            prefill_tokens: v.prefill_tokens,
+            decode_blocks: v.decode_blocks,
+            queue: v.queue,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct LoadTable {
-    pub workers: HashMap<u64, WorkerLoad>,
+    pub workers: HashMap<u64, LoadState>,
     /// Sorted routable worker ids, kept for deterministic candidate order.
     routable: Vec<u64>,
     reservations: HashMap<String, Reservation>,
@@ -82,9 +136,9 @@ pub struct LoadTable {
 
 impl LoadTable {
     pub fn add_worker(&mut self, worker: u64) {
-        self.workers.entry(worker).or_insert_with(|| WorkerLoad {
+        self.workers.entry(worker).or_insert_with(|| LoadState {
             routable: true,
-            ..WorkerLoad::default()
+            ..LoadState::default()
         });
         self.refresh_routable();
     }
@@ -105,11 +159,11 @@ impl LoadTable {
         dropped
     }
 
-    pub fn set_routable(&mut self, worker: u64, routable: bool) -> Result<(), String> {
+    pub fn set_routable(&mut self, worker: u64, routable: bool) -> Result<()> {
         let w = self
             .workers
             .get_mut(&worker)
-            .ok_or_else(|| format!("unknown worker {worker}"))?;
+            .ok_or(Error::UnknownWorker(worker))?;
         w.routable = routable;
         self.refresh_routable();
         Ok(())
@@ -129,16 +183,14 @@ impl LoadTable {
         &self.routable
     }
 
-    pub fn reserve(&mut self, request_id: &str, res: Reservation) -> Result<(), String> {
+    pub fn reserve(&mut self, request_id: &str, res: Reservation) -> Result<()> {
         if self.reservations.contains_key(request_id) {
-            return Err(format!(
-                "request {request_id:?} already holds a reservation"
-            ));
+            return Err(Error::DuplicateRequest(request_id.to_owned()));
         }
         let w = self
             .workers
             .get_mut(&res.worker)
-            .ok_or_else(|| format!("unknown worker {}", res.worker))?;
+            .ok_or(Error::UnknownWorker(res.worker))?;
         w.reserved_prefill_tokens += res.prefill_tokens;
         w.reserved_decode_blocks += res.decode_blocks;
         w.reserved_requests += 1;
@@ -157,8 +209,8 @@ impl LoadTable {
         }
         r.prefill_done = true;
         if let Some(w) = self.workers.get_mut(&r.worker) {
-            w.reserved_prefill_tokens -= r.prefill_tokens;
-            w.waiting_requests -= 1;
+            crate::decrement(&mut w.reserved_prefill_tokens, r.prefill_tokens);
+            crate::decrement(&mut w.waiting_requests, 1);
         }
         true
     }
@@ -169,11 +221,11 @@ impl LoadTable {
         };
         if let Some(w) = self.workers.get_mut(&r.worker) {
             if !r.prefill_done {
-                w.reserved_prefill_tokens -= r.prefill_tokens;
-                w.waiting_requests -= 1;
+                crate::decrement(&mut w.reserved_prefill_tokens, r.prefill_tokens);
+                crate::decrement(&mut w.waiting_requests, 1);
             }
-            w.reserved_decode_blocks -= r.decode_blocks;
-            w.reserved_requests -= 1;
+            crate::decrement(&mut w.reserved_decode_blocks, r.decode_blocks);
+            crate::decrement(&mut w.reserved_requests, 1);
         }
         true
     }
@@ -198,6 +250,24 @@ impl LoadTable {
 
     pub fn reservations(&self) -> usize {
         self.reservations.len()
+    }
+
+    pub fn summary(&self, worker: u64, now: f64, report_ttl_s: f64) -> Result<WorkerLoad> {
+        self.workers
+            .get(&worker)
+            .map(|w| w.summary(worker, now, report_ttl_s))
+            .ok_or(Error::UnknownWorker(worker))
+    }
+
+    /// Every worker's summary, by id.
+    pub fn summaries(&self, now: f64, report_ttl_s: f64) -> Vec<WorkerLoad> {
+        let mut v: Vec<WorkerLoad> = self
+            .workers
+            .iter()
+            .map(|(id, w)| w.summary(*id, now, report_ttl_s))
+            .collect();
+        v.sort_unstable_by_key(|w| w.worker);
+        v
     }
 }
 

@@ -2,6 +2,13 @@
 //!
 //! Every read is bounds-checked and nesting is limited, so arbitrary (hostile)
 //! bytes yield an error, never a panic or an unbounded allocation.
+//!
+//! Hand-written because it is the ingest hot path and measurably faster than the
+//! maintained crate: rmp-serde 1.3 decoding the same payloads into an internally
+//! tagged serde enum (`#[serde(tag = "type")]`, which buffers each map) takes 2.1-2.6x
+//! as long (rust/tests/timing.rs `payload_decode`, best of 15, on a loaded 2-core
+//! machine: 1 block per event 368 vs 808 ns, 16 blocks 580 vs 1523 ns, 128 blocks
+//! 6.5 vs 13.6 us per payload).
 
 const MAX_DEPTH: u32 = 32;
 
@@ -34,17 +41,8 @@ impl Value {
             Value::Ext => "ext",
         }
     }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Value::UInt(u) => u.to_string(),
-            Value::Int(i) => i.to_string(),
-            other => other.kind().to_string(),
-        }
-    }
 }
 
-#[derive(Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -272,13 +270,19 @@ impl<'a> Reader<'a> {
             0xd9 => self.be(1)?,
             0xda => self.be(2)?,
             0xdb => self.be(4)?,
-            0xc4 => self.be(1)?,
-            0xc5 => self.be(2)?,
-            0xc6 => self.be(4)?,
             _ => return Err(format!("expected a string, got marker {m:#04x}")),
         };
         let n = self.len_checked(n, 1)?;
         std::str::from_utf8(self.take(n)?).map_err(|_| "invalid utf-8 in string".to_string())
+    }
+
+    /// The bytes of a bin, or of a str (as UTF-8), whichever comes next.
+    pub fn read_bytes_or_str(&mut self) -> Result<&'a [u8], String> {
+        if matches!(self.peek()?, 0xc4..=0xc6) {
+            self.read_bin()
+        } else {
+            self.read_str().map(str::as_bytes)
+        }
     }
 
     pub fn read_bin(&mut self) -> Result<&'a [u8], String> {

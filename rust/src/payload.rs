@@ -5,6 +5,7 @@
 //! all-or-nothing: a malformed payload yields an error and no events, which lets
 //! the index apply a batch atomically.
 
+use crate::error::Error;
 use crate::msgpack::Reader;
 use crate::tier::Tier;
 
@@ -29,32 +30,36 @@ pub struct Stored {
 
 impl Stored {
     /// Checks the invariants the index relies on.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> crate::Result<()> {
         if self.hashes.is_empty() {
-            return Err("stored event without block hashes".into());
+            return Err(Error::invalid("stored event without block hashes"));
         }
         match (&self.tokens, &self.router_hashes) {
-            (None, None) => return Err("stored event needs tokens or router_hashes".into()),
+            (None, None) => {
+                return Err(Error::invalid("stored event needs tokens or router_hashes"))
+            }
             (Some(t), _) => {
                 if self.block_size == 0 {
-                    return Err("stored event with tokens needs block_size > 0".into());
+                    return Err(Error::invalid(
+                        "stored event with tokens needs block_size > 0",
+                    ));
                 }
                 if t.len() != self.block_size as usize * self.hashes.len() {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "stored event has {} token ids for {} blocks of {}",
                         t.len(),
                         self.hashes.len(),
                         self.block_size
-                    ));
+                    )));
                 }
             }
             (None, Some(r)) => {
                 if r.len() != self.hashes.len() {
-                    return Err(format!(
+                    return Err(Error::invalid(format!(
                         "stored event has {} router hashes for {} blocks",
                         r.len(),
                         self.hashes.len()
-                    ));
+                    )));
                 }
             }
         }
@@ -121,12 +126,13 @@ fn tier(r: &mut Reader<'_>) -> Result<Tier, String> {
         return Ok(Tier::Gpu);
     }
     if r.is_int_next()? {
-        return Tier::from_index(r.read_uint()?);
+        return Tier::from_index(r.read_uint()?).map_err(|e| e.to_string());
     }
     Tier::parse(
         r.read_str()
             .map_err(|_| "tier must be a string".to_string())?,
     )
+    .map_err(|e| e.to_string())
 }
 
 fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
@@ -178,19 +184,11 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
                 s.extra_key = if r.read_nil()? {
                     None
                 } else {
-                    let before = r.clone();
-                    match r.read_bin() {
-                        Ok(b) => Some(b.to_vec()),
-                        Err(_) => {
-                            *r = before;
-                            Some(
-                                r.read_str()
-                                    .map_err(|_| "extra_key must be bytes or str".to_string())?
-                                    .as_bytes()
-                                    .to_vec(),
-                            )
-                        }
-                    }
+                    Some(
+                        r.read_bytes_or_str()
+                            .map_err(|_| "extra_key must be bytes or str".to_string())?
+                            .to_vec(),
+                    )
                 }
             }
             _ => r.skip_value()?,
@@ -202,7 +200,7 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
             if !has_hashes {
                 return Err("stored event without hashes".into());
             }
-            s.validate()?;
+            s.validate().map_err(|e| e.to_string())?;
             Ok(Event::Stored(s))
         }
         Some("removed") => {
@@ -220,7 +218,11 @@ fn decode_event(r: &mut Reader<'_>) -> Result<Event, String> {
 }
 
 /// Decodes a whole payload, or fails without partial results.
-pub fn decode_payload(bytes: &[u8]) -> Result<Vec<Event>, String> {
+pub fn decode_payload(bytes: &[u8]) -> crate::Result<Vec<Event>> {
+    decode(bytes).map_err(Error::MalformedPayload)
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<Event>, String> {
     let mut r = Reader::new(bytes);
     let n = r
         .read_array_len()
@@ -299,6 +301,37 @@ mod tests {
             }
         );
         assert_eq!(ev[1], Event::Cleared);
+    }
+
+    #[test]
+    fn strings_are_not_bytes_but_extra_key_takes_either() {
+        let event = |key: &[u8]| {
+            let mut p = vec![0x91, 0x85];
+            p.extend(s("type"));
+            p.extend(s("stored"));
+            p.extend(s("hashes"));
+            p.extend([0x91, 0x05]);
+            p.extend(s("router_hashes"));
+            p.extend([0x91, 0x07]);
+            p.extend(s("block_size"));
+            p.push(0x01);
+            p.extend(s("extra_key"));
+            p.extend(key);
+            p
+        };
+        let key = |p: &[u8]| match &decode_payload(p).unwrap()[0] {
+            Event::Stored(st) => st.extra_key.clone(),
+            other => panic!("not stored: {other:?}"),
+        };
+        let as_str = key(&event(&s("lora")));
+        assert_eq!(as_str.as_deref(), Some(&b"lora"[..]));
+        assert_eq!(key(&event(&[0xc4, 4, b'l', b'o', b'r', b'a'])), as_str);
+        // A bin where a string belongs (the event type) is refused.
+        let mut p = vec![0x91, 0x81];
+        p.extend(s("type"));
+        p.extend([0xc4, 7]);
+        p.extend(b"cleared");
+        assert!(decode_payload(&p).is_err());
     }
 
     #[test]

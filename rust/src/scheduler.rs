@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use crate::error::{Error, Result};
 use crate::hashing::BlockHashes;
 use crate::index::{Overlap, PrefixIndex};
 use crate::load::{External, LoadTable, Report, Reservation};
@@ -38,6 +39,25 @@ impl Default for Config {
     }
 }
 
+/// A finite, non-negative setting (lease, TTL, weight override).
+pub fn non_negative(v: f64, what: &str) -> Result<f64> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(Error::invalid(format!(
+            "{what} must be a finite number >= 0, got {v}"
+        )));
+    }
+    Ok(v)
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        self.weights.validate()?;
+        non_negative(self.lease_s, "lease_s")?;
+        non_negative(self.report_ttl_s, "report_ttl_s")?;
+        Ok(())
+    }
+}
+
 /// The prompt to route: its block hashes, or its tokens (hashed lazily during the match).
 #[derive(Clone, Copy)]
 pub enum Prompt<'a> {
@@ -68,8 +88,8 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(config: Config, seed: u64) -> Result<Scheduler, String> {
-        config.weights.validate()?;
+    pub fn new(config: Config, seed: u64) -> Result<Scheduler> {
+        config.validate()?;
         Ok(Scheduler {
             config,
             load: LoadTable::default(),
@@ -91,20 +111,11 @@ impl Scheduler {
             .map_or_else(LoadView::default, |w| w.view(now, self.config.report_ttl_s))
     }
 
-    pub fn route(
-        &mut self,
-        index: &PrefixIndex,
-        req: &RouteRequest<'_>,
-    ) -> Result<Decision, String> {
+    pub fn route(&mut self, index: &PrefixIndex, req: &RouteRequest<'_>) -> Result<Decision> {
         let policy = req.policy.unwrap_or(self.config.policy);
         let mut weights = self.config.weights;
         if let Some(p) = req.prefill_weight {
-            if !p.is_finite() || p < 0.0 {
-                return Err(format!(
-                    "prefill_weight must be a finite number >= 0, got {p}"
-                ));
-            }
-            weights.prefill = p;
+            weights.prefill = non_negative(p, "prefill_weight")?;
         }
         let block_size = index.block_size();
         let pool: Vec<u64> = match req.candidates {
@@ -121,7 +132,7 @@ impl Scheduler {
             }
         };
         if pool.is_empty() {
-            return Err("no routable worker for this model".into());
+            return Err(Error::NoRoutableWorker);
         }
         let mut overlaps = Vec::new();
         let prompt_blocks = if matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain
@@ -205,7 +216,7 @@ impl Scheduler {
         prefill_tokens: u64,
         decode_blocks: u64,
         now: f64,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         self.load.reserve(
             request_id,
             Reservation {
@@ -223,12 +234,12 @@ impl Scheduler {
         self.load.mark_prefill_done(request_id, now + lease)
     }
 
-    pub fn report_load(&mut self, worker: u64, report: Report) -> Result<(), String> {
+    pub fn report_load(&mut self, worker: u64, report: Report) -> Result<()> {
         let w = self
             .load
             .workers
             .get_mut(&worker)
-            .ok_or_else(|| format!("unknown worker {worker}"))?;
+            .ok_or(Error::UnknownWorker(worker))?;
         // Remember what this router had reserved, so the report's drift can be separated out.
         w.report = Some(Report {
             reserved_prefill_tokens: w.reserved_prefill_tokens,
@@ -239,12 +250,12 @@ impl Scheduler {
         Ok(())
     }
 
-    pub fn set_external(&mut self, worker: u64, ext: External) -> Result<(), String> {
+    pub fn set_external(&mut self, worker: u64, ext: External) -> Result<()> {
         let w = self
             .load
             .workers
             .get_mut(&worker)
-            .ok_or_else(|| format!("unknown worker {worker}"))?;
+            .ok_or(Error::UnknownWorker(worker))?;
         w.external = ext;
         Ok(())
     }

@@ -10,39 +10,51 @@
 //! least load, then at random (seedable). A temperature > 0 samples from a
 //! softmax over normalised costs instead of taking the minimum.
 
+use crate::error::{Error, Result};
 use crate::index::Overlap;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    Kv,
-    PrefixOnly,
-    LeastLoaded,
-    RoundRobin,
-    Random,
+/// Declares the policies once: the enum, its names in order, and the name <-> variant maps.
+macro_rules! policies {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Policy {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Policy {
+            /// Every policy, in declaration order (exported to Python as `POLICIES`).
+            pub const ALL: &'static [Policy] = &[$(Policy::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Policy::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+policies! {
+    /// Cost model of DESIGN §3.3: uncached prefill, decode load, queue.
+    Kv => "kv",
+    /// Longest cached prefix, load ignored.
+    PrefixOnly => "prefix_only",
+    LeastLoaded => "least_loaded",
+    RoundRobin => "round_robin",
+    Random => "random",
 }
 
 impl Policy {
-    pub fn parse(name: &str) -> Result<Policy, String> {
-        match name {
-            "kv" => Ok(Policy::Kv),
-            "prefix_only" => Ok(Policy::PrefixOnly),
-            "least_loaded" => Ok(Policy::LeastLoaded),
-            "round_robin" => Ok(Policy::RoundRobin),
-            "random" => Ok(Policy::Random),
-            other => Err(format!(
-                "unknown policy {other:?} (expected kv, prefix_only, least_loaded, round_robin or random)"
-            )),
-        }
+    pub fn names() -> Vec<&'static str> {
+        Policy::ALL.iter().map(|p| p.name()).collect()
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Policy::Kv => "kv",
-            Policy::PrefixOnly => "prefix_only",
-            Policy::LeastLoaded => "least_loaded",
-            Policy::RoundRobin => "round_robin",
-            Policy::Random => "random",
-        }
+    pub fn parse(name: &str) -> Result<Policy> {
+        Policy::ALL
+            .iter()
+            .copied()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| Error::UnknownPolicy(name.to_owned()))
     }
 }
 
@@ -62,9 +74,12 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
+        // The one definition of the default weights: the Python shell reads them from the
+        // core (`kvrouter._core.DEFAULT_WEIGHTS`), never re-types them.
+        let prefill = 1.0;
         Weights {
-            prefill: 1.0,
-            queued_prefill: 1.0,
+            prefill,
+            queued_prefill: prefill,
             decode: 0.25,
             queue: 0.0,
             temperature: 0.0,
@@ -75,7 +90,7 @@ impl Default for Weights {
 }
 
 impl Weights {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("prefill_weight", self.prefill),
             ("queued_prefill_weight", self.queued_prefill),
@@ -84,7 +99,9 @@ impl Weights {
             ("temperature", self.temperature),
         ] {
             if !v.is_finite() || v < 0.0 {
-                return Err(format!("{name} must be a finite number >= 0, got {v}"));
+                return Err(Error::invalid(format!(
+                    "{name} must be a finite number >= 0, got {v}"
+                )));
             }
         }
         for (name, v) in [
@@ -92,7 +109,9 @@ impl Weights {
             ("disk_credit", self.disk_credit),
         ] {
             if !(0.0..=1.0).contains(&v) {
-                return Err(format!("{name} must be within [0, 1], got {v}"));
+                return Err(Error::invalid(format!(
+                    "{name} must be within [0, 1], got {v}"
+                )));
             }
         }
         Ok(())
@@ -109,6 +128,10 @@ pub struct LoadView {
 
 /// One scored worker; the per-candidate breakdown that Explain returns.
 #[derive(Debug, Clone, Copy, Default)]
+#[cfg_attr(
+    feature = "python",
+    pyo3::pyclass(module = "kvrouter._core", frozen, get_all)
+)]
 pub struct Candidate {
     pub worker: u64,
     pub overlap: Overlap,

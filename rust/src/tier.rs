@@ -1,6 +1,9 @@
 //! Storage tiers of a cached block: reuse from GPU is free, from host or disk costs a copy.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+use crate::error::{Error, Result};
+
+/// Ordered fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
 pub enum Tier {
     #[default]
     Gpu = 0,
@@ -11,25 +14,25 @@ pub enum Tier {
 impl Tier {
     pub const ALL: [Tier; 3] = [Tier::Gpu, Tier::Host, Tier::Disk];
 
-    pub fn parse(name: &str) -> Result<Tier, String> {
+    pub fn parse(name: &str) -> Result<Tier> {
         match name.to_ascii_lowercase().as_str() {
             "gpu" | "device" | "hbm" => Ok(Tier::Gpu),
             "host" | "cpu" | "dram" => Ok(Tier::Host),
             "disk" | "ssd" | "nvme" => Ok(Tier::Disk),
-            other => Err(format!(
+            other => Err(Error::invalid(format!(
                 "unknown storage tier {other:?} (expected gpu, host or disk)"
-            )),
+            ))),
         }
     }
 
-    pub fn from_index(i: u64) -> Result<Tier, String> {
+    pub fn from_index(i: u64) -> Result<Tier> {
         match i {
             0 => Ok(Tier::Gpu),
             1 => Ok(Tier::Host),
             2 => Ok(Tier::Disk),
-            other => Err(format!(
+            other => Err(Error::invalid(format!(
                 "unknown storage tier index {other} (expected 0, 1 or 2)"
-            )),
+            ))),
         }
     }
 

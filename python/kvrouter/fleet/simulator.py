@@ -17,13 +17,15 @@ together. Pure-decode stretches are advanced in one go inside the engine.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
+from kvrouter._core import DEFAULT_WEIGHTS, POLICIES
+from kvrouter.counters import ApplyTotals
 from kvrouter.engines.sim.engine import EngineConfig, RequestUpdate, SimEngine, SimRequest
 from kvrouter.engines.sim.profile import EngineProfile
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent
@@ -31,9 +33,6 @@ from kvrouter.fleet.report import FleetReport, RequestRecord, WorkerRecord, buil
 from kvrouter.fleet.traces import Trace, trace_hashes
 
 log = logging.getLogger(__name__)
-
-POLICIES = ("random", "round_robin", "least_loaded", "prefix_only", "kv")
-
 
 @dataclass(frozen=True, slots=True)
 class FleetRequest:
@@ -60,21 +59,24 @@ def prepare(trace: Trace, block_size: int, speedup: float = 1.0,
             for i, r in enumerate(trace.requests)]
 
 
+_D = DEFAULT_WEIGHTS
+
+
 @dataclass
 class SchedulerWeights:
-    """Weights passed to kvrouter._core.Scheduler (DESIGN §3.3)."""
+    """Weights passed to kvrouter._core.Scheduler (DESIGN §3.3); defaults are the core's."""
 
-    prefill_weight: float = 1.0
-    decode_weight: float = 1.0
-    queue_weight: float = 0.0
-    temperature: float = 0.0
-    host_credit: float = 0.5
-    queued_prefill_weight: float | None = None  # None: same as prefill_weight
+    prefill_weight: float = _D["prefill_weight"]
+    decode_weight: float = _D["decode_weight"]
+    queue_weight: float = _D["queue_weight"]
+    temperature: float = _D["temperature"]
+    host_credit: float = _D["host_credit"]
+    disk_credit: float = _D["disk_credit"]
+    queued_prefill_weight: float | None = _D["queued_prefill_weight"]  # None: same as prefill_weight
 
     def as_kwargs(self) -> dict[str, float | None]:
-        return {"prefill_weight": self.prefill_weight, "decode_weight": self.decode_weight,
-                "queue_weight": self.queue_weight, "temperature": self.temperature,
-                "host_credit": self.host_credit, "queued_prefill_weight": self.queued_prefill_weight}
+        """The Scheduler keyword arguments (the field names are the Scheduler's)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -95,22 +97,6 @@ class FleetConfig:
 
 
 @dataclass
-class ApplyTotals:
-    stored_blocks: int = 0
-    removed_blocks: int = 0
-    orphan_events: int = 0
-    unknown_removals: int = 0
-    malformed: int = 0
-
-    def add(self, r: Any) -> None:
-        self.stored_blocks += r.stored_blocks
-        self.removed_blocks += r.removed_blocks
-        self.orphan_events += r.orphan_events
-        self.unknown_removals += r.unknown_removals
-        self.malformed += r.malformed
-
-
-@dataclass
 class FleetResult:
     report: FleetReport
     records: list[RequestRecord]
@@ -128,13 +114,13 @@ class FleetSimulator:
         self.profile = profile
         bs = self.config.engine.block_size
         self.index = PrefixIndex(bs)
-        weights = self.config.weights
+        sw = self.config.weights
         self.scheduler = Scheduler(self.index, policy=self.config.policy,  # type: ignore[arg-type]
                                    seed=self.config.seed, lease_s=1e12,
-                                   prefill_weight=weights.prefill_weight, decode_weight=weights.decode_weight,
-                                   queue_weight=weights.queue_weight,
-                                   queued_prefill_weight=weights.queued_prefill_weight,
-                                   temperature=weights.temperature, host_credit=weights.host_credit)
+                                   prefill_weight=sw.prefill_weight, decode_weight=sw.decode_weight,
+                                   queue_weight=sw.queue_weight, queued_prefill_weight=sw.queued_prefill_weight,
+                                   temperature=sw.temperature, host_credit=sw.host_credit,
+                                   disk_credit=sw.disk_credit)
         self.engines = [SimEngine(profile, self.config.engine, name=f"w{i}")
                         for i in range(self.config.num_workers)]
         for w in range(self.config.num_workers):

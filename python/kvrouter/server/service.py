@@ -18,7 +18,14 @@ from typing import Any, NoReturn, cast
 import grpc
 import numpy as np
 
-from kvrouter._core import Decision, Scheduler, decode_payload
+from kvrouter._core import (
+    Decision,
+    InvalidArgument,
+    MalformedPayload,
+    NoRoutableWorker,
+    Scheduler,
+    decode_payload,
+)
 from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, PolicyName
 from kvrouter.events.model import LoadReport
@@ -194,10 +201,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     tokens, extra_key=extra_key_for(req.extra_key), request_id=rid,
                     expected_output_tokens=expected, candidates=candidates,
                     policy=cast(PolicyName | None, policy), explain=explain, reserve=not dry_run)
-            except ValueError as e:
-                if not any(w.routable for w in m.state.workers.values()) or filtered:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                                       self._no_worker_message(m, filtered)) from None
+            except NoRoutableWorker:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                                   self._no_worker_message(m, filtered)) from None
+            except InvalidArgument as e:
                 _invalid(str(e))
         except RequestError as e:
             self.metrics.failed(m.cfg.name, policy or m.cfg.policy, _OUTCOME.get(e.code, "error"))
@@ -486,7 +493,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 # The plane applies batches later; decode once here so that a malformed
                 # batch is refused to its sender instead of silently counted and dropped.
                 decode_payload(request.payload)
-            except ValueError as e:
+            except MalformedPayload as e:
                 _invalid(f"malformed event payload: {e}")
             try:
                 self.event_plane.submit(m.cfg.name, request.worker, request.epoch, request.seq,

@@ -1,15 +1,16 @@
 //! Python -> Rust conversions with errors that say what is wrong and where.
 
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 
+use super::errors::invalid;
 use crate::tier::Tier;
 
 fn le_u32s(bytes: &[u8]) -> PyResult<Vec<u32>> {
     if !bytes.len().is_multiple_of(4) {
-        return Err(PyValueError::new_err(format!(
+        return Err(invalid(format!(
             "token bytes must be little-endian u32 ids: {} bytes is not a multiple of 4",
             bytes.len()
         )));
@@ -24,9 +25,8 @@ fn check_range<T: Copy + TryInto<u32> + std::fmt::Display>(v: Vec<T>) -> PyResul
     v.iter()
         .enumerate()
         .map(|(i, x)| {
-            (*x).try_into().map_err(|_| {
-                PyValueError::new_err(format!("token id {x} at position {i} is outside 0..2^32"))
-            })
+            (*x).try_into()
+                .map_err(|_| invalid(format!("token id {x} at position {i} is outside 0..2^32")))
         })
         .collect()
 }
@@ -47,10 +47,10 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         ));
     }
     if let Ok(list) = obj.downcast::<PyList>() {
-        return seq_items(list.iter());
+        return seq_items(list.iter().map(Ok));
     }
     if let Ok(tuple) = obj.downcast::<PyTuple>() {
-        return seq_items(tuple.iter());
+        return seq_items(tuple.iter().map(Ok));
     }
     if let Ok(buf) = PyBuffer::<u32>::get(obj) {
         return buf.to_vec(py);
@@ -75,7 +75,8 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         return le_u32s(&buf.to_vec(py)?);
     }
     match obj.try_iter() {
-        Ok(it) => seq_items(it.map(|x| x.expect("iteration"))),
+        // An iterable that raises mid-way surfaces its own exception.
+        Ok(it) => seq_items(it),
         Err(_) => Err(PyTypeError::new_err(format!(
             "token ids must be a sequence of ints, an integer array or bytes, not {}",
             obj.get_type().name()?
@@ -83,16 +84,16 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     }
 }
 
-fn seq_items<'py>(items: impl Iterator<Item = Bound<'py, PyAny>>) -> PyResult<Vec<u32>> {
+/// Items of a list, a tuple or an iterator (whose every step may raise).
+fn seq_items<'py>(items: impl Iterator<Item = PyResult<Bound<'py, PyAny>>>) -> PyResult<Vec<u32>> {
     let mut out = Vec::with_capacity(items.size_hint().0);
     for (i, item) in items.enumerate() {
+        let item = item?;
         match item.extract::<u32>() {
             Ok(v) => out.push(v),
             Err(_) => {
                 return Err(match item.extract::<i128>() {
-                    Ok(v) => PyValueError::new_err(format!(
-                        "token id {v} at position {i} is outside 0..2^32"
-                    )),
+                    Ok(v) => invalid(format!("token id {v} at position {i} is outside 0..2^32")),
                     Err(_) => PyTypeError::new_err(format!(
                         "token id at position {i} must be an int, not {}",
                         item.get_type().name()?
@@ -112,7 +113,7 @@ pub fn hash_value(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     match obj.extract::<i64>() {
         Ok(v) => Ok(v as u64),
         Err(_) => Err(match obj.extract::<i128>() {
-            Ok(v) => PyValueError::new_err(format!(
+            Ok(v) => invalid(format!(
                 "hash {v} is outside the signed or unsigned 64-bit range"
             )),
             Err(_) => PyTypeError::new_err(format!(
@@ -164,12 +165,12 @@ pub fn extra_key(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
 }
 
 pub fn tier(name: &str) -> PyResult<Tier> {
-    Tier::parse(name).map_err(PyValueError::new_err)
+    Ok(Tier::parse(name)?)
 }
 
 pub fn block_size(v: i64, what: &str) -> PyResult<u32> {
     if v <= 0 || v > i64::from(u32::MAX) {
-        return Err(PyValueError::new_err(format!(
+        return Err(invalid(format!(
             "{what} must be a positive integer, got {v}"
         )));
     }
@@ -178,9 +179,7 @@ pub fn block_size(v: i64, what: &str) -> PyResult<u32> {
 
 pub fn non_negative(v: i64, what: &str) -> PyResult<u64> {
     if v < 0 {
-        return Err(PyValueError::new_err(format!(
-            "{what} must be >= 0, got {v}"
-        )));
+        return Err(invalid(format!("{what} must be >= 0, got {v}")));
     }
     Ok(v as u64)
 }

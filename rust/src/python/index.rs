@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyTuple};
 
@@ -33,9 +32,7 @@ pub fn local_block_hash(tokens: &Bound<'_, PyAny>) -> PyResult<u64> {
 
 #[pyfunction]
 pub fn decode_payload<'py>(py: Python<'py>, payload: &[u8]) -> PyResult<Vec<Bound<'py, PyTuple>>> {
-    let events = py
-        .allow_threads(|| payload::decode_payload(payload))
-        .map_err(PyValueError::new_err)?;
+    let events = py.allow_threads(|| payload::decode_payload(payload))?;
     events
         .into_iter()
         .map(|e| match e {
@@ -65,65 +62,47 @@ pub fn decode_payload<'py>(py: Python<'py>, payload: &[u8]) -> PyResult<Vec<Boun
         .collect()
 }
 
-/// Counters of one apply call.
-#[pyclass(name = "ApplyResult", module = "kvrouter._core", frozen, get_all)]
-#[derive(Clone)]
-pub struct PyApplyResult {
-    pub stored_blocks: u64,
-    pub duplicate_blocks: u64,
-    pub removed_blocks: u64,
-    pub unknown_removals: u64,
-    pub orphan_events: u64,
-    pub cleared_blocks: u64,
-    pub malformed: u64,
-    pub mismatched_events: u64,
-    /// Why a payload was rejected, if it was.
-    pub error: Option<String>,
-}
-
-impl PyApplyResult {
-    fn ok(r: ApplyResult) -> Self {
-        PyApplyResult {
-            stored_blocks: r.stored_blocks,
-            duplicate_blocks: r.duplicate_blocks,
-            removed_blocks: r.removed_blocks,
-            unknown_removals: r.unknown_removals,
-            orphan_events: r.orphan_events,
-            cleared_blocks: r.cleared_blocks,
-            malformed: r.malformed,
-            mismatched_events: r.mismatched_events,
-            error: None,
-        }
-    }
-}
-
 #[pymethods]
-impl PyApplyResult {
+impl ApplyResult {
+    /// The counter names, in order: the one list Python code folds results by.
+    #[classattr]
+    #[pyo3(name = "FIELDS")]
+    fn fields(py: Python<'_>) -> PyResult<Py<PyTuple>> {
+        Ok(PyTuple::new(py, ApplyResult::FIELDS)?.unbind())
+    }
+
+    /// The counters by name (not `error`).
     fn as_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("stored_blocks", self.stored_blocks)?;
-        d.set_item("duplicate_blocks", self.duplicate_blocks)?;
-        d.set_item("removed_blocks", self.removed_blocks)?;
-        d.set_item("unknown_removals", self.unknown_removals)?;
-        d.set_item("orphan_events", self.orphan_events)?;
-        d.set_item("cleared_blocks", self.cleared_blocks)?;
-        d.set_item("malformed", self.malformed)?;
-        d.set_item("mismatched_events", self.mismatched_events)?;
+        for (name, v) in ApplyResult::FIELDS.iter().zip(self.counters()) {
+            d.set_item(name, v)?;
+        }
         Ok(d)
     }
 
     fn __repr__(&self) -> String {
+        let fields: Vec<String> = ApplyResult::FIELDS
+            .iter()
+            .zip(self.counters())
+            .map(|(n, v)| format!("{n}={v}"))
+            .chain(self.error.as_ref().map(|e| format!("error={e:?}")))
+            .collect();
+        format!("ApplyResult({})", fields.join(", "))
+    }
+}
+
+#[pymethods]
+impl Overlap {
+    /// Matched blocks over all tiers.
+    #[getter]
+    fn blocks(&self) -> u32 {
+        self.total()
+    }
+
+    fn __repr__(&self) -> String {
         format!(
-            "ApplyResult(stored={}, duplicate={}, removed={}, unknown_removals={}, orphans={}, cleared={}, malformed={}, mismatched={}{})",
-            self.stored_blocks,
-            self.duplicate_blocks,
-            self.removed_blocks,
-            self.unknown_removals,
-            self.orphan_events,
-            self.cleared_blocks,
-            self.malformed,
-            self.mismatched_events,
-            self.error.as_ref().map(|e| format!(", error={e:?}")).unwrap_or_default()
+            "Overlap(gpu={}, host={}, disk={})",
+            self.gpu, self.host, self.disk
         )
     }
 }
@@ -132,21 +111,20 @@ impl PyApplyResult {
 pub(crate) fn apply_payload_to(
     idx: &mut PrefixIndex,
     worker: u64,
-    events: Result<Vec<Event>, String>,
-) -> PyApplyResult {
+    events: crate::Result<Vec<Event>>,
+) -> ApplyResult {
     match events {
         Ok(events) => {
             let mut total = ApplyResult::default();
             for e in &events {
                 total.add(&idx.apply_event(worker, e));
             }
-            PyApplyResult::ok(total)
+            total
         }
-        Err(msg) => {
-            let mut r = PyApplyResult::ok(idx.note_malformed());
-            r.error = Some(msg);
-            r
-        }
+        Err(e) => ApplyResult {
+            error: Some(e.to_string()),
+            ..idx.note_malformed()
+        },
     }
 }
 
@@ -175,7 +153,7 @@ impl PyPrefixIndex {
     #[new]
     fn new(block_size: i64) -> PyResult<Self> {
         let bs = convert::block_size(block_size, "block_size")?;
-        let idx = PrefixIndex::new(bs).map_err(PyValueError::new_err)?;
+        let idx = PrefixIndex::new(bs)?;
         Ok(PyPrefixIndex {
             inner: Arc::new(RwLock::new(idx)),
             block_size: bs,
@@ -195,7 +173,7 @@ impl PyPrefixIndex {
         tier: &str,
         extra_key: Option<&Bound<'_, PyAny>>,
         engine_block_size: Option<i64>,
-    ) -> PyResult<PyApplyResult> {
+    ) -> PyResult<ApplyResult> {
         let ev = Stored {
             hashes: convert::hashes(hashes)?,
             parent: match parent {
@@ -217,9 +195,8 @@ impl PyPrefixIndex {
             tier: convert::tier(tier)?,
             extra_key: convert::extra_key(extra_key)?,
         };
-        ev.validate().map_err(PyValueError::new_err)?;
-        let r = py.allow_threads(|| self.inner.write().apply_stored(worker, &ev));
-        Ok(PyApplyResult::ok(r))
+        ev.validate()?;
+        Ok(py.allow_threads(|| self.inner.write().apply_stored(worker, &ev)))
     }
 
     #[pyo3(signature = (worker, hashes, tier="gpu"))]
@@ -229,23 +206,21 @@ impl PyPrefixIndex {
         worker: u64,
         hashes: &Bound<'_, PyAny>,
         tier: &str,
-    ) -> PyResult<PyApplyResult> {
+    ) -> PyResult<ApplyResult> {
         let hashes = convert::hashes(hashes)?;
         let tier = convert::tier(tier)?;
-        Ok(PyApplyResult::ok(py.allow_threads(|| {
-            self.inner.write().apply_removed(worker, &hashes, tier)
-        })))
+        Ok(py.allow_threads(|| self.inner.write().apply_removed(worker, &hashes, tier)))
     }
 
-    fn clear_worker(&self, py: Python<'_>, worker: u64) -> PyApplyResult {
-        PyApplyResult::ok(py.allow_threads(|| self.inner.write().clear_worker(worker)))
+    fn clear_worker(&self, py: Python<'_>, worker: u64) -> ApplyResult {
+        py.allow_threads(|| self.inner.write().clear_worker(worker))
     }
 
     fn remove_worker(&self, py: Python<'_>, worker: u64) -> u64 {
         py.allow_threads(|| self.inner.write().remove_worker(worker))
     }
 
-    fn apply_payload(&self, py: Python<'_>, worker: u64, payload: &[u8]) -> PyApplyResult {
+    fn apply_payload(&self, py: Python<'_>, worker: u64, payload: &[u8]) -> ApplyResult {
         py.allow_threads(|| {
             let events = payload::decode_payload(payload);
             apply_payload_to(&mut self.inner.write(), worker, events)
@@ -256,7 +231,7 @@ impl PyPrefixIndex {
         &self,
         py: Python<'_>,
         batch: &Bound<'_, PyAny>,
-    ) -> PyResult<Vec<PyApplyResult>> {
+    ) -> PyResult<Vec<ApplyResult>> {
         // Copy each payload's bytes out at memcpy speed (a Vec<u8> extraction would
         // walk the bytes object element by element).
         let mut owned: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -267,7 +242,7 @@ impl PyPrefixIndex {
         let batch = owned;
         Ok(py.allow_threads(|| {
             // Decode outside the write lock so queries keep flowing meanwhile.
-            let decoded: Vec<(u64, Result<Vec<Event>, String>)> = batch
+            let decoded: Vec<(u64, crate::Result<Vec<Event>>)> = batch
                 .iter()
                 .map(|(w, p)| (*w, payload::decode_payload(p)))
                 .collect();
@@ -366,9 +341,8 @@ impl PyPrefixIndex {
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let idx = self.inner.read();
         let s = idx.stats();
-        let d = PyApplyResult::ok(s.totals).as_dict(py)?;
+        let d = s.totals.as_dict(py)?;
         d.set_item("events", s.events)?;
-        d.set_item("queries", s.queries)?;
         d.set_item("nodes", idx.num_nodes())?;
         d.set_item("entries", idx.num_entries())?;
         d.set_item("workers", idx.workers().len())?;
@@ -382,9 +356,7 @@ impl PyPrefixIndex {
 
     #[staticmethod]
     fn from_snapshot(py: Python<'_>, data: &[u8]) -> PyResult<Self> {
-        let idx = py
-            .allow_threads(|| PrefixIndex::from_snapshot(data))
-            .map_err(PyValueError::new_err)?;
+        let idx = py.allow_threads(|| PrefixIndex::from_snapshot(data))?;
         let bs = idx.block_size();
         Ok(PyPrefixIndex {
             inner: Arc::new(RwLock::new(idx)),
@@ -399,21 +371,20 @@ impl PyPrefixIndex {
         data: &[u8],
         worker_map: Option<std::collections::HashMap<u64, u64>>,
     ) -> PyResult<()> {
-        let idx = py
-            .allow_threads(|| {
-                let mut idx = PrefixIndex::from_snapshot(data)?;
-                if let Some(map) = &worker_map {
-                    idx.remap_workers(map)?;
-                }
-                Ok::<_, String>(idx)
-            })
-            .map_err(PyValueError::new_err)?;
+        let idx = py.allow_threads(|| {
+            let mut idx = PrefixIndex::from_snapshot(data)?;
+            if let Some(map) = &worker_map {
+                idx.remap_workers(map)?;
+            }
+            Ok::<_, crate::Error>(idx)
+        })?;
         if idx.block_size() != self.block_size {
-            return Err(PyValueError::new_err(format!(
+            return Err(crate::Error::Snapshot(format!(
                 "snapshot block size {} differs from this index's {}",
                 idx.block_size(),
                 self.block_size
-            )));
+            ))
+            .into());
         }
         *self.inner.write() = idx;
         Ok(())

@@ -3,51 +3,35 @@
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 
 use super::convert;
+use super::errors::invalid;
 use super::index::PyPrefixIndex;
 use crate::hashing;
 use crate::index::PrefixIndex;
 use crate::load::{External, Report, WorkerLoad};
 use crate::scheduler::{Config, Decision, Prompt, RouteRequest, Scheduler};
-use crate::scoring::{Candidate, Policy, Weights};
-
-#[pyclass(name = "Candidate", module = "kvrouter._core", frozen, get_all)]
-#[derive(Clone)]
-pub struct PyCandidate {
-    worker: u64,
-    gpu_blocks: u32,
-    host_blocks: u32,
-    disk_blocks: u32,
-    new_prefill_tokens: u64,
-    decode_blocks: u64,
-    queue: u64,
-    cost: f64,
-}
-
-impl From<&Candidate> for PyCandidate {
-    fn from(c: &Candidate) -> Self {
-        PyCandidate {
-            worker: c.worker,
-            gpu_blocks: c.overlap.gpu,
-            host_blocks: c.overlap.host,
-            disk_blocks: c.overlap.disk,
-            new_prefill_tokens: c.new_prefill_tokens,
-            decode_blocks: c.decode_blocks,
-            queue: c.queue,
-            cost: c.cost,
-        }
-    }
-}
+use crate::scoring::{Candidate, Policy};
 
 #[pymethods]
-impl PyCandidate {
+impl Candidate {
+    #[getter]
+    fn gpu_blocks(&self) -> u32 {
+        self.overlap.gpu
+    }
+    #[getter]
+    fn host_blocks(&self) -> u32 {
+        self.overlap.host
+    }
+    #[getter]
+    fn disk_blocks(&self) -> u32 {
+        self.overlap.disk
+    }
     fn __repr__(&self) -> String {
         format!(
             "Candidate(worker={}, gpu={}, host={}, disk={}, new_prefill_tokens={}, decode_blocks={}, queue={}, cost={:.3})",
-            self.worker, self.gpu_blocks, self.host_blocks, self.disk_blocks, self.new_prefill_tokens, self.decode_blocks, self.queue, self.cost
+            self.worker, self.overlap.gpu, self.overlap.host, self.overlap.disk, self.new_prefill_tokens, self.decode_blocks, self.queue, self.cost
         )
     }
 }
@@ -94,8 +78,8 @@ impl PyDecision {
         self.d.policy.name()
     }
     #[getter]
-    fn candidates(&self) -> Vec<PyCandidate> {
-        self.d.candidates.iter().map(PyCandidate::from).collect()
+    fn candidates(&self) -> Vec<Candidate> {
+        self.d.candidates.clone()
     }
     fn __repr__(&self) -> String {
         format!(
@@ -108,53 +92,8 @@ impl PyDecision {
     }
 }
 
-#[pyclass(name = "WorkerLoad", module = "kvrouter._core", frozen, get_all)]
-pub struct PyWorkerLoad {
-    worker: u64,
-    routable: bool,
-    reserved_prefill_tokens: u64,
-    reserved_decode_blocks: u64,
-    reserved_requests: u64,
-    waiting_requests: u64,
-    reported_running: u64,
-    reported_queued: u64,
-    reported_kv_used_blocks: u64,
-    reported_kv_free_blocks: u64,
-    external_prefill_tokens: u64,
-    external_decode_blocks: u64,
-    external_requests: u64,
-    prefill_tokens: u64,
-    decode_blocks: u64,
-    queue: u64,
-}
-
-impl PyWorkerLoad {
-    fn new(worker: u64, w: &WorkerLoad, now: f64, ttl: f64) -> Self {
-        let v = w.view(now, ttl);
-        let r = w.report.unwrap_or_default();
-        PyWorkerLoad {
-            worker,
-            routable: w.routable,
-            reserved_prefill_tokens: w.reserved_prefill_tokens,
-            reserved_decode_blocks: w.reserved_decode_blocks,
-            reserved_requests: w.reserved_requests,
-            waiting_requests: w.waiting_requests,
-            reported_running: r.running,
-            reported_queued: r.queued,
-            reported_kv_used_blocks: r.kv_used_blocks,
-            reported_kv_free_blocks: r.kv_free_blocks,
-            external_prefill_tokens: w.external.prefill_tokens,
-            external_decode_blocks: w.external.decode_blocks,
-            external_requests: w.external.requests,
-            prefill_tokens: v.prefill_tokens,
-            decode_blocks: v.decode_blocks,
-            queue: v.queue,
-        }
-    }
-}
-
 #[pymethods]
-impl PyWorkerLoad {
+impl WorkerLoad {
     fn __repr__(&self) -> String {
         format!(
             "WorkerLoad(worker={}, routable={}, prefill_tokens={}, decode_blocks={}, queue={}, reserved_requests={})",
@@ -164,17 +103,40 @@ impl PyWorkerLoad {
 }
 
 fn policy(name: Option<&str>) -> PyResult<Option<Policy>> {
-    name.map(|n| Policy::parse(n).map_err(PyValueError::new_err))
-        .transpose()
+    Ok(name.map(Policy::parse).transpose()?)
 }
 
-fn finite(v: f64, what: &str) -> PyResult<f64> {
-    if !v.is_finite() || v < 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "{what} must be a finite number >= 0, got {v}"
-        )));
+/// Scheduler settings given from Python; None keeps the current value.
+struct Settings<'a> {
+    policy: Option<&'a str>,
+    prefill_weight: Option<f64>,
+    decode_weight: Option<f64>,
+    queue_weight: Option<f64>,
+    queued_prefill_weight: Option<f64>,
+    temperature: Option<f64>,
+    host_credit: Option<f64>,
+    disk_credit: Option<f64>,
+    lease_s: Option<f64>,
+    report_ttl_s: Option<f64>,
+}
+
+/// `c` with the given settings applied and validated.
+fn configured(mut c: Config, s: Settings<'_>) -> crate::Result<Config> {
+    if let Some(p) = s.policy {
+        c.policy = Policy::parse(p)?;
     }
-    Ok(v)
+    let w = &mut c.weights;
+    w.prefill = s.prefill_weight.unwrap_or(w.prefill);
+    w.decode = s.decode_weight.unwrap_or(w.decode);
+    w.queue = s.queue_weight.unwrap_or(w.queue);
+    w.queued_prefill = s.queued_prefill_weight.unwrap_or(w.queued_prefill);
+    w.temperature = s.temperature.unwrap_or(w.temperature);
+    w.host_credit = s.host_credit.unwrap_or(w.host_credit);
+    w.disk_credit = s.disk_credit.unwrap_or(w.disk_credit);
+    c.lease_s = s.lease_s.unwrap_or(c.lease_s);
+    c.report_ttl_s = s.report_ttl_s.unwrap_or(c.report_ttl_s);
+    c.validate()?;
+    Ok(c)
 }
 
 /// A prompt owned across the GIL release: hashes, or tokens hashed during the match.
@@ -214,7 +176,7 @@ impl PyScheduler {
         let policy = policy(policy_name)?;
         if let Some(id) = &request_id {
             if id.is_empty() {
-                return Err(PyValueError::new_err("request_id must not be empty"));
+                return Err(invalid("request_id must not be empty"));
             }
         }
         let d = py.allow_threads(|| {
@@ -241,50 +203,55 @@ impl PyScheduler {
             };
             s.route(&idx, &req)
         });
-        let d = d.map_err(PyValueError::new_err)?;
-        Ok(PyDecision { d, request_id })
+        Ok(PyDecision { d: d?, request_id })
     }
 }
 
 #[pymethods]
 impl PyScheduler {
+    /// Every setting left out (or None) takes the core's default (`Config::default()`).
     #[new]
-    #[pyo3(signature = (index, policy="kv", prefill_weight=1.0, decode_weight=0.25, queue_weight=0.0, queued_prefill_weight=None, temperature=0.0, host_credit=0.5, disk_credit=0.25, lease_s=300.0, report_ttl_s=5.0, seed=None))]
+    #[pyo3(signature = (index, policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, seed=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         index: &PyPrefixIndex,
-        policy: &str,
-        prefill_weight: f64,
-        decode_weight: f64,
-        queue_weight: f64,
+        policy: Option<&str>,
+        prefill_weight: Option<f64>,
+        decode_weight: Option<f64>,
+        queue_weight: Option<f64>,
         queued_prefill_weight: Option<f64>,
-        temperature: f64,
-        host_credit: f64,
-        disk_credit: f64,
-        lease_s: f64,
-        report_ttl_s: f64,
+        temperature: Option<f64>,
+        host_credit: Option<f64>,
+        disk_credit: Option<f64>,
+        lease_s: Option<f64>,
+        report_ttl_s: Option<f64>,
         seed: Option<u64>,
     ) -> PyResult<Self> {
-        let config = Config {
-            policy: Policy::parse(policy).map_err(PyValueError::new_err)?,
-            weights: Weights {
-                prefill: prefill_weight,
-                queued_prefill: queued_prefill_weight.unwrap_or(prefill_weight),
-                decode: decode_weight,
-                queue: queue_weight,
+        let defaults = Config::default();
+        // An unset queued-prefill weight follows the prefill weight when that is set; with
+        // neither set, it keeps the core's default.
+        let queued_prefill_weight = queued_prefill_weight.or(prefill_weight);
+        let config = configured(
+            defaults,
+            Settings {
+                policy,
+                prefill_weight,
+                decode_weight,
+                queue_weight,
+                queued_prefill_weight,
                 temperature,
                 host_credit,
                 disk_credit,
+                lease_s,
+                report_ttl_s,
             },
-            lease_s: finite(lease_s, "lease_s")?,
-            report_ttl_s: finite(report_ttl_s, "report_ttl_s")?,
-        };
+        )?;
         let seed = seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64)
         });
-        let s = Scheduler::new(config, seed).map_err(PyValueError::new_err)?;
+        let s = Scheduler::new(config, seed)?;
         Ok(PyScheduler {
             index: index.inner.clone(),
             inner: Mutex::new(s),
@@ -296,6 +263,7 @@ impl PyScheduler {
         self.inner.lock().config.policy.name()
     }
 
+    /// Changes the given settings; the others keep their current values.
     #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn configure(
@@ -312,26 +280,21 @@ impl PyScheduler {
         report_ttl_s: Option<f64>,
     ) -> PyResult<()> {
         let mut s = self.inner.lock();
-        let mut c = s.config.clone();
-        if let Some(p) = policy {
-            c.policy = Policy::parse(p).map_err(PyValueError::new_err)?;
-        }
-        let w = &mut c.weights;
-        w.prefill = prefill_weight.unwrap_or(w.prefill);
-        w.decode = decode_weight.unwrap_or(w.decode);
-        w.queue = queue_weight.unwrap_or(w.queue);
-        w.queued_prefill = queued_prefill_weight.unwrap_or(w.queued_prefill);
-        w.temperature = temperature.unwrap_or(w.temperature);
-        w.host_credit = host_credit.unwrap_or(w.host_credit);
-        w.disk_credit = disk_credit.unwrap_or(w.disk_credit);
-        w.validate().map_err(PyValueError::new_err)?;
-        if let Some(l) = lease_s {
-            c.lease_s = finite(l, "lease_s")?;
-        }
-        if let Some(t) = report_ttl_s {
-            c.report_ttl_s = finite(t, "report_ttl_s")?;
-        }
-        s.config = c;
+        s.config = configured(
+            s.config.clone(),
+            Settings {
+                policy,
+                prefill_weight,
+                decode_weight,
+                queue_weight,
+                queued_prefill_weight,
+                temperature,
+                host_credit,
+                disk_credit,
+                lease_s,
+                report_ttl_s,
+            },
+        )?;
         Ok(())
     }
 
@@ -344,11 +307,8 @@ impl PyScheduler {
     }
 
     fn set_routable(&self, worker: u64, routable: bool) -> PyResult<()> {
-        self.inner
-            .lock()
-            .load
-            .set_routable(worker, routable)
-            .map_err(PyKeyError::new_err)
+        self.inner.lock().load.set_routable(worker, routable)?;
+        Ok(())
     }
 
     fn workers(&self) -> Vec<u64> {
@@ -376,7 +336,7 @@ impl PyScheduler {
     ) -> PyResult<PyDecision> {
         let toks = convert::tokens(tokens)?;
         if toks.is_empty() {
-            return Err(PyValueError::new_err("prompt has no tokens"));
+            return Err(invalid("prompt has no tokens"));
         }
         let key = convert::extra_key(extra_key)?;
         let root = hashing::chain_root(key.as_deref());
@@ -415,7 +375,7 @@ impl PyScheduler {
         let hashes = convert::hashes(router_hashes)?;
         let prompt = convert::non_negative(prompt_tokens, "prompt_tokens")?;
         if prompt == 0 {
-            return Err(PyValueError::new_err("prompt has no tokens"));
+            return Err(invalid("prompt has no tokens"));
         }
         self.route_impl(
             py,
@@ -445,8 +405,7 @@ impl PyScheduler {
         let d = convert::non_negative(decode_blocks, "decode_blocks")?;
         let mut s = self.inner.lock();
         let now = self.at(&s, now);
-        s.reserve(worker, request_id, p, d, now)
-            .map_err(PyValueError::new_err)
+        Ok(s.reserve(worker, request_id, p, d, now)?)
     }
 
     #[pyo3(signature = (request_id, now=None))]
@@ -496,8 +455,7 @@ impl PyScheduler {
         };
         let mut s = self.inner.lock();
         let at = self.at(&s, now);
-        s.report_load(worker, Report { at, ..report })
-            .map_err(PyKeyError::new_err)
+        Ok(s.report_load(worker, Report { at, ..report })?)
     }
 
     fn set_external_load(
@@ -512,33 +470,21 @@ impl PyScheduler {
             decode_blocks: convert::non_negative(decode_blocks, "decode_blocks")?,
             requests: convert::non_negative(requests, "requests")?,
         };
-        self.inner
-            .lock()
-            .set_external(worker, ext)
-            .map_err(PyKeyError::new_err)
+        Ok(self.inner.lock().set_external(worker, ext)?)
     }
 
     #[pyo3(signature = (worker, now=None))]
-    fn load(&self, worker: u64, now: Option<f64>) -> PyResult<PyWorkerLoad> {
+    fn load(&self, worker: u64, now: Option<f64>) -> PyResult<WorkerLoad> {
         let s = self.inner.lock();
         let now = self.at(&s, now);
-        let w = s
-            .load
-            .workers
-            .get(&worker)
-            .ok_or_else(|| PyKeyError::new_err(format!("unknown worker {worker}")))?;
-        Ok(PyWorkerLoad::new(worker, w, now, s.config.report_ttl_s))
+        Ok(s.load.summary(worker, now, s.config.report_ttl_s)?)
     }
 
     #[pyo3(signature = (now=None))]
-    fn loads(&self, now: Option<f64>) -> Vec<PyWorkerLoad> {
+    fn loads(&self, now: Option<f64>) -> Vec<WorkerLoad> {
         let s = self.inner.lock();
         let now = self.at(&s, now);
-        let mut ids: Vec<u64> = s.load.workers.keys().copied().collect();
-        ids.sort_unstable();
-        ids.iter()
-            .map(|id| PyWorkerLoad::new(*id, &s.load.workers[id], now, s.config.report_ttl_s))
-            .collect()
+        s.load.summaries(now, s.config.report_ttl_s)
     }
 
     fn now(&self) -> f64 {
