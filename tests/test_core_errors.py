@@ -123,7 +123,7 @@ def test_snapshot_and_payload_errors() -> None:
     lambda idx, s: idx.find_matches_batch([1, 2] for _ in raises_midway()),
     lambda idx, s: idx.apply_stored(1, raises_midway(), router_hashes=[1, 2, 3]),
     lambda idx, s: idx.apply_stored(1, [1], token_ids=raises_midway(4)),
-    lambda idx, s: idx.apply_payloads(((1, b"\x90") for _ in raises_midway())),
+    lambda idx, s: idx.apply_payloads((1, b"\x90") for _ in raises_midway()),
     lambda idx, s: s.route(raises_midway(8)),
     lambda idx, s: s.route_hashes(raises_midway(), 8),
 ], ids=["hash_blocks", "find_matches_tokens", "find_matches", "find_matches_batch",
