@@ -15,7 +15,6 @@ docs/event-plane.md for the protocol and the consistency model.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from kvrouter.events.inprocess import InProcessPlane
@@ -27,7 +26,7 @@ from kvrouter.registry import Registry
 
 __all__ = ["EventPlane", "PlaneOptions", "make_event_plane"]
 
-_PLANE_OPTION_NAMES = {f.name for f in dataclasses.fields(PlaneOptions)}
+_PLANE_OPTION_NAMES = set(PlaneOptions.model_fields)
 
 
 def make_event_plane(registry: Registry, redis_url: str | None, **opts: Any) -> EventPlane:
@@ -36,13 +35,15 @@ def make_event_plane(registry: Registry, redis_url: str | None, **opts: Any) -> 
     Keyword options are PlaneOptions fields (namespace, replica_id, num_shards,
     heartbeat_ttl_s, snapshot_interval_s, ...) and, with a URL, RedisConfig fields
     (username, password, tls_ca_file, sentinels, cluster, ...); `redis_config=`
-    passes a whole RedisConfig. Unknown options raise ValueError.
+    passes a whole RedisConfig. Unknown or invalid options raise ValueError (a
+    kvrouter.config.ConfigError that names each bad option).
     """
     redis_config = opts.pop("redis_config", None)
     unknown = sorted(set(opts) - REDIS_OPTION_NAMES - _PLANE_OPTION_NAMES)
     if unknown:
         raise ValueError(f"unknown event plane option(s): {', '.join(unknown)}")
-    plane_opts = PlaneOptions(**{k: v for k, v in opts.items() if k in _PLANE_OPTION_NAMES})
+    plane_opts = PlaneOptions.from_values({k: v for k, v in opts.items() if k in _PLANE_OPTION_NAMES},
+                                          source="event plane options", what="event plane options")
     redis_opts = {k: v for k, v in opts.items() if k in REDIS_OPTION_NAMES}
     if redis_url is None and redis_config is None:
         if redis_opts:

@@ -9,13 +9,16 @@ the protocol and the consistency model.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import secrets
 import socket
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
+from pydantic import Field, field_validator, model_validator
+
+from kvrouter.config import LayeredSettings
 from kvrouter.events.ingest import IngestCore
 from kvrouter.events.keys import check_name
 from kvrouter.events.model import LoadReport
@@ -34,47 +37,74 @@ from kvrouter.events.wire import (
 from kvrouter.registry import Registry
 
 
-@dataclasses.dataclass
-class PlaneOptions:
-    namespace: str = "kvrouter"
-    replica_id: str | None = None
-    num_shards: int = 1
-    heartbeat_ttl_s: float = 3.0
-    liveness_interval_s: float | None = None
-    """Default: a sixth of the TTL, at most 0.5 s."""
-    dump_timeout_s: float = 5.0
-    max_payload_bytes: int = 64 << 20
-    xread_count: int = 4096
-    xread_block_ms: int = 500
-    max_repair_scan: int = 1_000_000
-    snapshot_interval_s: float = 30.0
-    """0 disables snapshots (and trimming)."""
-    snapshot_ttl_s: float | None = None
-    """Default: max(3 intervals, 60 s)."""
-    snapshot_min_retention_s: float = 10.0
-    load_snapshot: bool = True
-    reservation_interval_s: float = 0.2
-    reservation_ttl_s: float | None = None
-    """Default: 10 intervals, at least 1 s."""
-    max_stream_len: int | None = 1_000_000
-    max_submit_backlog: int = 100_000
-    start_timeout_s: float = 5.0
+class PlaneOptions(LayeredSettings):
+    """Event-plane options, validated like every option type (kvrouter.config)."""
 
-    def __post_init__(self) -> None:
-        check_name("namespace", self.namespace)
-        if self.replica_id is None:
-            self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        check_name("replica", self.replica_id)
-        if not 1 <= self.num_shards <= 1024:
-            raise ValueError(f"num_shards must be 1..1024, got {self.num_shards}")
-        if self.heartbeat_ttl_s <= 0:
-            raise ValueError("heartbeat_ttl_s must be > 0")
-        if self.liveness_interval_s is None:
-            self.liveness_interval_s = min(0.5, self.heartbeat_ttl_s / 6)
-        if self.snapshot_ttl_s is None:
-            self.snapshot_ttl_s = max(3 * self.snapshot_interval_s, 60.0)
-        if self.reservation_ttl_s is None:
-            self.reservation_ttl_s = max(10 * self.reservation_interval_s, 1.0)
+    namespace: str = "kvrouter"
+    replica_id: str | None = Field(default=None, description="default: host-pid-random")
+    num_shards: int = Field(default=1, ge=1, le=1024)
+    heartbeat_ttl_s: float = Field(default=3.0, gt=0)
+    liveness_interval_s: float | None = Field(
+        default=None, gt=0, description="default: a sixth of the TTL, at most 0.5 s")
+    dump_timeout_s: float = Field(default=5.0, gt=0)
+    max_payload_bytes: int = Field(default=64 << 20, gt=0)
+    xread_count: int = Field(default=4096, gt=0)
+    xread_block_ms: int = Field(default=500, ge=0)
+    max_repair_scan: int = Field(default=1_000_000, gt=0)
+    snapshot_interval_s: float = Field(default=30.0, ge=0,
+                                       description="0 disables snapshots (and trimming)")
+    snapshot_ttl_s: float | None = Field(default=None, gt=0,
+                                         description="default: max(3 intervals, 60 s)")
+    snapshot_min_retention_s: float = Field(default=10.0, ge=0)
+    load_snapshot: bool = True
+    reservation_interval_s: float = Field(default=0.2, gt=0)
+    reservation_ttl_s: float | None = Field(default=None, gt=0,
+                                            description="default: 10 intervals, at least 1 s")
+    max_stream_len: int | None = Field(default=1_000_000, gt=0)
+    max_submit_backlog: int = Field(default=100_000, gt=0)
+    start_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str) -> str:
+        check_name("namespace", v)
+        return v
+
+    @field_validator("replica_id")
+    @classmethod
+    def _replica(cls, v: str | None) -> str:
+        if v is None:
+            v = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        check_name("replica", v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """Defaults that follow other options (before validation, so that a derived value
+        is validated like a given one)."""
+        if not isinstance(data, Mapping):
+            return data
+        d = dict(data)
+
+        def given(name: str, default: float) -> float | None:
+            # Only from a valid value: an invalid one is reported as itself, not twice.
+            try:
+                v = float(d.get(name, default))
+            except (TypeError, ValueError):
+                return None
+            return v if v > 0 else None
+
+        ttl, snap, res = (given("heartbeat_ttl_s", 3.0), given("snapshot_interval_s", 30.0),
+                          given("reservation_interval_s", 0.2))
+        if d.get("liveness_interval_s") is None and ttl is not None:
+            d["liveness_interval_s"] = min(0.5, ttl / 6)
+        if d.get("snapshot_ttl_s") is None:
+            d["snapshot_ttl_s"] = max(3 * (snap or 0.0), 60.0)
+        if d.get("reservation_ttl_s") is None and res is not None:
+            d["reservation_ttl_s"] = max(10 * res, 1.0)
+        d.setdefault("replica_id", None)  # so that its validator makes one
+        return d
 
 
 class EventPlane(ABC):
