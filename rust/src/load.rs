@@ -248,10 +248,6 @@ impl LoadTable {
         ids
     }
 
-    pub fn reservations(&self) -> usize {
-        self.reservations.len()
-    }
-
     pub fn summary(&self, worker: u64, now: f64, report_ttl_s: f64) -> Result<WorkerLoad> {
         self.workers
             .get(&worker)
