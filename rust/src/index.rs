@@ -18,9 +18,11 @@ use crate::payload::{Event, Stored};
 use crate::tier::Tier;
 
 /// Hasher of the node table. Its keys are router hashes, xxh3 outputs already spread
-/// evenly over 64 bits, so they are used as they are instead of being hashed again
-/// (rust/tests/timing.rs, 1 M keys: lookup hit 38 -> 20 ns, miss 16 -> 8 ns, insert
-/// 127 -> 97 ns). Keys that are not xxh3 outputs stay correct, only slower.
+/// evenly over 64 bits, so they are used as they are instead of being hashed again.
+/// Measured against hashbrown's default hasher (rust/tests/timing.rs, two runs on a
+/// loaded 2-core machine), 1 M keys: lookup hit 25-38 -> 20-22 ns, miss 9-16 -> 7-8 ns,
+/// insert 102-127 -> 94-97 ns; a 16-block find_matches on 1 M entries ~8% faster (best
+/// of 3: 1160 -> 1071 ns). Keys that are not xxh3 outputs stay correct, only slower.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct KeyIsHash;
 

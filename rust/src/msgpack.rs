@@ -6,9 +6,9 @@
 //! Hand-written because it is the ingest hot path and measurably faster than the
 //! maintained crate: rmp-serde 1.3 decoding the same payloads into an internally
 //! tagged serde enum (`#[serde(tag = "type")]`, which buffers each map) takes 2.1-2.6x
-//! as long (rust/tests/timing.rs `payload_decode`, best of 15, on a loaded 2-core
-//! machine: 1 block per event 368 vs 808 ns, 16 blocks 580 vs 1523 ns, 128 blocks
-//! 6.5 vs 13.6 us per payload).
+//! as long (rust/tests/timing.rs `payload_decode`, best of 15, two runs on a loaded
+//! 2-core machine; hand vs rmp-serde per payload: 1 block per event 353-368 vs
+//! 798-808 ns, 16 blocks 580-660 vs 1523-1722 ns, 128 blocks 2.9-6.5 vs 6.4-13.6 us).
 
 const MAX_DEPTH: u32 = 32;
 
