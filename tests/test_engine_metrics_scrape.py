@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvrouter.engines.vllm.metrics_scrape import (
-    Engine,
+    BridgedEngine,
     EngineLoad,
     ScrapeError,
     parse_load,
@@ -62,7 +62,7 @@ sglang:max_total_num_tokens{model_name="qwen",tp_rank="0"} 8192.0
 
 
 def test_vllm_one_engine_by_label() -> None:
-    load = parse_load(VLLM, Engine.VLLM, labels={"engine": "0"})
+    load = parse_load(VLLM, BridgedEngine.VLLM, labels={"engine": "0"})
     assert load == EngineLoad(running=3, queued=5, kv_usage=0.25, total_blocks=12)
     assert load.to_load_report() == LoadReport(running=3, queued=5, kv_used_blocks=3,
                                                kv_free_blocks=9)
@@ -75,36 +75,36 @@ def test_vllm_all_engines_add_up() -> None:
 
 
 def test_vllm_older_usage_name_and_unknown_total() -> None:
-    load = parse_load(VLLM_OLD, Engine.VLLM)
+    load = parse_load(VLLM_OLD, BridgedEngine.VLLM)
     assert load == EngineLoad(running=2, queued=1, kv_usage=0.5, total_blocks=None)
     # No total: block counts unknown (0), never guessed.
     assert load.to_load_report() == LoadReport(running=2, queued=1)
-    assert scrape_to_load_report(VLLM_OLD, Engine.VLLM, total_blocks=100) == LoadReport(
+    assert scrape_to_load_report(VLLM_OLD, BridgedEngine.VLLM, total_blocks=100) == LoadReport(
         running=2, queued=1, kv_used_blocks=50, kv_free_blocks=50)
 
 
 def test_sglang() -> None:
-    load = parse_load(SGLANG, Engine.SGLANG, block_size=16)
+    load = parse_load(SGLANG, BridgedEngine.SGLANG, block_size=16)
     assert load == EngineLoad(running=7, queued=2, kv_usage=0.5, total_blocks=512)
     assert load.to_load_report() == LoadReport(running=7, queued=2, kv_used_blocks=256,
                                                kv_free_blocks=256)
     # Without the block size the total is unknown.
-    assert parse_load(SGLANG, Engine.SGLANG).total_blocks is None
+    assert parse_load(SGLANG, BridgedEngine.SGLANG).total_blocks is None
 
 
 @pytest.mark.parametrize(
     ("text", "engine", "labels", "match"),
     [
-        (SGLANG, Engine.VLLM, None, "vllm metrics lack vllm:num_requests_running"),
-        (VLLM, Engine.SGLANG, None, "sglang metrics lack sglang:num_running_reqs"),
-        (VLLM, Engine.VLLM, {"engine": "7"}, "for labels"),
-        ("vllm:num_requests_running{engine= 3 4\n", Engine.VLLM, None, "not Prometheus"),
-        (VLLM_OLD.replace("0.5", "1.5"), Engine.VLLM, None, "not a fraction"),
-        (VLLM_OLD.replace("2.0", "-2.0"), Engine.VLLM, None, "expected a count"),
-        (VLLM_OLD.replace("2.0", "NaN"), Engine.VLLM, None, "expected a count"),
+        (SGLANG, BridgedEngine.VLLM, None, "vllm metrics lack vllm:num_requests_running"),
+        (VLLM, BridgedEngine.SGLANG, None, "sglang metrics lack sglang:num_running_reqs"),
+        (VLLM, BridgedEngine.VLLM, {"engine": "7"}, "for labels"),
+        ("vllm:num_requests_running{engine= 3 4\n", BridgedEngine.VLLM, None, "not Prometheus"),
+        (VLLM_OLD.replace("0.5", "1.5"), BridgedEngine.VLLM, None, "not a fraction"),
+        (VLLM_OLD.replace("2.0", "-2.0"), BridgedEngine.VLLM, None, "expected a count"),
+        (VLLM_OLD.replace("2.0", "NaN"), BridgedEngine.VLLM, None, "expected a count"),
     ],
 )
-def test_bad_scrapes(text: str, engine: Engine, labels: dict[str, str] | None,
+def test_bad_scrapes(text: str, engine: BridgedEngine, labels: dict[str, str] | None,
                      match: str) -> None:
     with pytest.raises(ScrapeError, match=match):
         parse_load(text, engine, labels=labels)

@@ -61,7 +61,7 @@ from kvrouter.config import ConfigError, LayeredSettings
 from kvrouter.counters import Counters
 from kvrouter.engines.block_mirror import BlockMirror
 from kvrouter.engines.sglang.wire import SglangDecoder
-from kvrouter.engines.vllm.metrics_scrape import ScrapeError, scrape_to_load_report
+from kvrouter.engines.vllm.metrics_scrape import BridgedEngine, ScrapeError, scrape_to_load_report
 from kvrouter.engines.vllm.wire import (
     DecodedBatch,
     ReplayItem,
@@ -80,7 +80,7 @@ from kvrouter.protocol import check_block_size
 
 log = logging.getLogger("kvrouter.engines.bridge")
 
-ENGINES = ("vllm", "sglang")
+ENGINES: tuple[str, ...] = tuple(e.value for e in BridgedEngine)
 
 BATCHES = Counter("kvrouter_bridge_batches_total",
                   "Engine event batches seen by the bridge, by outcome", ["worker", "outcome"])

@@ -49,7 +49,7 @@ class WorkerStats(Counters):
 
 
 @dataclass(slots=True)
-class _Block:
+class _CachedBlock:
     """What the router needs to know about one cached engine block."""
 
     tokens: tuple[int, ...]
@@ -102,7 +102,7 @@ class SimWorker:
         self._t0 = time.monotonic()
         self._calls: dict[str, _Call] = {}
         self._by_req: dict[int, tuple[_Call, _Sample]] = {}
-        self._blocks: dict[int, _Block] = {}
+        self._blocks: dict[int, _CachedBlock] = {}
         self._pins: dict[int, int] = {}
         self._kick = asyncio.Event()
         self._driver: asyncio.Task[None] | None = None
@@ -157,7 +157,7 @@ class SimWorker:
         # Remember every full block's tokens before the core can store it.
         for i, h in enumerate(hashes):
             if h not in self._blocks:
-                self._blocks[h] = _Block(tuple(tokens[i * bs:(i + 1) * bs]),
+                self._blocks[h] = _CachedBlock(tuple(tokens[i * bs:(i + 1) * bs]),
                                          hashes[i - 1] if i else None, i, extra_key or None)
             self._pins[h] = self._pins.get(h, 0) + n
         self._calls[request_id] = call

@@ -160,7 +160,7 @@ def _list(value: object, what: str) -> Sequence[Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Block:
+class _ParsedBlock:
     hash: int
     tokens: tuple[int, ...]
     plain: bool  # no token_extra_id, no mm_keys
@@ -168,7 +168,7 @@ class _Block:
     tier: Tier
 
 
-def _parse_block(raw: object, i: int) -> _Block:
+def _parse_block(raw: object, i: int) -> _ParsedBlock:
     block = _mapping(raw, f"blocks[{i}]")
     if "block_hash" not in block:
         raise TrtllmEventError(f"blocks[{i}] has no block_hash")
@@ -193,7 +193,7 @@ def _parse_block(raw: object, i: int) -> _Block:
     tier = cache_level_to_tier(block.get("cache_level", 0))
     # priority (eviction order) is engine-internal, not routing state: checked, unused.
     _opt_int(block.get("priority"), f"blocks[{i}].priority")
-    return _Block(h, tuple(tokens), plain, lora_extra_key(None, lora_id), tier)
+    return _ParsedBlock(h, tuple(tokens), plain, lora_extra_key(None, lora_id), tier)
 
 
 def _parse_diff(value: object, what: str) -> tuple[int, int] | None:
@@ -388,10 +388,10 @@ class TrtllmTranslator:
 
     # -- kinds -------------------------------------------------------------------
 
-    def _stored(self, state: _RankState, parent: int | None, blocks: list[_Block],
+    def _stored(self, state: _RankState, parent: int | None, blocks: list[_ParsedBlock],
                 group: RankEvents, out: Translation) -> None:
         bs = self.tokens_per_block
-        run: list[_Block] = []
+        run: list[_ParsedBlock] = []
         run_parent = parent
 
         def flush() -> None:

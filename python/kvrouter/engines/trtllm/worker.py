@@ -93,7 +93,9 @@ class TrtllmApi:
         return cls(trt.SamplingParams, DisaggregatedParams)
 
 
-class RequestError(ValueError):
+class TrtllmRequestError(ValueError):
+    """A request this worker refuses; `code` is the gRPC status it answers with."""
+
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
@@ -250,30 +252,30 @@ class TrtllmWorker:
 
     # requests --------------------------------------------------------------------------
     def build_request(self, req: engine_pb2.GenerateRequest) -> tuple[list[int], Any, Any, str]:
-        """(token ids, SamplingParams, DisaggregatedParams | None, request type) or RequestError."""
+        """(token ids, SamplingParams, DisaggregatedParams | None, request type) or TrtllmRequestError."""
         inv = grpc.StatusCode.INVALID_ARGUMENT
         try:
             tokens: list[int] = decode_prompt(req.token_ids, req.token_ids_le).tolist()
         except ProtocolError as exc:
-            raise RequestError(inv, str(exc)) from None
+            raise TrtllmRequestError(inv, str(exc)) from None
         if extra_key_for(req.extra_key, req.lora_name) is not None:
-            raise RequestError(inv, "LoRA adapters / extra_key are not configured on this "
+            raise TrtllmRequestError(inv, "LoRA adapters / extra_key are not configured on this "
                                     "TensorRT-LLM worker")
         kind = _REQUEST_TYPES.get(req.disaggregated.request_type)
         if kind is None:
-            raise RequestError(inv, f"unknown request_type {req.disaggregated.request_type}")
+            raise TrtllmRequestError(inv, f"unknown request_type {req.disaggregated.request_type}")
         pre = grpc.StatusCode.FAILED_PRECONDITION
         if kind == "context_only" and self.role == "decode":
-            raise RequestError(pre, "a decode worker does not run CONTEXT_ONLY requests")
+            raise TrtllmRequestError(pre, "a decode worker does not run CONTEXT_ONLY requests")
         if kind == "generation_only" and self.role == "prefill":
-            raise RequestError(pre, "a prefill worker does not run GENERATION_ONLY requests")
+            raise TrtllmRequestError(pre, "a prefill worker does not run GENERATION_ONLY requests")
         if kind == "context_and_generation" and self.role != "aggregated":
-            raise RequestError(pre, f"a {self.role} worker only runs "
+            raise TrtllmRequestError(pre, f"a {self.role} worker only runs "
                                f"{'CONTEXT' if self.role == 'prefill' else 'GENERATION'}_ONLY "
                                "requests")
         s = req.sampling
         if s.max_tokens < 0:
-            raise RequestError(inv, f"max_tokens must be >= 0, got {s.max_tokens}")
+            raise TrtllmRequestError(inv, f"max_tokens must be >= 0, got {s.max_tokens}")
         kw: dict[str, Any] = {"max_tokens": s.max_tokens or 16}
         if kind == "context_only":
             kw["max_tokens"] = 1  # the context phase produces exactly the first token
@@ -284,7 +286,7 @@ class TrtllmWorker:
             dkw: dict[str, Any] = {"request_type": kind}
             if kind == "generation_only":
                 if not d.first_gen_tokens or not (d.opaque_state or d.ctx_request_id):
-                    raise RequestError(inv, "GENERATION_ONLY needs the context phase's "
+                    raise TrtllmRequestError(inv, "GENERATION_ONLY needs the context phase's "
                                             "first_gen_tokens and ctx_request_id / opaque_state")
                 dkw.update(first_gen_tokens=list(d.first_gen_tokens),
                            ctx_request_id=d.ctx_request_id, opaque_state=d.opaque_state or None,
@@ -317,7 +319,7 @@ class TrtllmWorker:
                 abort()
             raise
         if last is None:
-            raise RequestError(grpc.StatusCode.INTERNAL, "the engine returned no output")
+            raise TrtllmRequestError(grpc.StatusCode.INTERNAL, "the engine returned no output")
         for i, o in enumerate(last.outputs):
             resp = engine_pb2.GenerateResponse(
                 request_id=req.request_id, finished=True, sample_index=i,
@@ -370,7 +372,7 @@ class TrtllmEngineService(engine_pb2_grpc.EngineServicer):
         try:
             async for resp in self.worker.generate(request):
                 yield resp
-        except RequestError as exc:
+        except TrtllmRequestError as exc:
             await context.abort(exc.code, str(exc))
 
     async def Offload(self, request: engine_pb2.OffloadRequest,

@@ -32,7 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvrouter.events.model import LoadReport
 
 
-class Engine(StrEnum):
+class BridgedEngine(StrEnum):
+    """The engines the ZMQ bridge serves (kvrouter.engines.bridge)."""
+
     VLLM = "vllm"
     SGLANG = "sglang"
 
@@ -45,12 +47,12 @@ class _Names:
 
 
 _NAMES = {
-    Engine.VLLM: _Names(
+    BridgedEngine.VLLM: _Names(
         running=("vllm:num_requests_running",),
         queued=("vllm:num_requests_waiting",),
         usage=("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
     ),
-    Engine.SGLANG: _Names(
+    BridgedEngine.SGLANG: _Names(
         running=("sglang:num_running_reqs",),
         queued=("sglang:num_queue_reqs",),
         usage=("sglang:token_usage",),
@@ -113,10 +115,10 @@ def _count(values: list[float], what: str) -> int:
     return round(total)
 
 
-def parse_load(text: str, engine: Engine | str, labels: Mapping[str, str] | None = None,
+def parse_load(text: str, engine: BridgedEngine | str, labels: Mapping[str, str] | None = None,
                total_blocks: int | None = None, block_size: int | None = None) -> EngineLoad:
     """Parse one /metrics text into the engine's load (ScrapeError if it is missing)."""
-    engine = Engine(engine)
+    engine = BridgedEngine(engine)
     names = _NAMES[engine]
     labels = labels or {}
     samples = _samples(text)
@@ -139,18 +141,18 @@ def parse_load(text: str, engine: Engine | str, labels: Mapping[str, str] | None
                       kv_usage=usage, total_blocks=total_blocks)
 
 
-def scrape_to_load_report(text: str, engine: Engine | str,
+def scrape_to_load_report(text: str, engine: BridgedEngine | str,
                           labels: Mapping[str, str] | None = None,
                           total_blocks: int | None = None,
                           block_size: int | None = None) -> LoadReport:
     return parse_load(text, engine, labels, total_blocks, block_size).to_load_report()
 
 
-def _total_blocks(samples: dict[str, list[tuple[dict[str, str], float]]], engine: Engine,
+def _total_blocks(samples: dict[str, list[tuple[dict[str, str], float]]], engine: BridgedEngine,
                   labels: Mapping[str, str], block_size: int | None) -> int | None:
     # One series per engine (data-parallel rank) that passed the label filter: the
     # totals add up like the request counts do.
-    if engine is Engine.VLLM:
+    if engine is BridgedEngine.VLLM:
         info = _select(samples.get("vllm:cache_config_info", []), labels)
         blocks = [lab.get("num_gpu_blocks", "") for lab, _v in info]
         if blocks and all(b.isdigit() for b in blocks):
