@@ -14,6 +14,7 @@ from kvrouter.protocol import (
     check_block_size,
     decode_prompt,
     extra_key_for,
+    load_report_pb,
     lora_extra_key,
     normalise_engine_hash,
 )
@@ -91,3 +92,12 @@ def test_engine_hash_normalisation() -> None:
 
     with pytest.raises(DecoderError, match="parent_hash must be an integer or bytes"):
         normalise_engine_hash("x", "parent_hash", DecoderError)
+
+
+def test_load_report_carries_every_field() -> None:
+    from kvrouter.events.model import LoadReport
+
+    ld = LoadReport(running=1, queued=2, kv_used_blocks=3, kv_free_blocks=4, queued_prefill_tokens=5)
+    pb = load_report_pb(ld)
+    assert (pb.running, pb.queued, pb.kv_used_blocks, pb.kv_free_blocks,
+            pb.queued_prefill_tokens) == (1, 2, 3, 4, 5)

@@ -13,6 +13,8 @@
   router blocks; any other engine block size is a mismatch (`check_block_size`).
 * Engine hashes: opaque u64 values that arrive signed, unsigned or as digests
   (`normalise_engine_hash`).
+* Load reports: an engine's LoadReport as the Engine and Router APIs carry it
+  (`load_report_pb`).
 
 Every violation raises `ProtocolError` (a ValueError); the router and the engine
 services answer it with INVALID_ARGUMENT, decoders re-raise their own error type.
@@ -22,8 +24,14 @@ Tier names live with the event model (kvrouter.events.model.Tier).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from kvrouter._proto.v1 import common_pb2
+
+if TYPE_CHECKING:  # the event model is a layer above; only its type is needed here
+    from kvrouter.events.model import LoadReport
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -138,3 +146,13 @@ def normalise_engine_hash(value: object, what: str = "engine hash",
     if 0 <= value <= U64_MAX:
         return value
     raise error(f"{what}: engine hash {value} outside the signed or unsigned 64-bit range")
+
+
+# --------------------------------------------------------------------------- load reports
+
+
+def load_report_pb(load: LoadReport) -> common_pb2.LoadReport:
+    """An engine's load report as common.v1 LoadReport (Heartbeat, Engine.Stats)."""
+    return common_pb2.LoadReport(
+        running=load.running, queued=load.queued, kv_used_blocks=load.kv_used_blocks,
+        kv_free_blocks=load.kv_free_blocks, queued_prefill_tokens=load.queued_prefill_tokens)

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 
-from kvrouter._proto.v1 import common_pb2
 from kvrouter.events.model import LoadReport
 from kvrouter.events.publisher import OutEntry, PublisherTransport, TransportUnavailable
 from kvrouter.events.wire import DumpRequest, parse_heartbeat
+from kvrouter.protocol import load_report_pb
 from kvrouter.retry import Backoff
 
 log = logging.getLogger("kvrouter.engines.router_link")
@@ -117,12 +117,8 @@ class RouterGrpcTransport(PublisherTransport):
             return
         if hb.load is not None:
             self._last_load = hb.load
-        ld = self._last_load
-        load = common_pb2.LoadReport(
-            running=ld.running, queued=ld.queued, kv_used_blocks=ld.kv_used_blocks,
-            kv_free_blocks=ld.kv_free_blocks, queued_prefill_tokens=ld.queued_prefill_tokens)
         try:
-            await self.client.heartbeat(model, worker, load=load)
+            await self.client.heartbeat(model, worker, load=load_report_pb(self._last_load))
         except grpc.aio.AioRpcError as exc:
             await self._on_error(exc, "Heartbeat")
 

@@ -24,7 +24,7 @@ import grpc
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.engines.sim.engine import RequestMode
 from kvrouter.engines.sim.worker import Rejected, SimWorker
-from kvrouter.protocol import decode_prompt, extra_key_for
+from kvrouter.protocol import decode_prompt, extra_key_for, load_report_pb
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TOKENS_LIMIT = 1 << 20
@@ -158,10 +158,7 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
         st = sim.engine.stats
         return engine_pb2.StatsResponse(
             worker=sim.worker, model=sim.model, block_size=sim.block_size,
-            load=common_pb2.LoadReport(running=ld.running, queued=ld.queued,
-                                       kv_used_blocks=ld.kv_used_blocks,
-                                       kv_free_blocks=ld.kv_free_blocks,
-                                       queued_prefill_tokens=ld.queued_prefill_tokens),
+            load=load_report_pb(ld),
             kv_total_blocks=sim.engine.cache.num_blocks, kv_host_blocks=0, kv_disk_blocks=0,
             events_published=sim.publisher.stats.events if sim.publisher is not None else 0,
             extra={"sim_time_s": sim.sim_now(), "time_scale": sim.time_scale,

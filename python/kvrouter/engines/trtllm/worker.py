@@ -47,7 +47,7 @@ from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_ra
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
-from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for
+from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for, load_report_pb
 from kvrouter.retry import Backoff
 from kvrouter.sampling import sampling_kwargs
 
@@ -336,10 +336,7 @@ class TrtllmWorker:
         ld = self.load or LoadReport()
         return engine_pb2.StatsResponse(
             worker=self.worker, model=self.model, block_size=self.tokens_per_block,
-            load=common_pb2.LoadReport(running=ld.running, queued=ld.queued,
-                                       kv_used_blocks=ld.kv_used_blocks,
-                                       kv_free_blocks=ld.kv_free_blocks,
-                                       queued_prefill_tokens=ld.queued_prefill_tokens),
+            load=load_report_pb(ld),
             kv_total_blocks=self.capacity.get(0, ld.kv_used_blocks + ld.kv_free_blocks),
             kv_host_blocks=self.capacity.get(1, 0),
             events_published=sum(r.publisher.stats.events for r in self.ranks.values()),
