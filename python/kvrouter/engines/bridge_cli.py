@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from kvrouter.engines.bridge import ENGINES
+from kvrouter.registry import Role
 
 
 def register(subparsers: Any) -> None:
@@ -52,7 +53,7 @@ def _add_args(p: argparse.ArgumentParser, engine: str) -> None:
     p.add_argument("--router-block-size", type=int, default=None,
                    help="the router model's block size: refuse to start when the engine's is "
                         "not a multiple of it")
-    p.add_argument("--role", default="aggregated", choices=["aggregated", "prefill", "decode"])
+    p.add_argument("--role", default=Role.AGGREGATED.value, choices=[r.value for r in Role])
     p.add_argument("--http-url", default=None, metavar="URL",
                    help="the engine's HTTP server (OpenAI API, /health), e.g. "
                         "http://127.0.0.1:8000; default: the scheme://host:port of --metrics-url")

@@ -15,12 +15,12 @@ from kvrouter.config import ConfigError
 from kvrouter.engines.sim.process import (
     DEFAULT_REDIS_BLOCK_SIZE,
     DEFAULT_ROUTER,
-    ROLES,
     SetupError,
     SimOptions,
     run_worker,
 )
 from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION
+from kvrouter.registry import Role
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int,
                    help="KV block size in tokens (default: the router model's block size; "
                         f"{DEFAULT_REDIS_BLOCK_SIZE} with --redis)")
-    p.add_argument("--role", choices=sorted(ROLES), default="aggregated")
+    p.add_argument("--role", choices=[r.value for r in Role], default=Role.AGGREGATED.value)
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="token ids must be below this; generated ids are drawn from it")
     p.add_argument("--max-num-seqs", type=int, default=256, help="running requests at most")

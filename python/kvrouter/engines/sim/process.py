@@ -23,7 +23,7 @@ from typing import Any, Literal
 import grpc
 from pydantic import Field
 
-from kvrouter._proto.v1 import common_pb2, engine_pb2_grpc
+from kvrouter._proto.v1 import engine_pb2_grpc
 from kvrouter.config import LayeredSettings
 from kvrouter.engines.router_link import RegistrationRefused, RouterGrpcTransport, register_with_retry
 from kvrouter.engines.sim.engine import EngineConfig, SimEngine
@@ -38,12 +38,6 @@ DEFAULT_ROUTER = "127.0.0.1:50051"
 # The router's default model block size (kvrouter.config.ModelConfig); used with --redis
 # when --block-size is not given, since there is no registration reply to learn it from.
 DEFAULT_REDIS_BLOCK_SIZE = 16
-
-ROLES = {
-    "aggregated": common_pb2.WORKER_ROLE_AGGREGATED,
-    "prefill": common_pb2.WORKER_ROLE_PREFILL,
-    "decode": common_pb2.WORKER_ROLE_DECODE,
-}
 
 
 class SetupError(RuntimeError):
@@ -64,7 +58,7 @@ class SimOptions(LayeredSettings):
     kv_capacity_tokens: int | None = Field(default=None, gt=0)
     time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     block_size: int | None = Field(default=None, gt=0)
-    role: Literal["aggregated", "prefill", "decode"] = "aggregated"  # the keys of ROLES
+    role: Literal["aggregated", "prefill", "decode"] = "aggregated"  # kvrouter.registry.Role
     vocab_size: int = Field(default=32000, gt=0)
     max_num_seqs: int = Field(default=256, gt=0)
     max_num_batched_tokens: int = Field(default=8192, gt=0)

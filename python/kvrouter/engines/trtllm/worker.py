@@ -48,12 +48,13 @@ from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for, load_report_pb
+from kvrouter.registry import Role
 from kvrouter.retry import Backoff
 from kvrouter.sampling import sampling_kwargs
 
 log = logging.getLogger("kvrouter.engines.trtllm")
 
-ROLES = ("aggregated", "prefill", "decode")
+ROLES: tuple[str, ...] = tuple(r.value for r in Role)
 INSTALL_HINT = ("TensorRT-LLM is not installed. Install it with `pip install 'kvrouter[trtllm]'` "
                 "(or NVIDIA's TensorRT-LLM container) on a machine with an NVIDIA GPU; see "
                 "engines/trtllm/README.md.")
