@@ -13,7 +13,7 @@ import grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from kvrouter.client import RouterClient
-from kvrouter.testing.processes import SimEngine, start_sim_engine
+from kvrouter.testing.processes import SimEngineProcess, start_sim_engine
 from kvrouter.testing.wait import wait_until
 
 BS = 16
@@ -111,9 +111,9 @@ class Engines:
     def __init__(self, workdir: Path, target: str) -> None:
         self.workdir = workdir
         self.target = target
-        self.procs: dict[str, SimEngine] = {}
+        self.procs: dict[str, SimEngineProcess] = {}
 
-    def start(self, role: str, *extra: str, name: str = "") -> SimEngine:
+    def start(self, role: str, *extra: str, name: str = "") -> SimEngineProcess:
         name = name or f"{role[:3]}-{uuid.uuid4().hex[:6]}"
         eng = start_sim_engine(self.workdir, name, router=self.target,
                                args=("--time-scale", "0.2", "--role", role, *extra))

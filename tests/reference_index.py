@@ -1,6 +1,6 @@
 """A deliberately simple pure-Python model of the prefix index, for property tests.
 
-It follows DESIGN §3.1 literally (hashes via the reference xxhash package) and
+It follows docs/design.md §3.1 literally (hashes via the reference xxhash package) and
 keeps plain dicts and sets, so it is easy to trust and slow."""
 
 from __future__ import annotations

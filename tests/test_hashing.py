@@ -24,7 +24,7 @@ def test_golden_vectors(case: dict) -> None:
 
 
 def spec_hash_blocks(tokens: list[int], block_size: int, extra_key: bytes | None = None) -> list[int]:
-    """DESIGN §3.1 written out with the reference xxhash package."""
+    """docs/design.md §3.1 written out with the reference xxhash package."""
     parent = 0
     if extra_key:
         parent = xxhash.xxh3_64_intdigest(extra_key, seed=HASH_SEED ^ 0x6578_7472_616B_6579)

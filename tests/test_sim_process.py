@@ -18,7 +18,7 @@ from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.client import RouterClient
 from kvrouter.testing.processes import (
     RouterProcess,
-    SimEngine,
+    SimEngineProcess,
     sim_engine,
     start_sim_engine,
     wait_engine_serving,
@@ -39,7 +39,7 @@ def eventually(fn: Callable[[], T], timeout: float, what: str) -> T:
     return wait_until(fn, timeout, what=what)
 
 
-def start_engine(workdir: Path, target: str, name: str, *extra: str) -> SimEngine:
+def start_engine(workdir: Path, target: str, name: str, *extra: str) -> SimEngineProcess:
     return start_sim_engine(workdir, name, router=target, args=("--time-scale", "0.2", *extra))
 
 
@@ -48,7 +48,7 @@ def fleet(module_router_server: Callable[..., RouterProcess],
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     router = module_router_server(ROUTER_CONFIG)
     workdir = tmp_path_factory.mktemp("engines")
-    engines: list[SimEngine] = []
+    engines: list[SimEngineProcess] = []
     try:
         for i in range(2):
             engines.append(start_engine(workdir, router.target, f"sim-{i}-{uuid.uuid4().hex[:6]}"))

@@ -91,7 +91,7 @@ class SnapshotError(KvrouterError, ValueError):
 def hash_blocks(
     tokens: TokenInput, block_size: int, extra_key: bytes | str | None = None
 ) -> list[int]:
-    """Router sequence hashes of the full blocks of `tokens` (DESIGN §3.1)."""
+    """Router sequence hashes of the full blocks of `tokens` (docs/design.md §3.1)."""
 
 def local_block_hash(tokens: TokenInput) -> int:
     """xxh3-64 of one block's token ids as little-endian u32, with HASH_SEED."""
@@ -293,7 +293,7 @@ class WorkerLoad:
 
 @final
 class Scheduler:
-    """Scores workers for one model (DESIGN §3.3) and accounts the load it creates.
+    """Scores workers for one model (docs/design.md §3.3) and accounts the load it creates.
 
     One scoring path: the gRPC service, the fleet simulator and the benchmarks all
     call route() here. Times are seconds; pass `now` for simulated time, else a

@@ -64,7 +64,7 @@ class _Strict(BaseModel):
 
 
 class Weights(_Strict):
-    """Weights of the kv policy's cost (DESIGN §3.3)."""
+    """Weights of the kv policy's cost (docs/design.md §3.3)."""
 
     prefill: float = Field(default=_D["prefill_weight"], ge=0,
                            description="per block of prompt not cached on the worker")

@@ -42,7 +42,7 @@ from typing import Any, TextIO
 from kvrouter.testing.processes import (
     ChildProcess,
     RouterProcess,
-    SimEngine,
+    SimEngineProcess,
     sim_engine,
     start_router,
     stop_children,
@@ -77,7 +77,7 @@ class Fleet:
         self.namespace = f"kvdemo-{uuid.uuid4().hex[:8]}"
         self.model_options = ""
         self.router: RouterProcess | None = None
-        self.engines: list[SimEngine] = []
+        self.engines: list[SimEngineProcess] = []
         self.target = ""
 
     def start_router(self, timeout_s: float) -> None:

@@ -1,6 +1,6 @@
 """Models and workers known to a router: the one place their state lives.
 
-Each model has its own prefix index, block size and scheduler (DESIGN §3.3);
+Each model has its own prefix index, block size and scheduler (docs/design.md §3.3);
 workers are named by strings on the wire and by dense integer ids inside the
 Rust core. The gRPC service, the event ingest, liveness and the simulator all
 go through this registry.
@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from kvrouter._core import PrefixIndex, Scheduler
+from kvrouter._core import PrefixIndex, Scheduler, UnknownWorker
 
 
 class Role(StrEnum):
@@ -65,7 +65,9 @@ class UnknownModel(KeyError):
         return f"unknown model {self.model!r}"
 
 
-class UnknownWorker(KeyError):
+class UnknownWorkerName(UnknownWorker):
+    """A worker name the registry does not know (the core's UnknownWorker is by id)."""
+
     def __init__(self, worker: str, model: str | None = None) -> None:
         super().__init__(worker)
         self.worker = worker
@@ -139,7 +141,7 @@ class Registry:
     def worker(self, model: str, name: str) -> WorkerInfo:
         info = self.model(model).workers.get(name)
         if info is None:
-            raise UnknownWorker(name, model)
+            raise UnknownWorkerName(name, model)
         return info
 
     def touch(self, model: str, name: str, now: float | None = None) -> None:
@@ -167,7 +169,7 @@ class Registry:
             state = self.model(model)
             info = state.workers.pop(name, None)
             if info is None:
-                raise UnknownWorker(name, model)
+                raise UnknownWorkerName(name, model)
             self._by_wid.pop(info.wid, None)
             state.index.remove_worker(info.wid)
             return state.scheduler.remove_worker(info.wid)

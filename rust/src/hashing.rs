@@ -1,4 +1,4 @@
-//! Block hashing (DESIGN §3.1): the one hash function used for requests and events.
+//! Block hashing (docs/design.md §3.1): the one hash function used for requests and events.
 //!
 //! A prompt is cut into full blocks of `block_size` tokens; the trailing partial
 //! block is not hashed. The local hash of a block is xxh3-64 over its token ids as

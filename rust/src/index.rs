@@ -1,4 +1,4 @@
-//! The prefix index: which workers hold which blocks of one model (DESIGN §2, §3.1).
+//! The prefix index: which workers hold which blocks of one model (docs/design.md §2, §3.1).
 //!
 //! Router sequence hashes chain over their parents, so a prefix match is a walk
 //! down the prompt's hashes: `nodes` maps each router hash to the sorted list of

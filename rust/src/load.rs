@@ -1,4 +1,4 @@
-//! Load accounting (DESIGN §2 load path): what the router reserved itself, what
+//! Load accounting (docs/design.md §2 load path): what the router reserved itself, what
 //! engines report, and what other router replicas reserved.
 //!
 //! The load a scorer sees is the router's own live reservations plus the drift the

@@ -1,4 +1,4 @@
-//! Decoder of the kvrouter event payload (DESIGN §3.2; encoder: kvrouter.events.codec).
+//! Decoder of the kvrouter event payload (docs/design.md §3.2; encoder: kvrouter.events.codec).
 //!
 //! A payload is a msgpack array of maps with string keys. Unknown keys are skipped
 //! and absent optional keys take defaults, so the format can grow. Decoding is

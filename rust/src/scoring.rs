@@ -1,4 +1,4 @@
-//! Scoring (DESIGN §3.3): which worker should take a request. Lowest cost wins.
+//! Scoring (docs/design.md §3.3): which worker should take a request. Lowest cost wins.
 //!
 //! ```text
 //! cost(w) = a * new_prefill_tokens(w) / block_size + b * decode_blocks(w) + c * queue(w)
@@ -35,7 +35,7 @@ macro_rules! policies {
 }
 
 policies! {
-    /// Cost model of DESIGN §3.3: uncached prefill, decode load, queue.
+    /// Cost model of docs/design.md §3.3: uncached prefill, decode load, queue.
     Kv => "kv",
     /// Longest cached prefix, load ignored.
     PrefixOnly => "prefix_only",

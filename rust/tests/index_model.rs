@@ -15,7 +15,7 @@ const BS: u32 = 2;
 const WORKERS: [u64; 3] = [1, 2, 3];
 const NEVER_STORED: u64 = 999;
 
-// ---- the reference model: DESIGN §3.1 followed literally, plain maps and sets ----------
+// ---- the reference model: docs/design.md §3.1 followed literally, plain maps and sets ----------
 
 fn root(extra_key: Option<&[u8]>) -> u64 {
     match extra_key {

@@ -1,7 +1,7 @@
 """Bridge from a vLLM / SGLang engine's ZMQ KV-event stream into kvrouter's event plane.
 
 An existing vLLM or SGLang server keeps running unchanged; this bridge runs
-beside it as a sidecar (DESIGN §4) and makes it a routing target:
+beside it as a sidecar (docs/design.md §4) and makes it a routing target:
 
     engine PUB --ZMQ--> bridge --EventPublisher--> Redis stream --> every router
 

@@ -1,4 +1,4 @@
-"""Wire payload of one Redis stream entry (DESIGN §3.2): msgpack, compact.
+"""Wire payload of one Redis stream entry (docs/design.md §3.2): msgpack, compact.
 
     payload = [event, ...]
     stored  = {"type": "stored", "hashes": [u64...], "parent": u64 | nil,

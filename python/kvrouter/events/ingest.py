@@ -23,7 +23,7 @@ from kvrouter.counters import ApplyTotals, Counters
 from kvrouter.events import metrics as m
 from kvrouter.events.wire import Entry, Heartbeat, parse_entry, parse_stream_id
 from kvrouter.protocol import check_block_size
-from kvrouter.registry import Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
+from kvrouter.registry import Registry, Role, UnknownModel, UnknownWorkerName, WorkerStatus
 
 log = logging.getLogger("kvrouter.events.ingest")
 
@@ -526,7 +526,7 @@ class IngestCore:
                 self._tombstones.pop(next(iter(self._tombstones)))
         try:
             dropped = self.registry.remove_worker(model, worker)
-        except (UnknownWorker, UnknownModel):
+        except (UnknownWorkerName, UnknownModel):
             dropped = []
         log.info("worker removed: model=%s worker=%s reason=%s dropped_requests=%d",
                  model, worker, reason, len(dropped))

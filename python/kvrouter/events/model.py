@@ -1,4 +1,4 @@
-"""The router's own KV event model (DESIGN §3.2).
+"""The router's own KV event model (docs/design.md §3.2).
 
 Every engine adapter (sim, TensorRT-LLM, vLLM / SGLang bridges) translates its
 engine's native events into these three types; the publisher batches them

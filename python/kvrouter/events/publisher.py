@@ -1,7 +1,7 @@
 """Worker side of the event plane: the library every engine adapter uses.
 
 An `EventPublisher` turns a worker's KV events into ordered stream entries
-(worker, epoch, seq, msgpack payload; DESIGN §3.2), heartbeats with the worker's
+(worker, epoch, seq, msgpack payload; docs/design.md §3.2), heartbeats with the worker's
 metadata and latest load report, and answers full-dump requests from routers.
 
 Delivery: events are batched (whatever accumulated while the previous write was

@@ -25,7 +25,7 @@ from kvrouter.events.ingest import AWAITING_HEARTBEAT, IngestCore, WorkerTrack
 from kvrouter.events.keys import Keys
 from kvrouter.events.redis_conn import RedisClient
 from kvrouter.events.wire import parse_stream_id
-from kvrouter.registry import Registry, Role, UnknownWorker, WorkerStatus
+from kvrouter.registry import Registry, Role, UnknownWorkerName, WorkerStatus
 
 log = logging.getLogger("kvrouter.events.snapshots")
 
@@ -198,7 +198,7 @@ async def load_newest(
                     if wi is not None and wi.status is WorkerStatus.DOWN:
                         try:
                             registry.remove_worker(model, w["name"])
-                        except UnknownWorker:
+                        except UnknownWorkerName:
                             pass
                 continue
             for w in info.workers:

@@ -64,7 +64,7 @@ _D = DEFAULT_WEIGHTS
 
 @dataclass
 class SchedulerWeights:
-    """Weights passed to kvrouter._core.Scheduler (DESIGN §3.3); defaults are the core's."""
+    """Weights passed to kvrouter._core.Scheduler (docs/design.md §3.3); defaults are the core's."""
 
     prefill_weight: float = _D["prefill_weight"]
     decode_weight: float = _D["decode_weight"]

@@ -30,7 +30,7 @@ from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_gr
 from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, PolicyName
 from kvrouter.events.model import LoadReport
 from kvrouter.protocol import ProtocolError, check_block_size, decode_prompt, extra_key_for
-from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorker, WorkerStatus
+from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorkerName, WorkerStatus
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 from kvrouter.server.metrics import RouterMetrics
 
@@ -498,7 +498,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             try:
                 self.event_plane.submit(m.cfg.name, request.worker, request.epoch, request.seq,
                                         request.payload)
-            except (UnknownModel, UnknownWorker) as e:
+            except (UnknownModel, UnknownWorkerName) as e:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, str(e)) from None
             except ValueError as e:
                 _invalid(f"events rejected: {e}")

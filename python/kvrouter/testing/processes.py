@@ -218,7 +218,7 @@ def start_router(workdir: Path, config: Mapping[str, Any] | None = None,
 
 
 @dataclass
-class SimEngine(ChildProcess):
+class SimEngineProcess(ChildProcess):
     """`kvrouter engine sim`; `address` is its Engine gRPC address once it serves."""
 
     ready_file: Path | None = None
@@ -227,7 +227,7 @@ class SimEngine(ChildProcess):
 
 def sim_engine(workdir: Path, name: str, *, router: str | None = None,
                redis: str | None = None, namespace: str | None = None,
-               args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> SimEngine:
+               args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> SimEngineProcess:
     """A simulated engine (not started) reporting to the router at `router` over gRPC or to
     the Redis event plane at `redis`; `args` are further `kvrouter engine sim` flags."""
     ready = workdir / f"{name}.ready"
@@ -239,11 +239,11 @@ def sim_engine(workdir: Path, name: str, *, router: str | None = None,
         cmd += ["--redis", redis]
     if namespace:
         cmd += ["--namespace", namespace]
-    return SimEngine(name=name, cmd=[*cmd, *args], log_path=workdir / f"{name}.log",
+    return SimEngineProcess(name=name, cmd=[*cmd, *args], log_path=workdir / f"{name}.log",
                      env=child_env(env), ready_file=ready)
 
 
-def wait_engine_serving(engine: SimEngine, timeout: float) -> str:
+def wait_engine_serving(engine: SimEngineProcess, timeout: float) -> str:
     """Until the engine wrote its address to its ready file; returns the address."""
     ready = engine.ready_file
     assert ready is not None
@@ -257,7 +257,7 @@ def wait_engine_serving(engine: SimEngine, timeout: float) -> str:
 
 
 def start_sim_engine(workdir: Path, name: str, *, timeout: float = 60.0,
-                     **kwargs: Any) -> SimEngine:
+                     **kwargs: Any) -> SimEngineProcess:
     """`sim_engine(...)` started and serving (stopped again if it does not come up)."""
     eng = sim_engine(workdir, name, **kwargs)
     eng.start()
@@ -269,7 +269,7 @@ def start_sim_engine(workdir: Path, name: str, *, timeout: float = 60.0,
     return eng
 
 
-__all__ = ["KVROUTER", "ChildProcess", "RouterProcess", "SimEngine",
+__all__ = ["KVROUTER", "ChildProcess", "RouterProcess", "SimEngineProcess",
            "child_env", "free_port", "kvrouter_cmd", "sim_engine", "start_router",
            "start_sim_engine", "stop_children", "stop_process", "stop_processes",
            "wait_engine_serving", "wait_grpc_serving"]

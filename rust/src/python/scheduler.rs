@@ -145,7 +145,7 @@ enum OwnedPrompt {
     Tokens(Vec<u32>, u64),
 }
 
-/// Scores workers for one model (DESIGN §3.3) and accounts the load it creates.
+/// Scores workers for one model (docs/design.md §3.3) and accounts the load it creates.
 #[pyclass(name = "Scheduler", module = "kvrouter._core", frozen)]
 pub struct PyScheduler {
     index: Arc<RwLock<PrefixIndex>>,

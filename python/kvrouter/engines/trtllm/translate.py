@@ -25,7 +25,7 @@ Rules (why, where it is not obvious):
   rejected: guessing would mis-score hits.
 * A stored block with fewer tokens than tokens_per_block (a partial last block,
   reusable in TensorRT-LLM) is not indexed: the router indexes full blocks only
-  (DESIGN §3.1). Its hash is remembered so its removal is not reported as unknown.
+  (docs/design.md §3.1). Its hash is remembered so its removal is not reported as unknown.
 * Blocks whose tokens carry a non-zero token_extra_id (multimodal / prompt-tuning
   embeddings) or that list mm_keys hold KV that token ids alone do not describe;
   they and the rest of their event's chain are dropped and counted rather than

@@ -1,6 +1,6 @@
 """Load reports scraped from vLLM's and SGLang's Prometheus /metrics endpoints.
 
-The bridges use these to correct the router's own load accounting (DESIGN §2,
+The bridges use these to correct the router's own load accounting (docs/design.md §2,
 load path) for engines that do not report load any other way.
 
 Metrics read (gauges; the first name found wins, older names after newer ones):

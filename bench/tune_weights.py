@@ -1,0 +1,98 @@
+"""How the kv policy's default weights were chosen: a grid on the TUNING trace only.
+
+The defaults `kvrouter serve` uses live in the Rust core (rust/src/scoring.rs,
+`Weights::default`). They are tuned here on the Mooncake *synthetic* trace and
+reported by bench.routing on the *conversation* trace, so the reported figures
+are not fitted to the trace they are reported on.
+
+For every (decode_weight, queued_prefill_weight) pair of the grid, the fleet
+simulator (the service's own scoring path) replays the tuning trace at 8 workers,
+at two arrival speedups and at both per-worker capacities bench.routing uses; a
+pair's score is the geometric mean over those cells of its mean TTFT relative to
+the current defaults (lower is better), reported with its hit rate and p99.
+
+    python -m bench.tune_weights --json bench/results/tune_weights.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine, progress, table, write_json
+from bench.routing import DYNAMO_CAPACITY_TOKENS
+from kvrouter import DEFAULT_WEIGHTS
+from kvrouter.engines.sim import EngineConfig, EngineProfile
+from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION
+from kvrouter.fleet import FleetConfig, FleetSimulator, SchedulerWeights, load_mooncake, prepare, trace_hashes
+from kvrouter.fleet.traces import MOONCAKE_SYNTHETIC
+
+DECODE = (0.05, 0.1, 0.25, 0.5, 1.0)
+QUEUED_PREFILL = (0.1, 0.25, 0.5, 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--trace", type=Path, default=MOONCAKE_SYNTHETIC, help="the tuning trace")
+    ap.add_argument("--limit", type=int, default=1500, help="requests of the tuning trace")
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--speedups", default="1,4")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--profile", type=Path, default=DEFAULT_CALIBRATION)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    profile = EngineProfile.load(args.profile)
+    capacities = {"dynamo_default": DYNAMO_CAPACITY_TOKENS, "calibrated": profile.kv_capacity_tokens()}
+    speedups = [float(s) for s in args.speedups.split(",") if s]
+    trace = load_mooncake(args.trace, limit=args.limit, name=args.trace.stem)
+    hashes = trace_hashes(trace, args.block_size)
+    cells = [(sp, cname, cap) for sp in speedups for cname, cap in capacities.items()]
+    default = (DEFAULT_WEIGHTS["decode_weight"], DEFAULT_WEIGHTS["queued_prefill_weight"]
+               or DEFAULT_WEIGHTS["prefill_weight"])
+    grid = sorted(set(itertools.product(DECODE, QUEUED_PREFILL)) | {default})
+
+    t0 = time.perf_counter()
+    runs: dict[str, dict[str, Any]] = {}
+    total = len(grid) * len(cells)
+    done = 0
+    for dw, qw in grid:
+        per_cell: dict[str, Any] = {}
+        for sp, cname, cap in cells:
+            cfg = FleetConfig(num_workers=args.workers, policy="kv",
+                              weights=SchedulerWeights(decode_weight=dw, queued_prefill_weight=qw),
+                              engine=EngineConfig(block_size=args.block_size, kv_capacity_tokens=cap))
+            rep = FleetSimulator(profile, cfg).run(prepare(trace, args.block_size, sp, hashes)).report
+            per_cell[f"{sp:g}x/{cname}"] = {"mean_ttft_ms": rep.ttft_ms["mean"],
+                                            "p99_ttft_ms": rep.ttft_ms["p99"], "hit_rate": rep.hit_rate}
+            done += 1
+            progress(done, total, "tune_weights")
+        runs[f"{dw:g}/{qw:g}"] = {"decode_weight": dw, "queued_prefill_weight": qw, "cells": per_cell}
+
+    base = runs[f"{default[0]:g}/{default[1]:g}"]["cells"]
+    for r in runs.values():
+        ratios = [c["mean_ttft_ms"] / base[k]["mean_ttft_ms"] for k, c in r["cells"].items()]
+        r["ttft_vs_default_geomean"] = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+        r["mean_hit_rate"] = sum(c["hit_rate"] for c in r["cells"].values()) / len(r["cells"])
+    ranked = sorted(runs.values(), key=lambda r: r["ttft_vs_default_geomean"])
+    print(table([[r["decode_weight"], r["queued_prefill_weight"], r["ttft_vs_default_geomean"],
+                  r["mean_hit_rate"]] for r in ranked],
+                ["decode_w", "queued_prefill_w", "ttft/default (geomean)", "hit"]))
+    write_json(args.json, {
+        "benchmark": "tune_weights", "machine": machine(), "trace": str(args.trace.name),
+        "requests": len(trace), "workers": args.workers, "speedups": speedups,
+        "capacities_tokens": capacities, "defaults_at_run": dict(DEFAULT_WEIGHTS),
+        "best": {k: ranked[0][k] for k in ("decode_weight", "queued_prefill_weight",
+                                            "ttft_vs_default_geomean", "mean_hit_rate")},
+        "runs": runs, "wall_s": time.perf_counter() - t0,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
