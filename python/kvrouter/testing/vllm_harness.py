@@ -253,6 +253,11 @@ class VllmFleetConfig:
     engine_block_size: int = ENGINE_BLOCK_SIZE
     num_gpu_blocks: int = 12  # 384 tokens per server: evictions happen
     max_model_len: int = 256
+    # float32, not the model's bfloat16: for bf16 vLLM's CPU attention takes its AMX kernel
+    # whenever CPUID reports AMX, and where the host does not grant AMX tile state (seen on
+    # Sapphire Rapids VMs here) the worker dies with SIGILL on the first step. float32 takes
+    # the portable AVX-512/AVX2 path; a tiny model's speed does not depend on it.
+    dtype: str = "float32"
     heartbeat_ttl_s: float = 3.0
     router_policy: str = "kv"
     router_seed: int | None = 0
@@ -434,7 +439,7 @@ class VllmFleet:
         return [str(self.python), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(self.model_dir), "--served-model-name", MODEL_NAME,
                 "--host", "127.0.0.1", "--port", str(w.http_port),
-                "--enforce-eager", "--dtype", "bfloat16",
+                "--enforce-eager", "--dtype", c.dtype,
                 "--max-model-len", str(c.max_model_len),
                 "--block-size", str(c.engine_block_size),
                 "--enable-prefix-caching",
