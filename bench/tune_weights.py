@@ -39,7 +39,7 @@ QUEUED_PREFILL = (0.1, 0.25, 0.5, 1.0)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--trace", type=Path, default=MOONCAKE_SYNTHETIC, help="the tuning trace")
-    ap.add_argument("--limit", type=int, default=1500, help="requests of the tuning trace")
+    ap.add_argument("--limit", type=int, default=0, help="requests of the tuning trace (0: all)")
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--speedups", default="1,4")
     ap.add_argument("--block-size", type=int, default=64)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = EngineProfile.load(args.profile)
     capacities = {"dynamo_default": DYNAMO_CAPACITY_TOKENS, "calibrated": profile.kv_capacity_tokens()}
     speedups = [float(s) for s in args.speedups.split(",") if s]
-    trace = load_mooncake(args.trace, limit=args.limit, name=args.trace.stem)
+    trace = load_mooncake(args.trace, limit=args.limit or None, name=args.trace.stem)
     hashes = trace_hashes(trace, args.block_size)
     cells = [(sp, cname, cap) for sp in speedups for cname, cap in capacities.items()]
     default = (DEFAULT_WEIGHTS["decode_weight"], DEFAULT_WEIGHTS["queued_prefill_weight"]
