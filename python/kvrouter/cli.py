@@ -93,16 +93,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvrouter.logs import setup_logging
 
     setup_logging(config.router.log_level, config.router.log_format)
-    from kvrouter.server.app import run
+    from kvrouter.mainloop import run_command
+    from kvrouter.server.app import serve
 
-    try:
-        run(config)
-    except RuntimeError as e:  # startup failures (port in use, ...) are reported, not traced
-        print(f"kvrouter serve: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_command("kvrouter serve", serve(config), failures=(RuntimeError,))
 
 
 # ---------------------------------------------------------------------- route

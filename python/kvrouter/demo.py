@@ -39,6 +39,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
+from kvrouter import mainloop
 from kvrouter.testing.processes import (
     ChildProcess,
     RouterProcess,
@@ -467,12 +468,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ok = False
     results: list[PolicyResult] = []
     try:
-        try:
-            import uvloop
-
-            results = uvloop.run(_run(args, fleet, policies))
-        except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-            results = asyncio.run(_run(args, fleet, policies))
+        results = mainloop.run(_run(args, fleet, policies))
         ok = True
     except KeyboardInterrupt:
         ok = True  # nothing failed: no logs to look at

@@ -6,13 +6,12 @@ See engines/vllm/README.md for a walk-through; kvrouter.engines.bridge for behav
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from typing import Any
 
 from kvrouter.engines.bridge import ENGINES
+from kvrouter.mainloop import run, stop_on_signals
 from kvrouter.registry import Role
 
 
@@ -148,15 +147,8 @@ def _run(args: argparse.Namespace, config: Any) -> int:
             num_shards=args.num_shards, block_size=config.block_size or 0, role=args.role,
             address=args.address or config.http_url or "", heartbeat_ttl_s=args.heartbeat_ttl)
         bridge = EngineBridge(config, publisher)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, bridge.stop)
+        stop_on_signals(bridge.stop)
         await bridge.run()
 
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(main())
+    run(main())
     return 0

@@ -14,9 +14,9 @@ import asyncio
 import json
 import logging
 import os
-import signal
 from typing import Any
 
+from kvrouter import mainloop
 from kvrouter.events.plane import make_event_plane
 from kvrouter.events.plane_base import EventPlane
 from kvrouter.registry import Registry
@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             snapshot_min_retention_s=args.snapshot_min_retention,
         )
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        mainloop.stop_on_signals(stop.set)
         await plane.start()
         try:
             while not stop.is_set():
@@ -103,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             await plane.stop()
 
-    try:
-        import uvloop
-
-        uvloop.run(run())
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(run())
+    mainloop.run(run())
     return 0
 
 

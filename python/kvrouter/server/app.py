@@ -5,9 +5,7 @@ metrics snapshot); worker liveness belongs to the event plane."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 from typing import Any
 
@@ -16,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from kvrouter import mainloop
 from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
 from kvrouter.config import Config
 from kvrouter.events.plane import EventPlane
@@ -159,11 +158,8 @@ async def serve(config: Config) -> None:
     """Run a router until SIGINT / SIGTERM."""
     app = RouterApp(config)
     await app.start()
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    mainloop.stop_on_signals(stop.set)
     await stop.wait()
     t0 = time.monotonic()
     await app.stop()
@@ -172,9 +168,4 @@ async def serve(config: Config) -> None:
 
 def run(config: Config) -> None:
     """Blocking entry point: uvloop when available."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        asyncio.run(serve(config))
-        return
-    uvloop.run(serve(config))
+    mainloop.run(serve(config))

@@ -20,6 +20,7 @@ from kvrouter.engines.sim.process import (
     run_worker,
 )
 from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION
+from kvrouter.mainloop import run_command
 from kvrouter.registry import Role
 
 
@@ -81,16 +82,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kvrouter engine sim: {e}", file=sys.stderr)
         return 2
-    try:
-        import uvloop
-
-        uvloop.run(run_worker(opts))
-    except SetupError as e:
-        print(f"kvrouter engine sim: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_command("kvrouter engine sim", run_worker(opts), failures=(SetupError,))
 
 
 def register(subparsers: Any) -> None:

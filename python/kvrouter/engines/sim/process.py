@@ -12,10 +12,8 @@ The command line is kvrouter.engines.sim.command.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import signal
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +29,7 @@ from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION, EngineProfile, Pro
 from kvrouter.engines.sim.servicer import SimEngineService
 from kvrouter.engines.sim.worker import SimWorker
 from kvrouter.events.publisher import EventPublisher, redis_publisher
+from kvrouter.mainloop import stop_on_signals
 
 log = logging.getLogger("kvrouter.engines.sim")
 
@@ -84,10 +83,7 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     except ProfileError as e:
         raise SetupError(str(e)) from None
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop.set)
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     try:

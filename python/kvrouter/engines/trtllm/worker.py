@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +46,7 @@ from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_ra
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
+from kvrouter.mainloop import stop_on_signals
 from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for, load_report_pb
 from kvrouter.registry import Role
 from kvrouter.retry import Backoff
@@ -514,9 +514,7 @@ async def _serve(args: argparse.Namespace, llm: Any, api: TrtllmApi, served: str
     log.warning("trtllm worker serving: worker=%s model=%s role=%s listen=%s port=%d",
                 args.worker_id, served, args.role, args.listen, port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop_on_signals(stop.set)
     t0 = time.monotonic()
     await stop.wait()
     await server.stop(5)
