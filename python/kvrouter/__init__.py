@@ -4,54 +4,12 @@ The Rust core (`kvrouter._core`) owns hashing, the prefix index, scoring and
 load accounting; this package owns I/O, configuration and the network.
 """
 
-from kvrouter._core import (
-    DEFAULT_POLICY,
-    DEFAULT_WEIGHTS,
-    HASH_SEED,
-    POLICIES,
-    ApplyResult,
-    Candidate,
-    Decision,
-    DuplicateRequest,
-    InvalidArgument,
-    KvrouterError,
-    MalformedPayload,
-    NoRoutableWorker,
-    Overlap,
-    PrefixIndex,
-    Scheduler,
-    SnapshotError,
-    UnknownPolicy,
-    UnknownWorker,
-    WorkerLoad,
-    decode_payload,
-    hash_blocks,
-    local_block_hash,
-)
+# The package's public names are the core's: PyO3 lists them in `_core.__all__` as
+# rust/src/python/mod.rs registers them, and stubtest holds _core.pyi to that list.
+from kvrouter import _core
+from kvrouter._core import *  # noqa: F403
 
-__all__ = [
-    "DEFAULT_POLICY",
-    "DEFAULT_WEIGHTS",
-    "HASH_SEED",
-    "POLICIES",
-    "ApplyResult",
-    "Candidate",
-    "Decision",
-    "DuplicateRequest",
-    "InvalidArgument",
-    "KvrouterError",
-    "MalformedPayload",
-    "NoRoutableWorker",
-    "Overlap",
-    "PrefixIndex",
-    "Scheduler",
-    "SnapshotError",
-    "UnknownPolicy",
-    "UnknownWorker",
-    "WorkerLoad",
-    "decode_payload",
-    "hash_blocks",
-    "local_block_hash",
-]
+__all__: list[str] = []
+__all__ += _core.__all__
 
 __version__ = "0.1.0"

@@ -849,6 +849,10 @@ mod tests {
     use super::*;
     use crate::hashing::hash_blocks;
 
+    fn tiers(gpu: u32, host: u32, disk: u32) -> Overlap {
+        Overlap { gpu, host, disk }
+    }
+
     fn stored_tokens(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> Stored {
         Stored {
             hashes,
@@ -866,17 +870,7 @@ mod tests {
         let r = idx.apply_stored(7, &stored_tokens(vec![1, 2, 3, 4], None, toks.clone(), 4));
         assert_eq!(r.stored_blocks, 4);
         let q = hash_blocks(&toks, 4, None);
-        assert_eq!(
-            idx.find_matches(&q),
-            vec![(
-                7,
-                Overlap {
-                    gpu: 4,
-                    host: 0,
-                    disk: 0
-                }
-            )]
-        );
+        assert_eq!(idx.find_matches(&q), vec![(7, tiers(4, 0, 0))]);
         // Continue the chain from a parent.
         let more: Vec<u32> = (16..24).collect();
         let r = idx.apply_stored(7, &stored_tokens(vec![5, 6], Some(4), more, 4));
@@ -905,30 +899,10 @@ mod tests {
         let q = hash_blocks(&toks, 2, None);
         let r = idx.apply_removed(1, &[11], Tier::Gpu);
         assert_eq!(r.removed_blocks, 1);
-        assert_eq!(
-            idx.find_matches(&q),
-            vec![(
-                1,
-                Overlap {
-                    gpu: 2,
-                    host: 1,
-                    disk: 0
-                }
-            )]
-        );
+        assert_eq!(idx.find_matches(&q), vec![(1, tiers(2, 1, 0))]);
         let r = idx.apply_removed(1, &[11], Tier::Host);
         assert_eq!(r.removed_blocks, 1);
-        assert_eq!(
-            idx.find_matches(&q),
-            vec![(
-                1,
-                Overlap {
-                    gpu: 1,
-                    host: 0,
-                    disk: 0
-                }
-            )]
-        );
+        assert_eq!(idx.find_matches(&q), vec![(1, tiers(1, 0, 0))]);
         let r = idx.apply_removed(1, &[11, 99], Tier::Gpu);
         assert_eq!(r.unknown_removals, 2);
         assert_eq!(idx.worker_blocks(1), 2);
@@ -1013,17 +987,7 @@ mod tests {
             .remap_workers(&[(10, 1)].into_iter().collect())
             .is_err());
         assert_eq!(idx.clear_worker(1).cleared_blocks, 8);
-        assert_eq!(
-            idx.find_matches(&q),
-            vec![(
-                2,
-                Overlap {
-                    gpu: 4,
-                    host: 0,
-                    disk: 0
-                }
-            )]
-        );
+        assert_eq!(idx.find_matches(&q), vec![(2, tiers(4, 0, 0))]);
         assert_eq!(idx.remove_worker(2), 4);
         assert_eq!(idx.num_nodes(), 0);
     }

@@ -159,12 +159,15 @@ impl LoadTable {
         dropped
     }
 
-    pub fn set_routable(&mut self, worker: u64, routable: bool) -> Result<()> {
-        let w = self
-            .workers
+    /// The load state of `worker`, which must have been added.
+    pub fn worker_mut(&mut self, worker: u64) -> Result<&mut LoadState> {
+        self.workers
             .get_mut(&worker)
-            .ok_or(Error::UnknownWorker(worker))?;
-        w.routable = routable;
+            .ok_or(Error::UnknownWorker(worker))
+    }
+
+    pub fn set_routable(&mut self, worker: u64, routable: bool) -> Result<()> {
+        self.worker_mut(worker)?.routable = routable;
         self.refresh_routable();
         Ok(())
     }
@@ -187,10 +190,7 @@ impl LoadTable {
         if self.reservations.contains_key(request_id) {
             return Err(Error::DuplicateRequest(request_id.to_owned()));
         }
-        let w = self
-            .workers
-            .get_mut(&res.worker)
-            .ok_or(Error::UnknownWorker(res.worker))?;
+        let w = self.worker_mut(res.worker)?;
         w.reserved_prefill_tokens += res.prefill_tokens;
         w.reserved_decode_blocks += res.decode_blocks;
         w.reserved_requests += 1;

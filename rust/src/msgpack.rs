@@ -96,17 +96,14 @@ impl<'a> Reader<'a> {
         Ok(n)
     }
 
-    fn str_of(&mut self, n: u64) -> Result<String, String> {
+    fn str_of(&mut self, n: u64) -> Result<&'a str, String> {
         let n = self.len_checked(n, 1)?;
-        let b = self.take(n)?;
-        std::str::from_utf8(b)
-            .map(str::to_owned)
-            .map_err(|_| "invalid utf-8 in string".to_string())
+        std::str::from_utf8(self.take(n)?).map_err(|_| "invalid utf-8 in string".to_string())
     }
 
-    fn bin_of(&mut self, n: u64) -> Result<Vec<u8>, String> {
+    fn bin_of(&mut self, n: u64) -> Result<&'a [u8], String> {
         let n = self.len_checked(n, 1)?;
-        Ok(self.take(n)?.to_vec())
+        self.take(n)
     }
 
     fn array_of(&mut self, n: u64, depth: u32) -> Result<Value, String> {
@@ -135,83 +132,77 @@ impl<'a> Reader<'a> {
         Ok(Value::Map(v))
     }
 
+    /// Reads a marker and the length or integer that follows it: the one decoding of
+    /// the marker table, shared by [`Reader::read_value`] and the typed reads.
+    #[inline]
+    fn head(&mut self) -> Result<(u8, Head), String> {
+        let m = self.u8()?;
+        let h = match m {
+            0x00..=0x7f => Head::UInt(u64::from(m)),
+            0x80..=0x8f => Head::Map(u64::from(m & 0x0f)),
+            0x90..=0x9f => Head::Array(u64::from(m & 0x0f)),
+            0xa0..=0xbf => Head::Str(u64::from(m & 0x1f)),
+            // Lengths and integers after these markers take 1, 2, 4 (or 8) bytes in marker order.
+            0xc4..=0xc6 => Head::Bin(self.be(1 << (m - 0xc4))?),
+            0xcc..=0xcf => Head::UInt(self.be(1 << (m - 0xcc))?),
+            0xd0 => Head::Int(i64::from(self.be(1)? as u8 as i8)),
+            0xd1 => Head::Int(i64::from(self.be(2)? as u16 as i16)),
+            0xd2 => Head::Int(i64::from(self.be(4)? as u32 as i32)),
+            0xd3 => Head::Int(self.be(8)? as i64),
+            0xd9..=0xdb => Head::Str(self.be(1 << (m - 0xd9))?),
+            0xdc | 0xdd => Head::Array(self.be(2 << (m - 0xdc))?),
+            0xde | 0xdf => Head::Map(self.be(2 << (m - 0xde))?),
+            0xe0..=0xff => Head::Int(i64::from(m as i8)),
+            _ => Head::Other,
+        };
+        Ok((m, h))
+    }
+
     pub fn read_value(&mut self, depth: u32) -> Result<Value, String> {
         if depth > MAX_DEPTH {
             return Err("payload nested too deeply".into());
         }
-        let m = self.u8()?;
-        Ok(match m {
-            0x00..=0x7f => Value::UInt(u64::from(m)),
-            0x80..=0x8f => return self.map_of(u64::from(m & 0x0f), depth),
-            0x90..=0x9f => return self.array_of(u64::from(m & 0x0f), depth),
-            0xa0..=0xbf => Value::Str(self.str_of(u64::from(m & 0x1f))?),
-            0xc0 => Value::Nil,
-            0xc2 => Value::Bool(false),
-            0xc3 => Value::Bool(true),
-            0xc4 => {
-                let n = self.be(1)?;
-                Value::Bin(self.bin_of(n)?)
-            }
-            0xc5 => {
-                let n = self.be(2)?;
-                Value::Bin(self.bin_of(n)?)
-            }
-            0xc6 => {
-                let n = self.be(4)?;
-                Value::Bin(self.bin_of(n)?)
-            }
-            0xc7..=0xc9 => {
-                let n = self.be([1, 2, 4][(m - 0xc7) as usize])?;
-                let n = self.len_checked(n, 1)?;
-                self.take(1 + n)?;
-                Value::Ext
-            }
-            0xca => Value::Float(f64::from(f32::from_bits(self.be(4)? as u32))),
-            0xcb => Value::Float(f64::from_bits(self.be(8)?)),
-            0xcc => Value::UInt(self.be(1)?),
-            0xcd => Value::UInt(self.be(2)?),
-            0xce => Value::UInt(self.be(4)?),
-            0xcf => Value::UInt(self.be(8)?),
-            0xd0 => int(i64::from(self.be(1)? as u8 as i8)),
-            0xd1 => int(i64::from(self.be(2)? as u16 as i16)),
-            0xd2 => int(i64::from(self.be(4)? as u32 as i32)),
-            0xd3 => int(self.be(8)? as i64),
-            0xd4..=0xd8 => {
-                self.take(1 + [1, 2, 4, 8, 16][(m - 0xd4) as usize])?;
-                Value::Ext
-            }
-            0xd9 => {
-                let n = self.be(1)?;
-                Value::Str(self.str_of(n)?)
-            }
-            0xda => {
-                let n = self.be(2)?;
-                Value::Str(self.str_of(n)?)
-            }
-            0xdb => {
-                let n = self.be(4)?;
-                Value::Str(self.str_of(n)?)
-            }
-            0xdc => {
-                let n = self.be(2)?;
-                return self.array_of(n, depth);
-            }
-            0xdd => {
-                let n = self.be(4)?;
-                return self.array_of(n, depth);
-            }
-            0xde => {
-                let n = self.be(2)?;
-                return self.map_of(n, depth);
-            }
-            0xdf => {
-                let n = self.be(4)?;
-                return self.map_of(n, depth);
-            }
-            0xe0..=0xff => Value::Int(i64::from(m as i8)),
-            0xc1 => return Err("invalid msgpack marker 0xc1".into()),
+        let (m, h) = self.head()?;
+        Ok(match h {
+            Head::UInt(v) => Value::UInt(v),
+            Head::Int(i) => int(i),
+            Head::Str(n) => Value::Str(self.str_of(n)?.to_owned()),
+            Head::Bin(n) => Value::Bin(self.bin_of(n)?.to_vec()),
+            Head::Array(n) => return self.array_of(n, depth),
+            Head::Map(n) => return self.map_of(n, depth),
+            Head::Other => match m {
+                0xc0 => Value::Nil,
+                0xc2 => Value::Bool(false),
+                0xc3 => Value::Bool(true),
+                0xc7..=0xc9 => {
+                    let n = self.be([1, 2, 4][(m - 0xc7) as usize])?;
+                    let n = self.len_checked(n, 1)?;
+                    self.take(1 + n)?;
+                    Value::Ext
+                }
+                0xca => Value::Float(f64::from(f32::from_bits(self.be(4)? as u32))),
+                0xcb => Value::Float(f64::from_bits(self.be(8)?)),
+                0xd4..=0xd8 => {
+                    self.take(1 + [1, 2, 4, 8, 16][(m - 0xd4) as usize])?;
+                    Value::Ext
+                }
+                _ => return Err(format!("invalid msgpack marker {m:#04x}")),
+            },
         })
     }
+}
+
+/// What a marker starts, with the length or integer read after it.
+enum Head {
+    UInt(u64),
+    /// A signed-integer marker's value (which may still be non-negative).
+    Int(i64),
+    Str(u64),
+    Bin(u64),
+    Array(u64),
+    Map(u64),
+    /// Nil, bool, float, ext or an invalid marker: only [`Reader::read_value`] takes these.
+    Other,
 }
 
 fn int(i: i64) -> Value {
@@ -242,38 +233,24 @@ impl<'a> Reader<'a> {
     }
 
     pub fn read_array_len(&mut self) -> Result<usize, String> {
-        let m = self.u8()?;
-        let n = match m {
-            0x90..=0x9f => u64::from(m & 0x0f),
-            0xdc => self.be(2)?,
-            0xdd => self.be(4)?,
-            _ => return Err(format!("expected an array, got marker {m:#04x}")),
-        };
-        self.len_checked(n, 1)
+        match self.head()? {
+            (_, Head::Array(n)) => self.len_checked(n, 1),
+            (m, _) => Err(format!("expected an array, got marker {m:#04x}")),
+        }
     }
 
     pub fn read_map_len(&mut self) -> Result<usize, String> {
-        let m = self.u8()?;
-        let n = match m {
-            0x80..=0x8f => u64::from(m & 0x0f),
-            0xde => self.be(2)?,
-            0xdf => self.be(4)?,
-            _ => return Err(format!("expected a map, got marker {m:#04x}")),
-        };
-        self.len_checked(n, 2)
+        match self.head()? {
+            (_, Head::Map(n)) => self.len_checked(n, 2),
+            (m, _) => Err(format!("expected a map, got marker {m:#04x}")),
+        }
     }
 
     pub fn read_str(&mut self) -> Result<&'a str, String> {
-        let m = self.u8()?;
-        let n = match m {
-            0xa0..=0xbf => u64::from(m & 0x1f),
-            0xd9 => self.be(1)?,
-            0xda => self.be(2)?,
-            0xdb => self.be(4)?,
-            _ => return Err(format!("expected a string, got marker {m:#04x}")),
-        };
-        let n = self.len_checked(n, 1)?;
-        std::str::from_utf8(self.take(n)?).map_err(|_| "invalid utf-8 in string".to_string())
+        match self.head()? {
+            (_, Head::Str(n)) => self.str_of(n),
+            (m, _) => Err(format!("expected a string, got marker {m:#04x}")),
+        }
     }
 
     /// The bytes of a bin, or of a str (as UTF-8), whichever comes next.
@@ -286,46 +263,29 @@ impl<'a> Reader<'a> {
     }
 
     pub fn read_bin(&mut self) -> Result<&'a [u8], String> {
-        let m = self.u8()?;
-        let n = match m {
-            0xc4 => self.be(1)?,
-            0xc5 => self.be(2)?,
-            0xc6 => self.be(4)?,
-            _ => return Err(format!("expected bytes, got marker {m:#04x}")),
-        };
-        let n = self.len_checked(n, 1)?;
-        self.take(n)
+        match self.head()? {
+            (_, Head::Bin(n)) => self.bin_of(n),
+            (m, _) => Err(format!("expected bytes, got marker {m:#04x}")),
+        }
     }
 
     /// An integer as u64 (negative values as their two's complement).
     pub fn read_int_u64(&mut self) -> Result<u64, String> {
-        let m = self.u8()?;
-        Ok(match m {
-            0x00..=0x7f => u64::from(m),
-            0xcc => self.be(1)?,
-            0xcd => self.be(2)?,
-            0xce => self.be(4)?,
-            0xcf => self.be(8)?,
-            0xd0 => i64::from(self.be(1)? as u8 as i8) as u64,
-            0xd1 => i64::from(self.be(2)? as u16 as i16) as u64,
-            0xd2 => i64::from(self.be(4)? as u32 as i32) as u64,
-            0xd3 => self.be(8)?,
-            0xe0..=0xff => i64::from(m as i8) as u64,
-            _ => return Err(format!("expected an integer, got marker {m:#04x}")),
-        })
+        match self.head()? {
+            (_, Head::UInt(v)) => Ok(v),
+            (_, Head::Int(i)) => Ok(i as u64),
+            (m, _) => Err(format!("expected an integer, got marker {m:#04x}")),
+        }
     }
 
     /// A non-negative integer.
     pub fn read_uint(&mut self) -> Result<u64, String> {
-        let m = self.peek()?;
-        if matches!(m, 0xd0..=0xd3 | 0xe0..=0xff) {
-            let v = self.read_int_u64()? as i64;
-            if v < 0 {
-                return Err(format!("expected a non-negative integer, got {v}"));
-            }
-            return Ok(v as u64);
+        match self.head()? {
+            (_, Head::Int(i)) if i < 0 => Err(format!("expected a non-negative integer, got {i}")),
+            (_, Head::Int(i)) => Ok(i as u64),
+            (_, Head::UInt(v)) => Ok(v),
+            (m, _) => Err(format!("expected an integer, got marker {m:#04x}")),
         }
-        self.read_int_u64()
     }
 
     pub fn is_int_next(&self) -> Result<bool, String> {

@@ -235,11 +235,7 @@ impl Scheduler {
     }
 
     pub fn report_load(&mut self, worker: u64, report: Report) -> Result<()> {
-        let w = self
-            .load
-            .workers
-            .get_mut(&worker)
-            .ok_or(Error::UnknownWorker(worker))?;
+        let w = self.load.worker_mut(worker)?;
         // Remember what this router had reserved, so the report's drift can be separated out.
         w.report = Some(Report {
             reserved_prefill_tokens: w.reserved_prefill_tokens,
@@ -251,12 +247,7 @@ impl Scheduler {
     }
 
     pub fn set_external(&mut self, worker: u64, ext: External) -> Result<()> {
-        let w = self
-            .load
-            .workers
-            .get_mut(&worker)
-            .ok_or(Error::UnknownWorker(worker))?;
-        w.external = ext;
+        self.load.worker_mut(worker)?.external = ext;
         Ok(())
     }
 }

@@ -139,6 +139,19 @@ fn configured(mut c: Config, s: Settings<'_>) -> crate::Result<Config> {
     Ok(c)
 }
 
+/// The keyword options `route` and `route_hashes` share, as Python passed them
+/// (PyO3 needs each method's parameters spelled out; the checks live in `route_prompt`).
+struct RouteOptions<'a> {
+    request_id: Option<String>,
+    expected_output_tokens: i64,
+    candidates: Option<Vec<u64>>,
+    policy: Option<&'a str>,
+    explain: bool,
+    reserve: bool,
+    now: Option<f64>,
+    prefill_weight: Option<f64>,
+}
+
 /// A prompt owned across the GIL release: hashes, or tokens hashed during the match.
 enum OwnedPrompt {
     Hashes(Vec<u64>),
@@ -157,32 +170,23 @@ impl PyScheduler {
         now.unwrap_or_else(|| s.clock())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn route_impl(
+    /// Routes `prompt` (of `prompt_tokens` tokens) with the options both route methods share.
+    fn route_prompt(
         &self,
         py: Python<'_>,
         prompt: OwnedPrompt,
         prompt_tokens: u64,
-        request_id: Option<String>,
-        expected_output_tokens: i64,
-        candidates: Option<Vec<u64>>,
-        policy_name: Option<&str>,
-        explain: bool,
-        reserve: bool,
-        now: Option<f64>,
-        prefill_weight: Option<f64>,
+        o: RouteOptions<'_>,
     ) -> PyResult<PyDecision> {
-        let expected = convert::non_negative(expected_output_tokens, "expected_output_tokens")?;
-        let policy = policy(policy_name)?;
-        if let Some(id) = &request_id {
-            if id.is_empty() {
-                return Err(invalid("request_id must not be empty"));
-            }
+        let expected = convert::non_negative(o.expected_output_tokens, "expected_output_tokens")?;
+        let policy = policy(o.policy)?;
+        if o.request_id.as_deref() == Some("") {
+            return Err(invalid("request_id must not be empty"));
         }
         let d = py.allow_threads(|| {
             let idx = self.index.read();
             let mut s = self.inner.lock();
-            let now = self.at(&s, now);
+            let now = self.at(&s, o.now);
             let req = RouteRequest {
                 prompt: match &prompt {
                     OwnedPrompt::Hashes(h) => Prompt::Hashes(h),
@@ -192,18 +196,21 @@ impl PyScheduler {
                     },
                 },
                 prompt_tokens,
-                request_id: request_id.as_deref(),
+                request_id: o.request_id.as_deref(),
                 expected_output_tokens: expected,
-                candidates: candidates.as_deref(),
+                candidates: o.candidates.as_deref(),
                 policy,
-                explain,
-                reserve,
+                explain: o.explain,
+                reserve: o.reserve,
                 now,
-                prefill_weight,
+                prefill_weight: o.prefill_weight,
             };
             s.route(&idx, &req)
         });
-        Ok(PyDecision { d: d?, request_id })
+        Ok(PyDecision {
+            d: d?,
+            request_id: o.request_id,
+        })
     }
 }
 
@@ -341,10 +348,7 @@ impl PyScheduler {
         let key = convert::extra_key(extra_key)?;
         let root = hashing::chain_root(key.as_deref());
         let n = toks.len() as u64;
-        self.route_impl(
-            py,
-            OwnedPrompt::Tokens(toks, root),
-            n,
+        let o = RouteOptions {
             request_id,
             expected_output_tokens,
             candidates,
@@ -353,7 +357,8 @@ impl PyScheduler {
             reserve,
             now,
             prefill_weight,
-        )
+        };
+        self.route_prompt(py, OwnedPrompt::Tokens(toks, root), n, o)
     }
 
     #[pyo3(signature = (router_hashes, prompt_tokens, request_id=None, expected_output_tokens=0, candidates=None, policy=None, explain=false, reserve=true, now=None, prefill_weight=None))]
@@ -377,10 +382,7 @@ impl PyScheduler {
         if prompt == 0 {
             return Err(invalid("prompt has no tokens"));
         }
-        self.route_impl(
-            py,
-            OwnedPrompt::Hashes(hashes),
-            prompt,
+        let o = RouteOptions {
             request_id,
             expected_output_tokens,
             candidates,
@@ -389,7 +391,8 @@ impl PyScheduler {
             reserve,
             now,
             prefill_weight,
-        )
+        };
+        self.route_prompt(py, OwnedPrompt::Hashes(hashes), prompt, o)
     }
 
     #[pyo3(signature = (worker, request_id, prefill_tokens, decode_blocks, now=None))]
