@@ -156,8 +156,8 @@ async def stack(role: str = "aggregated", dp: int = 0, worker: str = "trt",
                      publisher_factory=factory, role=role, attention_dp_size=dp,
                      events_timeout_s=0.2, stats_timeout_s=0.2)
     await w.start()
-    server, port = await serve_worker(w, "127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    server = await serve_worker(w, "127.0.0.1:0")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     env = SimpleNamespace(ns=ns, model=model, registry=registry, plane=plane, llm=llm, worker=w,
                           stub=engine_pb2_grpc.EngineStub(channel))
 

@@ -9,17 +9,13 @@ import logging
 import time
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
-
 from kvrouter import mainloop
 from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
 from kvrouter.config import Config
 from kvrouter.events.plane import EventPlane
 from kvrouter.events.plane import make_event_plane as make_plane
 from kvrouter.events.tasks import cancel_and_wait
+from kvrouter.grpc_server import GrpcServer
 from kvrouter.registry import Registry
 from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.server.service import RouterService
@@ -54,8 +50,7 @@ class RouterApp:
         self.metrics = RouterMetrics()
         self.event_plane: EventPlane | None = None
         self.service: RouterService | None = None
-        self.server: grpc.aio.Server | None = None
-        self.health: Any = None
+        self.grpc: GrpcServer | None = None
         self.port = 0
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -66,8 +61,6 @@ class RouterApp:
         return [
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
-            # Fail loudly if the port is taken instead of silently sharing it.
-            ("grpc.so_reuseport", 0),
             ("grpc.http2.max_pings_without_data", 0),
         ]
 
@@ -79,21 +72,12 @@ class RouterApp:
             raise RuntimeError(f"bad event plane configuration: {e}") from None
         await self.event_plane.start()
         self.service = RouterService(self.config, self.registry, self.metrics, self.event_plane)
-        server = grpc.aio.server(options=self.grpc_options())
-        router_pb2_grpc.add_RouterServicer_to_server(self.service, server)
-        self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        if r.reflection:
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-        try:
-            self.port = server.add_insecure_port(r.listen)
-        except RuntimeError as e:
-            raise RuntimeError(f"cannot listen on {r.listen}: {e}") from None
-        if self.port == 0:
-            raise RuntimeError(f"cannot listen on {r.listen} (address in use?)")
+        server = GrpcServer(r.listen, [ROUTER_SERVICE], options=self.grpc_options(),
+                            reflect=r.reflection)
+        router_pb2_grpc.add_RouterServicer_to_server(self.service, server.server)
+        self.port = server.port
         await server.start()
-        self.server = server
+        self.grpc = server
         if r.metrics_port:
             try:
                 self.metrics_port = self.metrics.serve(r.metrics_host, r.metrics_port)
@@ -103,8 +87,7 @@ class RouterApp:
                     f"cannot serve metrics on {r.metrics_host}:{r.metrics_port}: {e}") from None
         self._snapshot_metrics()
         self._tasks.append(asyncio.create_task(self._maintenance(), name="kvrouter-maintenance"))
-        for name in ("", ROUTER_SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.set_serving()
         log.info("router serving", extra={
             "listen": r.listen, "port": self.port, "metrics_port": self.metrics_port,
             "models": ",".join(m.name for m in self.config.models),
@@ -136,13 +119,11 @@ class RouterApp:
         self.metrics.workers.set(samples, list(self.registry.models))
 
     async def stop(self, grace: float | None = 2.0) -> None:
-        if self.health is not None:
-            await self.health.enter_graceful_shutdown()
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
+            self.grpc = None
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        if self.server is not None:
-            await self.server.stop(grace)
-            self.server = None
         if self.event_plane is not None:
             await self.event_plane.stop()
         if self.service is not None:

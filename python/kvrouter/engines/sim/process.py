@@ -18,7 +18,6 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-import grpc
 from pydantic import Field
 
 from kvrouter._proto.v1 import engine_pb2_grpc
@@ -29,6 +28,7 @@ from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION, EngineProfile, Pro
 from kvrouter.engines.sim.servicer import SimEngineService
 from kvrouter.engines.sim.worker import SimWorker
 from kvrouter.events.publisher import EventPublisher, redis_publisher
+from kvrouter.grpc_server import ENGINE_SERVICE, GrpcServer, ListenError
 from kvrouter.mainloop import stop_on_signals
 
 log = logging.getLogger("kvrouter.engines.sim")
@@ -85,14 +85,11 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     stop = stop or asyncio.Event()
     stop_on_signals(stop.set)
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     try:
-        port = server.add_insecure_port(opts.listen)
-    except RuntimeError as e:
-        raise SetupError(f"cannot listen on {opts.listen}: {e}") from None
-    if port == 0:
-        raise SetupError(f"cannot listen on {opts.listen} (address in use?)")
-    address = _advertised(opts.listen, port, opts.advertise)
+        server = GrpcServer(opts.listen, [ENGINE_SERVICE])
+    except ListenError as e:
+        raise SetupError(str(e)) from None
+    address = _advertised(opts.listen, server.port, opts.advertise)
 
     meta = {"engine": "sim", "profile": profile.name}
     if opts.pool:
@@ -143,17 +140,12 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
                                     namespace=opts.namespace, **pub_opts)
     sim.publisher = publisher
     service = SimEngineService(sim, opts.role, opts.max_prompt_tokens)
-    engine_pb2_grpc.add_EngineServicer_to_server(service, server)
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from grpc_health.v1.health import aio as health_aio
-
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    engine_pb2_grpc.add_EngineServicer_to_server(service, server.server)
     await server.start()
     sim.start()
     await publisher.start()
     publisher.report_load(engine.load_report())
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.set_serving()
     log.info("sim engine serving", extra={
         "worker": opts.worker_id, "model": opts.model, "address": address,
         "block_size": block_size, "kv_blocks": engine.cache.num_blocks,
@@ -164,7 +156,6 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     try:
         await stop.wait()
     finally:
-        await health.enter_graceful_shutdown()
         await server.stop(1.0)
         await service.close()
         await sim.stop()

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.engines.block_mirror import BlockMirror
@@ -46,6 +45,7 @@ from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_ra
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
+from kvrouter.grpc_server import ENGINE_SERVICE, GrpcServer
 from kvrouter.mainloop import stop_on_signals
 from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for, load_report_pb
 from kvrouter.registry import Role
@@ -391,18 +391,14 @@ class TrtllmEngineService(engine_pb2_grpc.EngineServicer):
         return self.worker.stats_response()
 
 
-async def serve_worker(worker: TrtllmWorker, listen: str) -> tuple[grpc.aio.Server, int]:
-    """Start the Engine gRPC service (and standard health) for a started worker."""
-    server = grpc.aio.server()
-    engine_pb2_grpc.add_EngineServicer_to_server(TrtllmEngineService(worker), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {listen}")
+async def serve_worker(worker: TrtllmWorker, listen: str) -> GrpcServer:
+    """Start the Engine gRPC service (with standard health and reflection) for a started
+    worker; raises kvrouter.grpc_server.ListenError (a RuntimeError) when `listen` is taken."""
+    server = GrpcServer(listen, [ENGINE_SERVICE])
+    engine_pb2_grpc.add_EngineServicer_to_server(TrtllmEngineService(worker), server.server)
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, port
+    await server.set_serving()
+    return server
 
 
 # --------------------------------------------------------------------------- CLI
@@ -510,9 +506,9 @@ async def _serve(args: argparse.Namespace, llm: Any, api: TrtllmApi, served: str
                           tokens_per_block=args.tokens_per_block, publisher_factory=factory,
                           role=args.role, attention_dp_size=args.tp if args.attention_dp else 0)
     await worker.start()
-    server, port = await serve_worker(worker, args.listen)
+    server = await serve_worker(worker, args.listen)
     log.warning("trtllm worker serving: worker=%s model=%s role=%s listen=%s port=%d",
-                args.worker_id, served, args.role, args.listen, port)
+                args.worker_id, served, args.role, args.listen, server.port)
     stop = asyncio.Event()
     stop_on_signals(stop.set)
     t0 = time.monotonic()
