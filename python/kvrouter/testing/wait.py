@@ -36,17 +36,30 @@ class Watched(Protocol):
     def log_tail(self, lines: int = ...) -> str: ...
 
 
-def _check_alive(what: str, procs: Sequence[Watched]) -> None:
-    for p in procs:
-        code = p.exit_code()
-        if code is not None:
-            raise ProcessExited(f"{p.name} exited with status {code} while waiting for {what}; "
-                                f"its log:\n{p.log_tail()}")
+class _Poll:
+    """One wait's deadline and its errors, shared by the sync and the async loop: the
+    watched processes are checked before each try, and a miss (a falsy value or an ignored
+    exception) is kept for the timeout message."""
 
+    def __init__(self, what: str, timeout: float, procs: Sequence[Watched]) -> None:
+        self.what = what
+        self.timeout = timeout
+        self.procs = procs
+        self.deadline = time.monotonic() + timeout
 
-def _timeout(what: str, timeout: float, last: object, procs: Sequence[Watched]) -> WaitTimeout:
-    tails = "".join(f"\n--- {p.name}:\n{p.log_tail(20)}" for p in procs)
-    return WaitTimeout(f"{what}: not true after {timeout:g}s (last: {last!r}){tails}")
+    def check_alive(self) -> None:
+        for p in self.procs:
+            code = p.exit_code()
+            if code is not None:
+                raise ProcessExited(f"{p.name} exited with status {code} while waiting for "
+                                    f"{self.what}; its log:\n{p.log_tail()}")
+
+    def missed(self, last: object) -> None:
+        """Raise WaitTimeout, naming `last`, when the deadline has passed."""
+        if time.monotonic() >= self.deadline:
+            tails = "".join(f"\n--- {p.name}:\n{p.log_tail(20)}" for p in self.procs)
+            raise WaitTimeout(f"{self.what}: not true after {self.timeout:g}s "
+                              f"(last: {last!r}){tails}")
 
 
 def wait_until(cond: Callable[[], T], timeout: float, *, interval: float = 0.05,
@@ -57,19 +70,17 @@ def wait_until(cond: Callable[[], T], timeout: float, *, interval: float = 0.05,
     Raises WaitTimeout after `timeout` seconds, ProcessExited as soon as one of `procs`
     has exited. Exceptions of the types in `ignore` count as "not yet" (a server that
     does not accept connections yet)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
+    poll = _Poll(what, timeout, procs)
     while True:
-        _check_alive(what, procs)
+        poll.check_alive()
         try:
             value = cond()
+        except ignore as e:
+            poll.missed(e)
+        else:
             if value:
                 return value
-            last = value
-        except ignore as e:
-            last = e
-        if time.monotonic() >= deadline:
-            raise _timeout(what, timeout, last, procs)
+            poll.missed(value)
         time.sleep(interval)
 
 
@@ -90,20 +101,18 @@ async def async_wait_until(cond: Callable[[], Any], timeout: float, *,
                            procs: Sequence[Watched] = (),
                            ignore: tuple[type[BaseException], ...] = ()) -> Any:
     """`wait_until` for a running event loop; `cond` may be a plain or an async callable."""
-    deadline = time.monotonic() + timeout
-    last: object = None
+    poll = _Poll(what, timeout, procs)
     while True:
-        _check_alive(what, procs)
+        poll.check_alive()
         try:
             r = cond()
             value = await r if inspect.isawaitable(r) else r
+        except ignore as e:
+            poll.missed(e)
+        else:
             if value:
                 return value
-            last = value
-        except ignore as e:
-            last = e
-        if time.monotonic() >= deadline:
-            raise _timeout(what, timeout, last, procs)
+            poll.missed(value)
         await asyncio.sleep(interval)
 
 
