@@ -5,7 +5,7 @@ and a stop that reports NOT_SERVING before the server goes away."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,3 +55,9 @@ class GrpcServer:
     async def stop(self, grace: float | None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+
+
+async def unimplemented(context: grpc.aio.ServicerContext[Any, Any], why: str) -> NoReturn:
+    """End an RPC this server does not support with UNIMPLEMENTED and the reason."""
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, why)
+    raise AssertionError("unreachable")  # pragma: no cover - abort() always raises

@@ -24,6 +24,7 @@ import grpc
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.engines.sim.engine import RequestMode
 from kvrouter.engines.sim.worker import Rejected, SimWorker
+from kvrouter.grpc_server import unimplemented
 from kvrouter.protocol import decode_prompt, extra_key_for, load_report_pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -35,6 +36,9 @@ _MODE = {
     common_pb2.REQUEST_TYPE_CONTEXT_ONLY: RequestMode.CONTEXT_ONLY,
     common_pb2.REQUEST_TYPE_GENERATION_ONLY: RequestMode.GENERATION_ONLY,
 }
+
+
+_NO_KV_TIER = "the simulated engine has no host or disk KV tier"
 
 
 def _abort_code(exc: BaseException) -> grpc.StatusCode:
@@ -173,14 +177,9 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
 
     async def Offload(self, request: engine_pb2.OffloadRequest,
                       context: grpc.aio.ServicerContext) -> engine_pb2.OffloadResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "the simulated engine has no host or disk KV tier: Offload is not "
-                            "supported (its cache keeps GPU blocks only and evicts them LRU)")
-        raise AssertionError("unreachable")  # pragma: no cover
+        await unimplemented(context, f"{_NO_KV_TIER}: Offload is not supported (its cache "
+                                     "keeps GPU blocks only and evicts them LRU)")
 
     async def Reload(self, request: engine_pb2.ReloadRequest,
                      context: grpc.aio.ServicerContext) -> engine_pb2.ReloadResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "the simulated engine has no host or disk KV tier: Reload is not "
-                            "supported")
-        raise AssertionError("unreachable")  # pragma: no cover
+        await unimplemented(context, f"{_NO_KV_TIER}: Reload is not supported")

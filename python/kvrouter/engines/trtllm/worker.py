@@ -45,7 +45,7 @@ from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_ra
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
-from kvrouter.grpc_server import ENGINE_SERVICE, GrpcServer
+from kvrouter.grpc_server import ENGINE_SERVICE, GrpcServer, unimplemented
 from kvrouter.mainloop import stop_on_signals
 from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for, load_report_pb
 from kvrouter.registry import Role
@@ -375,16 +375,12 @@ class TrtllmEngineService(engine_pb2_grpc.EngineServicer):
 
     async def Offload(self, request: engine_pb2.OffloadRequest,
                       context: grpc.aio.ServicerContext) -> engine_pb2.OffloadResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "TensorRT-LLM offloads KV blocks to host memory itself "
+        await unimplemented(context, "TensorRT-LLM offloads KV blocks to host memory itself "
                             "(KvCacheConfig host_cache_size); per-session offload is not exposed")
-        raise AssertionError("unreachable")
 
     async def Reload(self, request: engine_pb2.ReloadRequest,
                      context: grpc.aio.ServicerContext) -> engine_pb2.ReloadResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "TensorRT-LLM onboards offloaded blocks itself on reuse")
-        raise AssertionError("unreachable")
+        await unimplemented(context, "TensorRT-LLM onboards offloaded blocks itself on reuse")
 
     async def Stats(self, request: engine_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> engine_pb2.StatsResponse:
