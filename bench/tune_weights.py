@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = load_mooncake(args.trace, limit=args.limit or None, name=args.trace.stem)
     hashes = trace_hashes(trace, args.block_size)
     cells = [(sp, cname, cap) for sp in speedups for cname, cap in capacities.items()]
-    default = (DEFAULT_WEIGHTS["decode_weight"], DEFAULT_WEIGHTS["queued_prefill_weight"]
-               or DEFAULT_WEIGHTS["prefill_weight"])
+    default = (DEFAULT_WEIGHTS["decode_weight"], DEFAULT_WEIGHTS["queued_prefill_weight"])
     grid = sorted(set(itertools.product(DECODE, QUEUED_PREFILL)) | {default})
 
     t0 = time.perf_counter()

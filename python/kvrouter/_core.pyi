@@ -51,8 +51,7 @@ class _DefaultWeights(TypedDict):
     prefill_weight: float
     decode_weight: float
     queue_weight: float
-    queued_prefill_weight: float | None
-    """None: same as prefill_weight."""
+    queued_prefill_weight: float
     temperature: float
     host_credit: float
     disk_credit: float
@@ -314,9 +313,8 @@ class Scheduler:
         report_ttl_s: float | None = None,
         seed: int | None = None,
     ) -> Self:
-        """A setting left out (None) takes its DEFAULT_POLICY / DEFAULT_WEIGHTS value; an unset
-        queued_prefill_weight follows prefill_weight. Raises UnknownPolicy or
-        InvalidArgument."""
+        """A setting left out (None) takes its DEFAULT_POLICY / DEFAULT_WEIGHTS value.
+        Raises UnknownPolicy or InvalidArgument."""
     @property
     def policy(self) -> str: ...
     def configure(

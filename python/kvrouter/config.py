@@ -70,13 +70,12 @@ class Weights(_Strict):
                            description="per block of prompt not cached on the worker")
     # A request's decode blocks count for its whole life while its prefill is paid once, so a
     # block of decode load weighs less than a block of prefill: at 1.0 the router gave up
-    # cache hits to balance (demo, fleet simulator and real vLLM all measured better at 0.1-0.5).
+    # cache hits to balance. The defaults (the core's) were tuned on the synthetic trace (bench.tune_weights).
     decode: float = Field(default=_D["decode_weight"], ge=0,
                           description="per KV block held by active requests")
     queue: float = Field(default=_D["queue_weight"], ge=0, description="per queued request")
-    queued_prefill: float | None = Field(
-        default=_D["queued_prefill_weight"], ge=0,
-        description="per block already queued for prefill on the worker; null = same as prefill")
+    queued_prefill: float = Field(default=_D["queued_prefill_weight"], ge=0,
+                                  description="per block already queued for prefill on the worker")
 
 
 class SpecialisationConfig(_Strict):

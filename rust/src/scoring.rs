@@ -6,7 +6,7 @@
 //!
 //! new_prefill_tokens = prompt tokens - cached overlap on w (host and disk hits
 //! earn partial credit) + tokens already queued for prefill on w; the queued part
-//! may carry its own weight (`queued_prefill`, default equal to `prefill`). Ties break by
+//! carries its own weight (`queued_prefill`, below `prefill` by default). Ties break by
 //! least load, then at random (seedable). A temperature > 0 samples from a
 //! softmax over normalised costs instead of taking the minimum.
 
@@ -75,12 +75,14 @@ pub struct Weights {
 impl Default for Weights {
     fn default() -> Self {
         // The one definition of the default weights: the Python shell reads them from the
-        // core (`kvrouter._core.DEFAULT_WEIGHTS`), never re-types them.
-        let prefill = 1.0;
+        // core (`kvrouter._core.DEFAULT_WEIGHTS`), never re-types them. decode and
+        // queued_prefill were tuned on the Mooncake synthetic trace (bench/tune_weights.py;
+        // bench/results/tune_weights.json): a request's own cache reuse counts for more than
+        // others' queued work and decode load (mean TTFT 0.93x of decode 0.25 / queued 1.0).
         Weights {
-            prefill,
-            queued_prefill: prefill,
-            decode: 0.25,
+            prefill: 1.0,
+            queued_prefill: 0.25,
+            decode: 0.1,
             queue: 0.0,
             temperature: 0.0,
             host_credit: 0.5,

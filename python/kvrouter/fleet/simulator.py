@@ -72,7 +72,7 @@ class SchedulerWeights:
     temperature: float = _D["temperature"]
     host_credit: float = _D["host_credit"]
     disk_credit: float = _D["disk_credit"]
-    queued_prefill_weight: float | None = _D["queued_prefill_weight"]  # None: same as prefill_weight
+    queued_prefill_weight: float = _D["queued_prefill_weight"]
 
     def as_kwargs(self) -> dict[str, float | None]:
         """The Scheduler keyword arguments (the field names are the Scheduler's)."""

@@ -23,11 +23,7 @@ fn default_weights(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("prefill_weight", w.prefill)?;
     d.set_item("decode_weight", w.decode)?;
     d.set_item("queue_weight", w.queue)?;
-    // None means "same as prefill_weight", as in Scheduler(queued_prefill_weight=None).
-    d.set_item(
-        "queued_prefill_weight",
-        (w.queued_prefill != w.prefill).then_some(w.queued_prefill),
-    )?;
+    d.set_item("queued_prefill_weight", w.queued_prefill)?;
     d.set_item("temperature", w.temperature)?;
     d.set_item("host_credit", w.host_credit)?;
     d.set_item("disk_credit", w.disk_credit)?;

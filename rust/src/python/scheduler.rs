@@ -235,9 +235,6 @@ impl PyScheduler {
         seed: Option<u64>,
     ) -> PyResult<Self> {
         let defaults = Config::default();
-        // An unset queued-prefill weight follows the prefill weight when that is set; with
-        // neither set, it keeps the core's default.
-        let queued_prefill_weight = queued_prefill_weight.or(prefill_weight);
         let config = configured(
             defaults,
             Settings {
