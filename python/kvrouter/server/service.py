@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -64,6 +65,22 @@ class RequestError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class _aborting:
+    """`async with _aborting(context):` a RequestError raised inside ends the RPC with its
+    gRPC status (context.abort raises, so nothing after the block runs)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.context = context
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if isinstance(exc, RequestError):
+            await self.context.abort(exc.code, exc.message)
 
 
 def _invalid(message: str) -> NoReturn:
@@ -251,36 +268,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # ------------------------------------------------------------------ client RPCs
     async def Route(self, request: router_pb2.RouteRequest,
                     context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
-        try:
+        async with _aborting(context):
             return self.decide(request)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
 
     async def Explain(self, request: router_pb2.ExplainRequest,
                       context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
-        try:
+        async with _aborting(context):
             return self.decide(request.route, explain=True, dry_run=True)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
 
     async def Release(self, request: router_pb2.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> router_pb2.ReleaseResponse:
-        try:
+        async with _aborting(context):
             return self.release(request)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
 
     async def MarkPrefillDone(self, request: router_pb2.MarkPrefillDoneRequest,
                               context: grpc.aio.ServicerContext,
                               ) -> router_pb2.MarkPrefillDoneResponse:
-        try:
+        async with _aborting(context):
             return self.prefill_done(request)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
 
     def _stream_item(self, item: router_pb2.RouteStreamItem) -> router_pb2.RouteStreamResult:
         try:
@@ -312,7 +317,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                        ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         """Proxy mode: plan (kvrouter.planner), call the engine(s), stream (server/generate.py)."""
         trace = GenerateTrace()
-        try:
+        async with _aborting(context):
             m = self._model(request.model)
             tokens = self._tokens(m, request.token_ids, request.token_ids_le)
             mode = _GENERATE_MODES.get(request.mode)
@@ -328,9 +333,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"request_id {rid!r} already holds a reservation on model "
                                    f"{m.cfg.name!r}; use a new id")
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
         try:
             async for resp in self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace):
                 yield resp
@@ -361,11 +363,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def ListWorkers(self, request: router_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> router_pb2.ListWorkersResponse:
-        try:
+        async with _aborting(context):
             models = [self._model(request.model)] if request.model else list(self.models.values())
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
         now = time.monotonic()
         out = router_pb2.ListWorkersResponse()
         for m in models:
@@ -387,7 +386,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def RegisterWorker(self, request: router_pb2.RegisterWorkerRequest,
                              context: grpc.aio.ServicerContext,
                              ) -> router_pb2.RegisterWorkerResponse:
-        try:
+        async with _aborting(context):
             m = self._model(request.model)
             if not request.worker:
                 _invalid("worker name is empty")
@@ -395,9 +394,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if role is None:
                 _invalid(f"unknown worker role {request.role}")
             bs = _non_negative(request.block_size, "block_size")
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
         try:
             # Routable at once; the event plane then tracks its liveness from heartbeats.
             info = self.registry.upsert_worker(m.cfg.name, request.worker, role=role,
@@ -425,7 +421,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Heartbeat(self, request: router_pb2.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> router_pb2.HeartbeatResponse:
-        try:
+        async with _aborting(context):
             m = self._model(request.model)
             info = self._worker(m, request.worker)
             report = None
@@ -438,9 +434,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     kv_free_blocks=_non_negative(lr.kv_free_blocks, "load.kv_free_blocks"),
                     queued_prefill_tokens=_non_negative(lr.queued_prefill_tokens,
                                                         "load.queued_prefill_tokens"))
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
         info.last_seen = time.monotonic()
         try:
             self.event_plane.submit_heartbeat(
@@ -454,12 +447,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def DrainWorker(self, request: router_pb2.DrainWorkerRequest,
                           context: grpc.aio.ServicerContext) -> router_pb2.DrainWorkerResponse:
-        try:
+        async with _aborting(context):
             m = self._model(request.model)
             info = self._worker(m, request.worker)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
         self.registry.set_status(m.cfg.name, info.name, WorkerStatus.DRAINING, "drain requested")
         log.info("worker draining", extra={"model": m.cfg.name, "worker": info.name})
         load = m.state.scheduler.load(info.wid)
@@ -468,12 +458,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def DeregisterWorker(self, request: router_pb2.DeregisterWorkerRequest,
                                context: grpc.aio.ServicerContext,
                                ) -> router_pb2.DeregisterWorkerResponse:
-        try:
+        async with _aborting(context):
             m = self._model(request.model)
             self._worker(m, request.worker)
-        except RequestError as e:
-            await context.abort(e.code, e.message)
-            raise  # abort() always raises; this tells type checkers so
         dropped = self.registry.remove_worker(m.cfg.name, request.worker)
         # Tell the event plane too, so it stops tracking the worker's liveness.
         self.event_plane.submit_heartbeat(m.cfg.name, request.worker, leaving=True)
