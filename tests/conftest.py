@@ -13,18 +13,13 @@ import redis
 from kvrouter.testing.processes import (
     RouterProcess,
     child_env,
-    free_port,
     kvrouter_cmd,
     start_router,
     stop_process,
 )
 from kvrouter.testing.wait import wait_until
 
-__all__ = ["REDIS_URL", "RouterProcess", "find_free_port", "run_cli", "start_router",
-           "stop_process", "subprocess_env"]
-
-find_free_port = free_port
-subprocess_env = child_env
+__all__ = ["REDIS_URL", "RouterProcess", "run_cli", "start_router", "stop_process"]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 """The Redis the test command starts (scripts/test.sh runs scripts/ensure_redis.sh)."""

@@ -38,8 +38,8 @@ from kvrouter.events.publisher import redis_publisher
 from kvrouter.events.wire import DumpRequest
 from kvrouter.registry import Registry, WorkerStatus
 from kvrouter.shared_data import shared_dir
+from kvrouter.testing.processes import free_port
 from kvrouter.testing.wait import async_wait_until
-from tests.conftest import find_free_port
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BLOCK = 32
@@ -390,7 +390,7 @@ def test_bind_mode_for_engines_that_connect() -> None:
 
     async def main() -> None:
         async with router_env() as env:
-            endpoint = f"tcp://127.0.0.1:{find_free_port()}"
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
             bridge = await env.start_bridge("w", None, zmq_endpoint=endpoint, zmq_bind=True)
             task = env.bridges[-1][1]
             await eventually(lambda: bridge._sub is not None or task.done(), what="bind")

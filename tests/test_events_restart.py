@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +22,8 @@ from kvrouter.events.redis_conn import RedisConfig, delete_namespace, make_clien
 from kvrouter.events.redis_plane import RedisPlane
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry
+from kvrouter.testing.processes import ChildProcess, free_port, start_redis_server, stop_children
 from tests.conftest import REDIS_URL as URL
-from tests.conftest import find_free_port, subprocess_env
 from tests.event_helpers import all_equal, churn, wait_until
 
 BS = 4
@@ -41,36 +38,27 @@ def _redis_server_installed() -> None:
 
 
 class PrivateRedis:
-    """A throwaway redis-server without persistence: a restart loses everything."""
+    """A throwaway redis-server without persistence on a port of its own: a restart
+    (kill, then start) loses everything."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_path = log_path
+        self.proc: ChildProcess | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.2).ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+        self.proc = start_redis_server(self.port, self.log_path, timeout=10)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            self.proc.kill()
         self.proc = None
 
 
 @pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    r = PrivateRedis(find_free_port())
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    r = PrivateRedis(tmp_path / "redis.log")
     r.start()
     yield r
     r.kill()
@@ -143,9 +131,9 @@ def test_redis_restart_with_data_loss(private_redis: PrivateRedis) -> None:
     asyncio.run(run())
 
 
-def test_publisher_buffer_overflow_resyncs_when_redis_returns() -> None:
+def test_publisher_buffer_overflow_resyncs_when_redis_returns(tmp_path: Path) -> None:
     async def run() -> None:
-        r = PrivateRedis(find_free_port())  # not started: Redis is away
+        r = PrivateRedis(tmp_path / "redis.log")  # not started: Redis is away
         ns = "kvrtest-" + uuid.uuid4().hex[:8]
         cache = SyntheticCache(BS, seed=50)
         pub = redis_publisher(r.url, "m", "w0", namespace=ns, block_size=BS, dump=cache.dump,
@@ -173,12 +161,12 @@ def test_publisher_buffer_overflow_resyncs_when_redis_returns() -> None:
     asyncio.run(run())
 
 
-def _start_router(url: str, ns: str, replica: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
+def _start_router(url: str, ns: str, replica: str, state: Path, log: Path) -> ChildProcess:
     cmd = [sys.executable, "-m", "kvrouter.events", "--redis", url, "--namespace", ns,
            "--model", f"m:{BS}", "--replica-id", replica, "--heartbeat-ttl", "2",
            "--snapshot-interval", "0.5", "--snapshot-min-retention", "0",
            "--state-file", str(state), "--state-interval", "0.1"]
-    return subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    return ChildProcess(f"event plane {replica}", cmd, log).start()
 
 
 def _state(path: Path) -> dict[str, Any]:
@@ -196,7 +184,7 @@ def _matches(state: dict[str, Any], caches: dict[str, SyntheticCache]) -> bool:
 
 def test_router_sigkill_restarts_from_snapshot(tmp_path: Path) -> None:
     ns = "kvrtest-" + uuid.uuid4().hex[:8]
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[ChildProcess] = []
 
     async def run() -> None:
         caches = {f"w{i}": SyntheticCache(BS, seed=60 + i) for i in range(3)}
@@ -207,12 +195,10 @@ def test_router_sigkill_restarts_from_snapshot(tmp_path: Path) -> None:
         a = _start_router(URL, ns, "ra", state_a, tmp_path / "a.log")
         procs.append(a)
         await churn(pubs, caches, 150)
-        assert await wait_until(lambda: _matches(_state(state_a), caches), timeout=20), \
-            (tmp_path / "a.log").read_text()
+        assert await wait_until(lambda: _matches(_state(state_a), caches), timeout=20), a.logs()
         written = _state(state_a)["stats"]["snapshots_written"]
         assert await wait_until(lambda: _state(state_a)["stats"]["snapshots_written"] >= written + 2)
-        a.send_signal(signal.SIGKILL)
-        a.wait(10)
+        a.kill()
         await churn(pubs, caches, 50)  # events while no router runs
         # The snapshot let the stream be trimmed: its history alone is no longer enough.
         stream = Keys(ns).stream("m", 0)
@@ -223,8 +209,7 @@ def test_router_sigkill_restarts_from_snapshot(tmp_path: Path) -> None:
         state_b = tmp_path / "b.json"
         b = _start_router(URL, ns, "rb", state_b, tmp_path / "b.log")
         procs.append(b)
-        assert await wait_until(lambda: _matches(_state(state_b), caches), timeout=20), \
-            (tmp_path / "b.log").read_text()
+        assert await wait_until(lambda: _matches(_state(state_b), caches), timeout=20), b.logs()
         st = _state(state_b)["stats"]
         assert st["snapshot_loaded"] == {"m": "ra"}
         assert st["gaps_dump"] == 0 and st["dumps_requested"] == 0
@@ -235,13 +220,7 @@ def test_router_sigkill_restarts_from_snapshot(tmp_path: Path) -> None:
     try:
         asyncio.run(run())
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_children(procs)
 
         async def cleanup() -> None:
             cl = make_client(RedisConfig(URL))

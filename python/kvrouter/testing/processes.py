@@ -163,6 +163,29 @@ def wait_grpc_serving(target: str, timeout: float, procs: Sequence[ChildProcess]
                    procs=procs, ignore=(grpc.RpcError,))
 
 
+def start_redis_server(port: int, log_path: Path, env: Mapping[str, str] | None = None,
+                       timeout: float = 20.0) -> ChildProcess:
+    """A private redis-server on 127.0.0.1:`port` without persistence (a restart loses
+    everything), returned once it answers PING; killed again when it does not."""
+    proc = ChildProcess(
+        "redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                  "--appendonly", "no", "--daemonize", "no"],
+        log_path, None if env is None else dict(env)).start()
+
+    def ping() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    try:
+        wait_until(ping, timeout, interval=0.05, what=f"redis-server on port {port}",
+                   procs=[proc], ignore=(OSError,))
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
 # ---------------------------------------------------------------------- the router
 
 

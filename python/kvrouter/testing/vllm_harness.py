@@ -36,7 +36,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrouter import shared_data
-from kvrouter.testing.processes import ChildProcess, free_port, kvrouter_cmd
+from kvrouter.testing.processes import ChildProcess, free_port, kvrouter_cmd, start_redis_server
 from kvrouter.testing.wait import wait_until
 
 # The checkout this package is installed from (editable install); only the default place
@@ -390,18 +389,8 @@ class VllmFleet:
     # --- redis
     def start_redis(self) -> None:
         self.redis_port = free_port()
-        self.redis = self._track(ChildProcess(
-            "redis", ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1",
-                      "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            self.workdir / "redis.log", self._env()).start())
-
-        def ping() -> bool:
-            with socket.create_connection(("127.0.0.1", self.redis_port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-
-        wait_until(ping, 20, interval=0.25, what="redis-server", procs=[self.redis],
-                   ignore=(OSError,))
+        self.redis = self._track(
+            start_redis_server(self.redis_port, self.workdir / "redis.log", self._env()))
 
     # --- router
     def start_router(self) -> None:
