@@ -18,7 +18,6 @@ last token, and sends the next at once, so concurrency is fixed.
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from kvrouter.config import DisaggConfig
 from kvrouter.engines.sim.engine import RequestMode, RequestUpdate, SimRequest
 from kvrouter.engines.sim.profile import EngineProfile
-from kvrouter.fleet.simulator import FleetConfig, FleetSimulator
+from kvrouter.fleet.simulator import FleetConfig, FleetSimulator, Wakeups
 from kvrouter.planner import Plan, Planner, PlanPath, Pool, Prompt, build_pools, prefill_id
 from kvrouter.registry import Role
 
@@ -176,18 +175,9 @@ class DisaggFleetSimulator(FleetSimulator):
         wall0 = time.perf_counter()
         rng = np.random.default_rng(load.seed)
         engines = self.engines
-        version = [0] * len(engines)
-        heap: list[tuple[float, int, int, int]] = []  # (time, seq, worker, version)
-        seq = 0
+        wakeups = Wakeups(engines)
+        wake = wakeups.wake
         self._touched: set[int] = set()
-
-        def wake(w: int) -> None:
-            nonlocal seq
-            version[w] += 1
-            t = engines[w].next_wakeup()
-            if t < math.inf:
-                seq += 1
-                heapq.heappush(heap, (t, seq, w, version[w]))
 
         def settle(t: float) -> None:
             # engines that got requests or updates: apply their events, reschedule them
@@ -216,10 +206,8 @@ class DisaggFleetSimulator(FleetSimulator):
             self._now = float(t0)
             issue(self._now, u)
             settle(self._now)
-        while heap:
-            t, _s, w, v = heapq.heappop(heap)
-            if v != version[w]:
-                continue
+        while (due := wakeups.pop()) is not None:
+            t, w = due
             self._now = t
             engines[w].run_until(t)
             self._touched.add(w)

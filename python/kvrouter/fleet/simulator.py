@@ -105,6 +105,37 @@ class FleetResult:
     wall_s: float = 0.0
 
 
+class Wakeups:
+    """The engines' next wake-up times, earliest first (the event loop of both fleet
+    simulators). Rescheduling an engine voids its older entry: each entry carries the
+    engine's version at push time, so stale ones are skipped when popped instead of being
+    searched for and removed."""
+
+    def __init__(self, engines: Sequence[SimEngine]) -> None:
+        self._engines = engines
+        self._version = [0] * len(engines)
+        self._heap: list[tuple[float, int, int, int]] = []  # (time, seq, worker, version)
+        self._seq = 0
+
+    def wake(self, w: int) -> None:
+        """(Re)schedule engine `w` at its next wake-up; an idle engine leaves the queue."""
+        self._version[w] += 1
+        t = self._engines[w].next_wakeup()
+        if t < math.inf:
+            self._seq += 1
+            heapq.heappush(self._heap, (t, self._seq, w, self._version[w]))
+
+    def pop(self, limit: float = math.inf, *, inclusive: bool = True) -> tuple[float, int] | None:
+        """Remove and return the earliest current (time, engine) due before `limit` (or at
+        it, when `inclusive`); None when there is none."""
+        heap = self._heap
+        while heap and (heap[0][0] < limit or (inclusive and heap[0][0] <= limit)):
+            t, _s, w, v = heapq.heappop(heap)
+            if v == self._version[w]:
+                return t, w
+        return None
+
+
 class FleetSimulator:
     def __init__(self, profile: EngineProfile, config: FleetConfig | None = None) -> None:
         from kvrouter._core import PrefixIndex, Scheduler
@@ -184,24 +215,12 @@ class FleetSimulator:
 
         wall0 = time.perf_counter()
         engines = self.engines
-        n = len(engines)
-        version = [0] * n
-        heap: list[tuple[float, int, int, int]] = []  # (time, seq, worker, version)
-        seq = 0
-
-        def wake(w: int) -> None:
-            nonlocal seq
-            version[w] += 1
-            t = engines[w].next_wakeup()
-            if t < math.inf:
-                seq += 1
-                heapq.heappush(heap, (t, seq, w, version[w]))
+        wakeups = Wakeups(engines)
+        wake = wakeups.wake
 
         def advance(limit: float, strict: bool) -> None:
-            while heap and (heap[0][0] < limit or (not strict and heap[0][0] <= limit)):
-                t, _s, w, v = heapq.heappop(heap)
-                if v != version[w]:
-                    continue
+            while (due := wakeups.pop(limit, inclusive=not strict)) is not None:
+                t, w = due
                 engines[w].run_until(t)
                 self._sync(w, t)
                 wake(w)
