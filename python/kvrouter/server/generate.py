@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,14 @@ class GenerateTrace:
               ("kvrouter-prefill-worker", self.prefill_worker),
               ("kvrouter-failovers", ";".join(self.failovers))]
         return tuple((k, v) for k, v in md if v)
+
+
+@dataclass
+class _Attempt:
+    """One engine call's progress, which decides the failover after it fails."""
+
+    started: bool = False  # the engine produced output (the prefill is done)
+    samples_done: int = 0  # n > 1: finished samples relayed
 
 
 @dataclass
@@ -267,46 +276,56 @@ class GenerateProxy:
                                                "worker": info.name, "kind": f.kind.value,
                                                "error": f.message})
 
+    async def _relay(self, planner: Planner, r: _Request, info: WorkerInfo,
+                     call: EngineCall, attempt: _Attempt,
+                     ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
+        """Relay one engine call to the client up to its final response. The first output
+        marks the request's prefill done; parallel samples (n > 1) pass through as they
+        come, one final per sample. Raises EngineFailure, also for a stream that ends
+        without a finished response."""
+        n = max(1, r.sampling.n)
+        backend = self.backends.for_worker(info)
+        async for c in backend.generate(info, r.model.name, call):
+            if not attempt.started and (c.token_ids or c.finished):
+                planner.scheduler.mark_prefill_done(r.rid)
+                attempt.started = True
+            if r.cached_tokens < 0 and c.finished:  # a decode worker's prompt KV came in
+                r.cached_tokens = c.cached_tokens
+            if n > 1:
+                yield self._sample_out(r, info.name, c)
+                attempt.samples_done += c.finished
+                if attempt.samples_done >= n:
+                    return
+                continue
+            r.generated.extend(c.token_ids)
+            if c.finished:
+                yield self._final(r, info.name, c.token_ids, c.finish_reason)
+                return
+            if c.token_ids:
+                yield self._out(r, info.name, c.token_ids)
+        raise EngineFailure(FailureKind.WORKER, info.name,
+                            "stream ended without a finished response")
+
     # -- whole requests ------------------------------------------------------------------
     async def _whole(self, planner: Planner, r: _Request, plan: Plan, wid: int,
                      ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         """Run the rest of the request on one worker; fail over to others (prompt plus the
         tokens so far) while attempts last. The plan's main reservation is on `wid`."""
-        sched = planner.scheduler
         n = max(1, r.sampling.n)
         while True:
             info = self._info(r, wid)
             r.trace.worker = info.name
             call = self._call(r, RequestPhase.CONTEXT_AND_GENERATION, r.remaining)
-            marked = False
-            done = 0
+            attempt = _Attempt()
             try:
-                backend = self.backends.for_worker(info)
-                async for c in backend.generate(info, r.model.name, call):
-                    if not marked and (c.token_ids or c.finished):
-                        sched.mark_prefill_done(r.rid)
-                        marked = True
-                    if r.cached_tokens < 0 and c.finished:
-                        r.cached_tokens = c.cached_tokens
-                    if n > 1:
-                        # parallel samples pass through as they come, one final per sample
-                        yield self._sample_out(r, info.name, c)
-                        done += c.finished
-                        if done >= n:
-                            return
-                        continue
-                    r.generated.extend(c.token_ids)
-                    if c.finished:
-                        yield self._final(r, info.name, c.token_ids, c.finish_reason)
-                        return
-                    if c.token_ids:
-                        yield self._out(r, info.name, c.token_ids)
-                raise EngineFailure(FailureKind.WORKER, info.name,
-                                    "stream ended without a finished response")
+                async with aclosing(self._relay(planner, r, info, call, attempt)) as out:
+                    async for resp in out:
+                        yield resp
+                return
             except EngineFailure as f:
                 self._failed(r, info, f, "generate")
                 if (f.kind not in (FailureKind.WORKER, FailureKind.KV_LOST, FailureKind.UNSUPPORTED)
-                        or self._exhausted(r) or (n > 1 and marked)):
+                        or self._exhausted(r) or (n > 1 and attempt.started)):
                     raise self._give_up(r, f, "generation") from None
                 wid = self._reroute_whole(planner, r, plan)
 
@@ -406,21 +425,12 @@ class GenerateProxy:
             r.trace.worker = dinfo.name
             call = self._call(r, RequestPhase.GENERATION_ONLY, r.remaining, disagg=params)
             call.token_ids = r.prompt  # the context's prompt: its KV is what gets imported
-            produced = False
+            attempt = _Attempt()
             try:
-                backend = self.backends.for_worker(dinfo)
-                async for c in backend.generate(dinfo, r.model.name, call):
-                    if not produced and (c.token_ids or c.finished):
-                        sched.mark_prefill_done(r.rid)
-                        produced = True
-                    r.generated.extend(c.token_ids)
-                    if c.finished:
-                        yield self._final(r, dinfo.name, c.token_ids, c.finish_reason)
-                        return
-                    if c.token_ids:
-                        yield self._out(r, dinfo.name, c.token_ids)
-                raise EngineFailure(FailureKind.WORKER, dinfo.name,
-                                    "stream ended without a finished response")
+                async with aclosing(self._relay(planner, r, dinfo, call, attempt)) as out:
+                    async for resp in out:
+                        yield resp
+                return
             except EngineFailure as f:
                 self._failed(r, dinfo, f, "decode")
                 if f.kind in (FailureKind.INVALID, FailureKind.REJECTED):
@@ -428,7 +438,7 @@ class GenerateProxy:
                 if self._exhausted(r):
                     raise self._give_up(r, f, "decode") from None
                 nxt = None
-                if f.kind is FailureKind.WORKER and not produced:
+                if f.kind is FailureKind.WORKER and not attempt.started:
                     nxt = self._another_decode(planner, r, plan)
                 if nxt is None:
                     # the KV is gone or the stream broke mid-way: prefill again, whole
