@@ -37,28 +37,9 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture
-def router_server(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
-    """Factory: `router_server(config_dict, args=(...), metrics=False)`; all stopped at teardown."""
+def _routers(base: Path) -> Iterator[Callable[..., RouterProcess]]:
+    """Factory of routers with work directories under `base`; all stopped at the end."""
     started: list[RouterProcess] = []
-
-    def start(config: Mapping[str, Any] | None = None, args: tuple[str, ...] = (),
-              metrics: bool = False, env: Mapping[str, str] | None = None) -> RouterProcess:
-        rp = start_router(tmp_path / f"r{len(started)}", config, args, metrics=metrics, env=env)
-        started.append(rp)
-        return rp
-
-    yield start
-    for rp in started:
-        rp.stop()
-
-
-@pytest.fixture(scope="module")
-def module_router_server(tmp_path_factory: pytest.TempPathFactory,
-                         ) -> Iterator[Callable[..., RouterProcess]]:
-    """Like router_server, for servers shared by the tests of one module."""
-    started: list[RouterProcess] = []
-    base = tmp_path_factory.mktemp("router")
 
     def start(config: Mapping[str, Any] | None = None, args: tuple[str, ...] = (),
               metrics: bool = False, env: Mapping[str, str] | None = None) -> RouterProcess:
@@ -69,6 +50,19 @@ def module_router_server(tmp_path_factory: pytest.TempPathFactory,
     yield start
     for rp in started:
         rp.stop()
+
+
+@pytest.fixture
+def router_server(tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
+    """Factory: `router_server(config_dict, args=(...), metrics=False)`; all stopped at teardown."""
+    yield from _routers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_router_server(tmp_path_factory: pytest.TempPathFactory,
+                         ) -> Iterator[Callable[..., RouterProcess]]:
+    """Like router_server, for servers shared by the tests of one module."""
+    yield from _routers(tmp_path_factory.mktemp("router"))
 
 
 class BlockStore:

@@ -26,6 +26,18 @@ def held(reg: Registry, worker: str, model: str = "m") -> set[int] | None:
     return {h for h, _ in st.index.worker_router_hashes(w.wid)}
 
 
+def reported_load(reg: Registry, model: str, worker: str) -> tuple[int, int, int, int] | None:
+    """(running, queued, KV used blocks, KV free blocks) of the worker's last load report
+    as the router's scheduler holds it (None: worker unknown)."""
+    st = reg.model(model)
+    w = st.workers.get(worker)
+    if w is None:
+        return None
+    ld = st.scheduler.load(w.wid)
+    return (ld.reported_running, ld.reported_queued, ld.reported_kv_used_blocks,
+            ld.reported_kv_free_blocks)
+
+
 def all_equal(reg: Registry, caches: dict[str, SyntheticCache]) -> bool:
     """Whether the router holds exactly each synthetic worker's blocks."""
     return all(held(reg, n) == c.router_hashes() for n, c in caches.items())

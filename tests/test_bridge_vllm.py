@@ -40,6 +40,7 @@ from kvrouter.registry import Registry, WorkerStatus
 from kvrouter.shared_data import shared_dir
 from kvrouter.testing.processes import free_port
 from kvrouter.testing.wait import async_wait_until
+from tests.event_helpers import reported_load
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BLOCK = 32
@@ -473,16 +474,8 @@ def test_load_scraped_from_engine_metrics() -> None:
             await engine.wait_subscriber()
             await engine.send([BlockPrompt(random.Random(7), 1).event()])
 
-            def loaded() -> bool:
-                state = env.registry.model(env.model)
-                info = state.workers.get("w")
-                if info is None:
-                    return False
-                ld = state.scheduler.load(info.wid)
-                return (ld.reported_running, ld.reported_queued, ld.reported_kv_used_blocks,
-                        ld.reported_kv_free_blocks) == (3, 5, 100, 300)
-
-            await eventually(loaded, what="load report in the router")
+            await eventually(lambda: reported_load(env.registry, env.model, "w") == (3, 5, 100, 300),
+                             what="load report in the router")
             await engine.close()
 
     try:

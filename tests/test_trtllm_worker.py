@@ -24,6 +24,7 @@ from kvrouter.events.keys import Keys
 from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher, redis_publisher
 from kvrouter.registry import Registry
+from tests.event_helpers import reported_load
 from tests.test_bridge_vllm import eventually
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -284,16 +285,8 @@ def test_stats_become_load_reports() -> None:
                                      '"kvCacheStats": {"maxNumBlocks": 1000, '
                                      '"usedNumBlocks": 120, "tokensPerBlock": 32}}')
 
-            def reported() -> bool:
-                state = env.registry.model(env.model)
-                info = state.workers.get("trt")
-                if info is None:
-                    return False
-                ld = state.scheduler.load(info.wid)
-                return (ld.reported_running, ld.reported_queued, ld.reported_kv_used_blocks,
-                        ld.reported_kv_free_blocks) == (2, 7, 120, 880)
-
-            await eventually(reported, what="load in the router")
+            await eventually(lambda: reported_load(env.registry, env.model, "trt") == (2, 7, 120, 880),
+                             what="load in the router")
             st = await env.stub.Stats(engine_pb2.StatsRequest())
             assert (st.load.running, st.load.queued, st.kv_total_blocks, st.block_size) == \
                 (2, 7, 1000, TPB)
