@@ -52,17 +52,25 @@ def busy(engines: Engines, name: str) -> Callable[[], bool]:
     return lambda: engine_stats(engines.procs[name].address)["requests"] >= 1
 
 
-def test_decode_dies_while_importing_then_decodes_elsewhere(
-        setup: tuple[Any, Engines]) -> None:
-    router, engines = setup
+def importing_on_slow_decode(router: Any, engines: Engines, seed: int,
+                             ) -> tuple[threading.Thread, list[Reply]]:
+    """Prefill worker `pre`, decode worker `slow` and a disaggregated request in the
+    background that `slow` holds while it imports the KV over a very slow link (~10 s,
+    sim); then a second decode worker `fast`, routable."""
     engines.start("prefill", name="pre")
-    # a very slow link: the generation-only request waits ~10 s (sim) for its KV
     engines.start("decode", "--link-gbps", "0.005", name="slow")
     wait_routable(router.target, {"pre", "slow"})
-    t, out = in_background(lambda: generate(router.target, prompt(1, 1500), 8, mode=DISAGG))
+    t, out = in_background(lambda: generate(router.target, prompt(seed, 1500), 8, mode=DISAGG))
     wait_until(busy(engines, "slow"), 30, what="generation-only request on the slow decode worker")
     engines.start("decode", name="fast")
     wait_routable(router.target, {"fast"})
+    return t, out
+
+
+def test_decode_dies_while_importing_then_decodes_elsewhere(
+        setup: tuple[Any, Engines]) -> None:
+    router, engines = setup
+    t, out = importing_on_slow_decode(router, engines, seed=1)
     engines.kill("slow")
     t.join(60)
     (rep,) = out
@@ -79,13 +87,7 @@ def test_decode_dies_while_importing_then_decodes_elsewhere(
 def test_kv_lost_with_the_prefill_worker_means_prefill_again(
         setup: tuple[Any, Engines]) -> None:
     router, engines = setup
-    engines.start("prefill", name="pre")
-    engines.start("decode", "--link-gbps", "0.005", name="slow")
-    wait_routable(router.target, {"pre", "slow"})
-    t, out = in_background(lambda: generate(router.target, prompt(2, 1500), 8, mode=DISAGG))
-    wait_until(busy(engines, "slow"), 30, what="generation-only request on the slow decode worker")
-    engines.start("decode", name="fast")
-    wait_routable(router.target, {"fast"})
+    t, out = importing_on_slow_decode(router, engines, seed=2)
     engines.kill("pre")
     engines.kill("slow")
     t.join(60)
