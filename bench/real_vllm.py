@@ -371,22 +371,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     x = range(len(POLICIES))
-    eng = [result[p]["engine_hit_rate"] for p in POLICIES]
-    pred = [result[p]["predicted_hit_rate"] for p in POLICIES]
-    ax1.bar([i - 0.2 for i in x], eng, 0.4, label="vLLM-reported")
-    ax1.bar([i + 0.2 for i in x], pred, 0.4, label="router-predicted")
-    ax1.set_xticks(list(x), POLICIES)
-    ax1.set_ylabel("prefix-cache hit rate (tokens)")
-    ax1.legend()
-    ax1.set_title("hit rate, 2 vLLM CPU workers")
-    mean = [result[p]["mean_ttft_ms"] for p in POLICIES]
-    p99 = [result[p]["p99_ttft_ms"] for p in POLICIES]
-    ax2.bar([i - 0.2 for i in x], mean, 0.4, label="mean")
-    ax2.bar([i + 0.2 for i in x], p99, 0.4, label="p99")
-    ax2.set_xticks(list(x), POLICIES)
-    ax2.set_ylabel("client TTFT (ms)")
-    ax2.legend()
-    ax2.set_title("time to first token")
+
+    def bars(ax: Any, left: tuple[str, str], right: tuple[str, str], ylabel: str,
+             title: str) -> None:
+        """Per policy, two bars side by side: (result key, legend label) each."""
+        for offset, (key, label) in ((-0.2, left), (0.2, right)):
+            ax.bar([i + offset for i in x], [result[p][key] for p in POLICIES], 0.4, label=label)
+        ax.set_xticks(list(x), POLICIES)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.set_title(title)
+
+    bars(ax1, ("engine_hit_rate", "vLLM-reported"), ("predicted_hit_rate", "router-predicted"),
+         "prefix-cache hit rate (tokens)", "hit rate, 2 vLLM CPU workers")
+    bars(ax2, ("mean_ttft_ms", "mean"), ("p99_ttft_ms", "p99"), "client TTFT (ms)",
+         "time to first token")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

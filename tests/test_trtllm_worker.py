@@ -117,21 +117,22 @@ class StandInLLM:
 
         return run()
 
-    async def get_kv_cache_events_async(self, timeout: float = 2) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            try:
-                ev = await asyncio.wait_for(self.events.get(), timeout)
-            except TimeoutError:
-                return
-            yield ev
+    def get_kv_cache_events_async(self, timeout: float = 2) -> AsyncIterator[dict[str, Any]]:
+        return _until_quiet(self.events, timeout)
 
-    async def get_stats_async(self, timeout: float = 2) -> AsyncIterator[Any]:
-        while True:
-            try:
-                st = await asyncio.wait_for(self.stats.get(), timeout)
-            except TimeoutError:
-                return
-            yield st
+    def get_stats_async(self, timeout: float = 2) -> AsyncIterator[Any]:
+        return _until_quiet(self.stats, timeout)
+
+
+async def _until_quiet(queue: asyncio.Queue[Any], timeout: float) -> AsyncIterator[Any]:
+    """The queue's items until none comes for `timeout` s: how TensorRT-LLM's event and
+    stats iterators end."""
+    while True:
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout)
+        except TimeoutError:
+            return
+        yield item
 
 
 API = TrtllmApi(sampling_params=SimpleNamespace, disaggregated_params=SimpleNamespace)
