@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
+import redis
+
+from kvrouter.events.keys import Keys
+from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.workload import SyntheticCache
 from kvrouter.registry import Registry
 from kvrouter.testing.wait import async_wait_until
+from tests.conftest import REDIS_URL
 
 
 async def wait_until(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> bool:
@@ -52,3 +61,43 @@ async def churn(pubs: dict[str, EventPublisher], caches: dict[str, SyntheticCach
             await asyncio.sleep(0.001)  # yield to the publishers' loops, not a wait for anything
     for p in pubs.values():
         assert await p.flush()
+
+
+@dataclass
+class RedisRouter:
+    """The router side of the engine-adapter tests: a registry with one model, fed by a
+    started Redis event plane over a namespace of its own on the test Redis."""
+
+    ns: str
+    model: str
+    registry: Registry
+    plane: Any
+
+    def overlap(self, worker: str, tokens: list[int]) -> int:
+        """Blocks of `tokens` the router's index holds for `worker` (0: worker unknown)."""
+        state = self.registry.model(self.model)
+        info = state.workers.get(worker)
+        if info is None:
+            return 0
+        return sum(state.index.find_matches_tokens(tokens).get(info.wid, (0, 0, 0)))
+
+
+@contextlib.asynccontextmanager
+async def redis_router(block_size: int, model: str = "m") -> AsyncIterator[RedisRouter]:
+    """A RedisRouter (no snapshots, 2 s heartbeat TTL); its plane stopped and its keys
+    deleted at the end."""
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    registry = Registry()
+    registry.add_model(model, block_size)
+    plane = make_event_plane(registry, REDIS_URL, namespace=ns, snapshot_interval_s=0,
+                             heartbeat_ttl_s=2.0)
+    await plane.start()
+    try:
+        yield RedisRouter(ns, model, registry, plane)
+    finally:
+        await plane.stop()
+        r = redis.Redis.from_url(REDIS_URL)
+        keys = list(r.scan_iter(Keys(ns).pattern()))
+        if keys:
+            r.delete(*keys)
+        r.close()

@@ -10,9 +10,8 @@ import json
 import random
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
@@ -33,14 +32,13 @@ from kvrouter.engines.bridge import (
 from kvrouter.engines.vllm.wire import VllmDecoder
 from kvrouter.events.keys import Keys
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored
-from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import redis_publisher
 from kvrouter.events.wire import DumpRequest
-from kvrouter.registry import Registry, WorkerStatus
+from kvrouter.registry import WorkerStatus
 from kvrouter.shared_data import shared_dir
 from kvrouter.testing.processes import free_port
 from kvrouter.testing.wait import async_wait_until
-from tests.event_helpers import reported_load
+from tests.event_helpers import RedisRouter, redis_router, reported_load
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BLOCK = 32
@@ -154,20 +152,9 @@ class BlockPrompt:
 
 
 @dataclass
-class Env:
-    ns: str
-    model: str
-    registry: Registry
-    plane: Any
-    ctx: zmq.asyncio.Context
-    bridges: list[tuple[EngineBridge, asyncio.Task[None]]]
-
-    def overlap(self, worker: str, tokens: list[int]) -> int:
-        state = self.registry.model(self.model)
-        info = state.workers.get(worker)
-        if info is None:
-            return 0
-        return sum(state.index.find_matches_tokens(tokens).get(info.wid, (0, 0, 0)))
+class Env(RedisRouter):
+    ctx: zmq.asyncio.Context = field(default_factory=zmq.asyncio.Context)
+    bridges: list[tuple[EngineBridge, asyncio.Task[None]]] = field(default_factory=list)
 
     def track(self, worker: str) -> Any:
         return self.plane.core.tracks.get((self.model, worker))
@@ -193,28 +180,16 @@ async def eventually(cond: Callable[[], bool | Awaitable[bool]], timeout: float 
 
 @contextlib.asynccontextmanager
 async def router_env(block_size: int = BLOCK) -> AsyncIterator[Env]:
-    ns = f"t{uuid.uuid4().hex[:10]}"
-    model = "m"
-    registry = Registry()
-    registry.add_model(model, block_size)
-    plane = make_event_plane(registry, REDIS_URL, namespace=ns, snapshot_interval_s=0,
-                             heartbeat_ttl_s=2.0)
-    await plane.start()
-    env = Env(ns, model, registry, plane, zmq.asyncio.Context(), [])
-    try:
-        yield env
-    finally:
-        for bridge, task in env.bridges:
-            bridge.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
-        await plane.stop()
-        env.ctx.destroy(0)
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(Keys(ns).pattern()))
-        if keys:
-            r.delete(*keys)
-        r.close()
+    async with redis_router(block_size) as rr:
+        env = Env(rr.ns, rr.model, rr.registry, rr.plane)
+        try:
+            yield env
+        finally:
+            for bridge, task in env.bridges:
+                bridge.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 10)
+            env.ctx.destroy(0)
 
 
 def run(coro: Awaitable[None]) -> None:

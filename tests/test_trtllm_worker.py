@@ -9,22 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import uuid
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
-import redis
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.engines.trtllm.worker import TrtllmApi, TrtllmWorker, load_from_stats, serve_worker
-from kvrouter.events.keys import Keys
-from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher, redis_publisher
-from kvrouter.registry import Registry
-from tests.event_helpers import reported_load
+from tests.event_helpers import redis_router, reported_load
 from tests.test_bridge_vllm import eventually
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -141,48 +136,31 @@ API = TrtllmApi(sampling_params=SimpleNamespace, disaggregated_params=SimpleName
 @contextlib.asynccontextmanager
 async def stack(role: str = "aggregated", dp: int = 0, worker: str = "trt",
                 router_block_size: int = TPB) -> AsyncIterator[Any]:
-    ns = f"t{uuid.uuid4().hex[:10]}"
-    model = "m"
-    registry = Registry()
-    registry.add_model(model, router_block_size)
-    plane = make_event_plane(registry, REDIS_URL, namespace=ns, snapshot_interval_s=0,
-                             heartbeat_ttl_s=2.0)
-    await plane.start()
-    llm = StandInLLM(TPB)
+    """The router side (redis_router) and a TensorRT-LLM worker on a stand-in LLM, serving
+    the Engine gRPC API."""
+    async with redis_router(router_block_size) as rr:
+        ns, model = rr.ns, rr.model
+        llm = StandInLLM(TPB)
 
-    def factory(name: str) -> EventPublisher:
-        return redis_publisher(REDIS_URL, model, name, namespace=ns, role=role,
-                               block_size=TPB, heartbeat_ttl_s=2.0)
+        def factory(name: str) -> EventPublisher:
+            return redis_publisher(REDIS_URL, model, name, namespace=ns, role=role,
+                                   block_size=TPB, heartbeat_ttl_s=2.0)
 
-    w = TrtllmWorker(llm, API, model=model, worker=worker, tokens_per_block=TPB,
-                     publisher_factory=factory, role=role, attention_dp_size=dp,
-                     events_timeout_s=0.2, stats_timeout_s=0.2)
-    await w.start()
-    server = await serve_worker(w, "127.0.0.1:0")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    env = SimpleNamespace(ns=ns, model=model, registry=registry, plane=plane, llm=llm, worker=w,
-                          stub=engine_pb2_grpc.EngineStub(channel))
-
-    def overlap(name: str, tokens: list[int]) -> int:
-        state = registry.model(model)
-        info = state.workers.get(name)
-        if info is None:
-            return 0
-        return sum(state.index.find_matches_tokens(tokens).get(info.wid, (0, 0, 0)))
-
-    env.overlap = overlap
-    try:
-        yield env
-    finally:
-        await channel.close()
-        await server.stop(1)
-        await w.stop()
-        await plane.stop()
-        r = redis.Redis.from_url(REDIS_URL)
-        keys = list(r.scan_iter(Keys(ns).pattern()))
-        if keys:
-            r.delete(*keys)
-        r.close()
+        w = TrtllmWorker(llm, API, model=model, worker=worker, tokens_per_block=TPB,
+                         publisher_factory=factory, role=role, attention_dp_size=dp,
+                         events_timeout_s=0.2, stats_timeout_s=0.2)
+        await w.start()
+        server = await serve_worker(w, "127.0.0.1:0")
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        env = SimpleNamespace(ns=ns, model=model, registry=rr.registry, plane=rr.plane, llm=llm,
+                              worker=w, stub=engine_pb2_grpc.EngineStub(channel),
+                              overlap=rr.overlap)
+        try:
+            yield env
+        finally:
+            await channel.close()
+            await server.stop(1)
+            await w.stop()
 
 
 async def collect(call: Any) -> list[engine_pb2.GenerateResponse]:
