@@ -412,57 +412,6 @@ def test_block_size_mismatch_is_loud() -> None:
     run(main())
 
 
-class _Metrics(BaseHTTPRequestHandler):
-    body = b""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4")
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def test_load_scraped_from_engine_metrics() -> None:
-    text = (
-        "# TYPE vllm:num_requests_running gauge\n"
-        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
-        "# TYPE vllm:num_requests_waiting gauge\n"
-        'vllm:num_requests_waiting{engine="0",model_name="m"} 5.0\n'
-        "# TYPE vllm:kv_cache_usage_perc gauge\n"
-        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
-        "# TYPE vllm:cache_config_info gauge\n"
-        'vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="400"} 1.0\n'
-    )
-    handler = type("H", (_Metrics,), {"body": text.encode()})
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
-
-    async def main() -> None:
-        async with router_env() as env:
-            engine = FakeZmqEngine(env.ctx)
-            await env.start_bridge("w", engine, metrics_url=url, metrics_interval_s=0.1)
-            await engine.wait_subscriber()
-            await engine.send([BlockPrompt(random.Random(7), 1).event()])
-
-            await eventually(lambda: reported_load(env.registry, env.model, "w") == (3, 5, 100, 300),
-                             what="load report in the router")
-            await engine.close()
-
-    try:
-        run(main())
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-# --------------------------------------------------------------------------- engine health
-
-
 class FakeEngineHttp:
     """The engine's HTTP side: /health (200 while `healthy`, else 503) and /metrics."""
 
@@ -489,9 +438,44 @@ class FakeEngineHttp:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def __enter__(self) -> FakeEngineHttp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_load_scraped_from_engine_metrics() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 5.0\n'
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+        "# TYPE vllm:cache_config_info gauge\n"
+        'vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="400"} 1.0\n'
+    )
+    http = FakeEngineHttp(text)
+    url = f"{http.url}/metrics"
+
+    async def main() -> None:
+        async with router_env() as env:
+            engine = FakeZmqEngine(env.ctx)
+            await env.start_bridge("w", engine, metrics_url=url, metrics_interval_s=0.1)
+            await engine.wait_subscriber()
+            await engine.send([BlockPrompt(random.Random(7), 1).event()])
+
+            await eventually(lambda: reported_load(env.registry, env.model, "w") == (3, 5, 100, 300),
+                             what="load report in the router")
+            await engine.close()
+
+    with http:
+        run(main())
+
+
+# --------------------------------------------------------------------------- engine health
 
 
 def test_dead_engine_behind_a_live_bridge_leaves_routing_and_returns_fresh() -> None:
@@ -538,10 +522,8 @@ def test_dead_engine_behind_a_live_bridge_leaves_routing_and_returns_fresh() -> 
             assert bridge.stats.restarts == 0  # the tracker was reset when the engine died
             await engine.close()
 
-    try:
+    with http:
         run(main())
-    finally:
-        http.close()
 
 
 def test_heartbeat_metadata_for_proxy_mode() -> None:
@@ -580,10 +562,8 @@ def test_heartbeat_metadata_for_proxy_mode() -> None:
             assert isinstance(Backends().for_worker(a), OpenAIBackend)
             await engine.close()
 
-    try:
+    with http:
         run(main())
-    finally:
-        http.close()
 
 
 # --------------------------------------------------------------------------- mirror (pure)
