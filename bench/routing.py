@@ -101,7 +101,6 @@ def metrics(res: FleetResult, oracle: float) -> dict[str, Any]:
     out: dict[str, Any] = dict(r.summary())
     out.update({"pooled_oracle_hit_rate": oracle,
                 "hit_over_oracle": r.hit_rate / oracle if oracle else float("nan"),
-                "p50_ttft_ms": r.ttft_ms["p50"], "p90_ttft_ms": r.ttft_ms["p90"],
                 "p50_itl_ms": r.itl_ms["p50"], "p90_itl_ms": r.itl_ms["p90"],
                 "p90_e2e_ms": r.e2e_ms["p90"], "mean_e2e_ms": r.e2e_ms["mean"],
                 "output_tokens_per_s": r.output_tokens_per_s,
