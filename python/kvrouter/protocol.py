@@ -15,6 +15,8 @@
   (`normalise_engine_hash`).
 * Load reports: an engine's LoadReport as the Engine and Router APIs carry it
   (`load_report_pb`).
+* Worker metadata: the keys a worker (or its bridge) advertises when it registers
+  and the router reads to reach it (`BACKEND_METADATA_KEY`, `SERVED_MODEL_METADATA_KEY`).
 
 Every violation raises `ProtocolError` (a ValueError); the router and the engine
 services answer it with INVALID_ARGUMENT, decoders re-raise their own error type.
@@ -32,6 +34,11 @@ from kvrouter._proto.v1 import common_pb2
 
 if TYPE_CHECKING:  # the event model is a layer above; only its type is needed here
     from kvrouter.events.model import LoadReport
+
+# Worker metadata the router reads: which client reaches the worker ("grpc", the default,
+# or "openai" for an OpenAI-compatible HTTP server) and the model name that server serves.
+BACKEND_METADATA_KEY = "backend"
+SERVED_MODEL_METADATA_KEY = "served_model"
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1

@@ -21,9 +21,6 @@ import numpy as np
 from kvrouter._proto.v1 import common_pb2
 from kvrouter.registry import WorkerInfo
 
-BACKEND_METADATA_KEY = "backend"
-SERVED_MODEL_METADATA_KEY = "served_model"
-
 
 class RequestPhase(StrEnum):
     """Phase of a disaggregated request (TensorRT-LLM's DisaggregatedParams.request_type;

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 
 import grpc
 
-from kvrouter.backends.base import BACKEND_METADATA_KEY, Backend, EngineFailure, FailureKind
+from kvrouter.backends.base import Backend, EngineFailure, FailureKind
 from kvrouter.backends.grpc_engine import GrpcEngineBackend
 from kvrouter.backends.openai_http import OpenAIBackend
+from kvrouter.protocol import BACKEND_METADATA_KEY
 from kvrouter.registry import WorkerInfo
 
 DEFAULT_BACKEND = "grpc"

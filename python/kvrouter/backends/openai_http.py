@@ -41,13 +41,13 @@ import httpx
 from httpx_sse import EventSource, SSEError
 
 from kvrouter.backends.base import (
-    SERVED_MODEL_METADATA_KEY,
     EngineCall,
     EngineChunk,
     EngineFailure,
     FailureKind,
     RequestPhase,
 )
+from kvrouter.protocol import SERVED_MODEL_METADATA_KEY
 from kvrouter.registry import WorkerInfo
 from kvrouter.sampling import sampling_kwargs
 

@@ -56,7 +56,6 @@ import zmq.asyncio
 from prometheus_client import Counter, Gauge
 from pydantic import Field, model_validator
 
-from kvrouter.backends.base import BACKEND_METADATA_KEY, SERVED_MODEL_METADATA_KEY
 from kvrouter.config import ConfigError, LayeredSettings
 from kvrouter.counters import Counters
 from kvrouter.engines.block_mirror import BlockMirror
@@ -76,7 +75,7 @@ from kvrouter.engines.vllm.wire import (
 from kvrouter.events.model import BlockStored
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
-from kvrouter.protocol import check_block_size
+from kvrouter.protocol import BACKEND_METADATA_KEY, SERVED_MODEL_METADATA_KEY, check_block_size
 
 log = logging.getLogger("kvrouter.engines.bridge")
 
