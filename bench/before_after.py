@@ -6,8 +6,12 @@ named benchmark alternately on the baseline and on the working tree (`--rounds`
 times each, so machine noise hits both sides alike) and reports per metric the
 median of each side and their ratio (after / before).
 
-    python -m bench.before_after --baseline-rev HEAD~20 --benches indexer,service --quick \
-        --json bench/results/before-after.json
+    python -m bench.before_after --baseline-rev HEAD~20 --benches "indexer service:--quick" \
+        --json bench/results/before-after.json --after-dir bench/results
+
+A benchmark's own arguments follow its name after a colon, comma-separated
+(`service:--quick`). With --after-dir, each benchmark's last run on this tree is
+also written there as its usual result file (`service-quick.json`).
 """
 
 from __future__ import annotations
@@ -88,17 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--baseline-rev", help="git revision to compare against (built here)")
     src.add_argument("--baseline-dir", type=Path,
                      help="a checkout whose python/kvrouter already holds its built extension")
-    ap.add_argument("--benches", default="indexer,service")
+    ap.add_argument("--benches", default="indexer service:--quick",
+                    help="benchmarks to run, separated by spaces or ';': NAME[:ARG,ARG...]")
     ap.add_argument("--rounds", type=int, default=3, help="runs per side, interleaved")
-    ap.add_argument("--quick", action="store_true", help="pass --quick to each benchmark")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--after-dir", type=Path, default=None,
+                    help="also write each benchmark's last after-run result here")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
 
     t0 = time.perf_counter()
     result: dict[str, Any] = {"benchmark": "before_after", "machine": machine(), "rounds": args.rounds,
-                              "quick": args.quick, "benches": {}}
+                              "benches": {}}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         if args.baseline_rev:
@@ -113,15 +119,22 @@ def main(argv: list[str] | None = None) -> int:
                               text=True, check=True).stdout.strip()
         result.update({"baseline": rev, "after": head + (" (+ working tree)" if subprocess.run(
             ["git", "-C", str(REPO), "diff", "--quiet"], check=False).returncode else "")})
-        extra = ["--quick"] if args.quick else []
+        specs = [b for b in args.benches.replace(";", " ").split() if b]
         try:
-            for name in [b for b in args.benches.split(",") if b]:
+            for spec in specs:
+                name, _, argstr = spec.partition(":")
+                extra = [a for a in argstr.split(",") if a]
                 sides: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
                 for i in range(args.rounds):
                     for side, t in (("before", tree), ("after", None)):
                         print(f"before_after: {name} {side} round {i + 1}/{args.rounds}",
                               file=sys.stderr, flush=True)
                         sides[side].append(flatten(run_bench(name, t, extra, tmp / f"{name}-{side}-{i}.json")))
+                if args.after_dir is not None:
+                    args.after_dir.mkdir(parents=True, exist_ok=True)
+                    last = tmp / f"{name}-after-{args.rounds - 1}.json"
+                    suffix = "-quick" if "--quick" in extra else ""
+                    (args.after_dir / f"{name}{suffix}.json").write_text(last.read_text())
                 common = sorted(set(sides["before"][0]) & set(sides["after"][0]))
                 rows, per_key = [], {}
                 for k in headline_keys(name, common):
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     better = ratio <= 1.0 if lower else ratio >= 1.0
                     per_key[k] = {"before": b, "after": a, "after_over_before": ratio}
                     rows.append([k, b, a, ratio, "better" if better else "worse"])
-                result["benches"][name] = {"headlines": per_key, "raw": sides}
+                result["benches"][name] = {"args": extra, "headlines": per_key, "raw": sides}
                 print(f"\n{name}: median of {args.rounds} interleaved runs per side")
                 print(table(rows, ["metric", "before", "after", "after/before", ""]))
         finally:
