@@ -29,7 +29,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, machine, table, write_json
+from bench.common import REPO, SHARED, machine, table, write_json
 
 # The figures a person compares per benchmark (dotted JSON paths; * matches one level).
 HEADLINES: dict[str, list[str]] = {
@@ -65,6 +65,7 @@ def run_bench(name: str, tree: Path | None, extra: list[str], out: Path) -> dict
     if tree is not None:
         # The baseline is not installed: its package and benches come from its worktree.
         env["PYTHONPATH"] = f"{tree / 'python'}{os.pathsep}{tree}"
+        env.setdefault("KVROUTER_SHARED", str(SHARED))  # the worktree has no ../shared beside it
         cwd = tree
     subprocess.run([sys.executable, "-m", f"bench.{name}", *extra, "--json", str(out)],
                    cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL)
