@@ -37,9 +37,11 @@ HEADLINES: dict[str, list[str]] = {
                 "runs.*.kvrouter.query_p99_us", "runs.*.kvrouter.bytes_per_block"],
     "service": ["inproc.route_p*", "grpc.unary_rps", "grpc.unary_p99_ms_at_half_load",
                 "grpc.stream_rps", "grpc.stream_rps_unbatched"],
+    "events": ["ingest_blocks_per_s", "ingest_blocks_per_s_tokens", "lag_p50_ms", "lag_p99_ms",
+               "cold_start_s_1m_blocks"],
 }
 # Lower is better where the metric's name holds one of these; higher for the rest (throughputs).
-LOWER_IS_BETTER = ("_us", "_ms", "bytes_per")
+LOWER_IS_BETTER = ("_us", "_ms", "bytes_per", "cold_start")
 
 
 def build_baseline(rev: str, workdir: Path) -> Path:
