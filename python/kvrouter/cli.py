@@ -137,12 +137,20 @@ def _read_tokens(args: argparse.Namespace) -> list[int]:
     return [int(t) for t in text.replace(",", " ").split()]
 
 
+def printable(text: object) -> str:
+    """`text` safe for a terminal: control and other non-printable characters (ESC, NUL,
+    newlines, bidi overrides) are shown as repr-style escapes. Names, metadata and error
+    details come from whoever registered a worker, so they must not drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def format_decision(d: Any) -> str:
+    rid = printable(d.request_id)
     lines = [
-        f"model {d.model}  policy {d.policy}  prompt {d.prompt_tokens} tokens = "
-        f"{d.prompt_blocks} blocks of {d.block_size}",
-        f"chosen {d.worker}  overlap {d.overlap_blocks}/{d.prompt_blocks} blocks "
-        f"({100 * d.overlap_ratio:.0f}%)" + (f"  request_id {d.request_id}" if d.request_id
+        f"model {printable(d.model)}  policy {printable(d.policy)}  prompt {d.prompt_tokens} "
+        f"tokens = {d.prompt_blocks} blocks of {d.block_size}",
+        f"chosen {printable(d.worker)}  overlap {d.overlap_blocks}/{d.prompt_blocks} blocks "
+        f"({100 * d.overlap_ratio:.0f}%)" + (f"  request_id {rid}" if d.request_id
                                             else "  (dry run)"),
     ]
     if d.candidates:
@@ -159,6 +167,7 @@ def format_decision(d: Any) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:
@@ -169,7 +178,7 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _rpc_error(cmd: str, e: Any) -> int:
-    print(f"kvrouter {cmd}: {e.code().name}: {e.details()}", file=sys.stderr)
+    print(f"kvrouter {cmd}: {e.code().name}: {printable(e.details())}", file=sys.stderr)
     return 1
 
 
@@ -240,7 +249,8 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     ]
     for line in _table(rows):
         print(line)
-    reasons = [f"* {w.model}/{w.name}: {w.status_reason}" for w in workers if w.status_reason]
+    reasons = [printable(f"* {w.model}/{w.name}: {w.status_reason}")
+               for w in workers if w.status_reason]
     if reasons:
         print("\n" + "\n".join(reasons))
     return 0

@@ -4,7 +4,8 @@ and a stop that reports NOT_SERVING before the server goes away."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -22,6 +23,95 @@ class ListenError(RuntimeError):
     """The listen address cannot be bound (bad address, port in use)."""
 
 
+class _Undecodable:
+    """Stands in for a request message whose bytes could not be parsed."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Undecodable(f"{type(e).__name__}: {e}"[:200])
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext[Any, Any], method: str,
+                  bad: _Undecodable) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request to {method} cannot be decoded ({bad.error})")
+    raise AssertionError("unreachable")  # pragma: no cover - abort() always raises
+
+
+def _decode_checked(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with a deserializer that cannot raise and a behaviour that answers
+    INVALID_ARGUMENT for an undecodable request. grpc's server turns a deserializer
+    exception into UNKNOWN before any handler runs, so the check has to live here.
+
+    Only async behaviours are wrapped: the aio server dispatches on whether a behaviour is a
+    coroutine or an async generator function, and each wrapper keeps that kind."""
+    kind = ("unary_unary" if not handler.request_streaming and not handler.response_streaming
+            else "unary_stream" if not handler.request_streaming
+            else "stream_unary" if not handler.response_streaming else "stream_stream")
+    behaviour = getattr(handler, kind)
+    is_gen = inspect.isasyncgenfunction(behaviour)
+    if not (is_gen or inspect.iscoroutinefunction(behaviour)):
+        return handler
+    wrapped: Callable[..., Any]
+    if not handler.request_streaming:
+        if is_gen:
+            async def unary_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, method, request)
+                async for resp in behaviour(request, context):
+                    yield resp
+            wrapped = unary_gen
+        else:
+            async def unary_coro(request: Any, context: Any) -> Any:
+                if isinstance(request, _Undecodable):
+                    await _refuse(context, method, request)
+                return await behaviour(request, context)
+            wrapped = unary_coro
+    else:
+        def checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async def gen() -> AsyncIterator[Any]:
+                async for req in requests:
+                    if isinstance(req, _Undecodable):
+                        await _refuse(context, method, req)
+                    yield req
+            return gen()
+        if is_gen:
+            async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async for resp in behaviour(checked(requests, context), context):
+                    yield resp
+            wrapped = stream_gen
+        else:
+            async def stream_coro(requests: Any, context: Any) -> Any:
+                return await behaviour(checked(requests, context), context)
+            wrapped = stream_coro
+    return handler._replace(
+        request_deserializer=_lenient(handler.request_deserializer), **{kind: wrapped})
+
+
+class _DecodeErrors(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails],
+                                         Awaitable[grpc.RpcMethodHandler]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return _decode_checked(handler, handler_call_details.method)
+
+
 class GrpcServer:
     """A bound, not yet started server for `services` (full names, e.g. kvrouter.v1.Engine).
 
@@ -32,7 +122,9 @@ class GrpcServer:
                  options: Sequence[tuple[str, Any]] = (), reflect: bool = True) -> None:
         self.services = list(services)
         # Fail loudly if the port is taken instead of silently sharing it.
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *options])
+        # Undecodable requests (garbage bytes, invalid UTF-8) answer INVALID_ARGUMENT.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *options],
+                                      interceptors=[_DecodeErrors()])
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if reflect:

@@ -52,6 +52,7 @@ from kvrouter.config import ModelConfig
 from kvrouter.planner import NoWorker, Plan, Planner, PlanPath, Pool, Prompt, build_pools
 from kvrouter.protocol import extra_key_for
 from kvrouter.registry import ModelState, Role, WorkerInfo
+from kvrouter.sampling import sampling_problem
 
 log = logging.getLogger("kvrouter.server.generate")
 
@@ -181,9 +182,9 @@ class GenerateProxy:
                   ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         sp = req.sampling
         max_tokens = sp.max_tokens or DEFAULT_MAX_TOKENS
-        if max_tokens < 0:
-            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"sampling.max_tokens must be >= 0, got {sp.max_tokens}")
+        problem = sampling_problem(sp)
+        if problem is not None:
+            raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if sp.n > MAX_SAMPLES:
             raise GenerateError(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"sampling.n must be 0..{MAX_SAMPLES}, got {sp.n}")
