@@ -17,6 +17,12 @@
   (`load_report_pb`).
 * Worker metadata: the keys a worker (or its bridge) advertises when it registers
   and the router reads to reach it (`BACKEND_METADATA_KEY`, `SERVED_MODEL_METADATA_KEY`).
+* Registration limits: names (`check_name`), addresses and metadata
+  (`check_worker_metadata`) are bounded so that one worker cannot make ListWorkers
+  or an error message exceed the gRPC message limit; reported load values are
+  clamped (`clamp_load`) and a request's expected output is capped
+  (`MAX_EXPECTED_OUTPUT_TOKENS`) so that no sum the router reports overflows int64.
+  Error messages quote an offending value through `excerpt` (at most 64 characters).
 
 Every violation raises `ProtocolError` (a ValueError); the router and the engine
 services answer it with INVALID_ARGUMENT, decoders re-raise their own error type.
@@ -25,7 +31,8 @@ Tier names live with the event model (kvrouter.events.model.Tier).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,10 +49,93 @@ SERVED_MODEL_METADATA_KEY = "served_model"
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
+I64_MAX = (1 << 63) - 1
+
+# Registration limits (docs/design.md, RegisterWorker). Names become Redis keys and
+# every limit bounds what ListWorkers returns per worker.
+MAX_NAME_LEN = 200  # UTF-8 bytes of a worker, model, namespace or replica name
+MAX_ADDRESS_LEN = 1024  # characters of a worker's engine address
+MAX_METADATA_KEYS = 32
+MAX_METADATA_KEY_BYTES = 256
+MAX_METADATA_VALUE_BYTES = 4096
+MAX_METADATA_BYTES = 16384  # keys and values of one worker together (UTF-8)
+# A request's expected output tokens above this are refused (no model emits 2^31 tokens);
+# reported load values are clamped to MAX_LOAD_VALUE. Together they keep every load sum
+# the router reports (ListWorkers, Explain) far inside int64.
+MAX_EXPECTED_OUTPUT_TOKENS = 1 << 31
+MAX_LOAD_VALUE = 1 << 40
+EXCERPT_CHARS = 64
 
 
 class ProtocolError(ValueError):
     """A request or engine field that breaks the shared protocol (message says how)."""
+
+
+def excerpt(value: object) -> str:
+    """`value` as an error message quotes it: repr of its first EXCERPT_CHARS characters,
+    plus its length when cut, so that a huge value never inflates the error itself."""
+    if isinstance(value, str | bytes) and len(value) > EXCERPT_CHARS:
+        return f"{value[:EXCERPT_CHARS]!r}... ({len(value)} {'chars' if isinstance(value, str) else 'bytes'})"
+    return repr(value)
+
+
+# --------------------------------------------------------------------------- names and registration
+
+# No whitespace (keys hard to operate on) and no braces (they would change a Redis
+# Cluster hash tag: kvrouter.events.keys). ASCII whitespace and a length in UTF-8 bytes:
+# the same rule the stream-entry decoder applies to raw bytes (events/wire.py).
+_NAME_RE = re.compile(r"[^\s{}]+", re.ASCII)
+
+
+def check_name(kind: str, value: str) -> str:
+    """Reject names that would break the Redis key layout; returns the value unchanged."""
+    if (not isinstance(value, str) or not 0 < len(value.encode(errors="replace")) <= MAX_NAME_LEN
+            or not _NAME_RE.fullmatch(value)):
+        raise ProtocolError(f"{kind} name {excerpt(value)} is invalid: 1-{MAX_NAME_LEN} "
+                            "bytes, no whitespace and no braces")
+    return value
+
+
+def check_address(address: str) -> str:
+    if len(address) > MAX_ADDRESS_LEN:
+        raise ProtocolError(f"address {excerpt(address)} is longer than {MAX_ADDRESS_LEN} characters")
+    return address
+
+
+def check_worker_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A worker's metadata within the registration limits, as a new dict."""
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ProtocolError(f"metadata has {len(metadata)} keys, more than {MAX_METADATA_KEYS}")
+    total = 0
+    for k, v in metadata.items():
+        kb, vb = len(k.encode()), len(v.encode())
+        if not kb or kb > MAX_METADATA_KEY_BYTES:
+            raise ProtocolError(f"metadata key {excerpt(k)} must be 1-{MAX_METADATA_KEY_BYTES} bytes")
+        if vb > MAX_METADATA_VALUE_BYTES:
+            raise ProtocolError(f"metadata value of {excerpt(k)} has {vb} bytes, more than "
+                                f"{MAX_METADATA_VALUE_BYTES}")
+        total += kb + vb
+    if total > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata has {total} bytes, more than {MAX_METADATA_BYTES}")
+    return dict(metadata)
+
+
+def check_expected_output_tokens(value: int) -> int:
+    if not 0 <= value <= MAX_EXPECTED_OUTPUT_TOKENS:
+        raise ProtocolError(f"expected_output_tokens must be in 0..{MAX_EXPECTED_OUTPUT_TOKENS}, "
+                            f"got {value}")
+    return value
+
+
+def clamp_load(value: int) -> int:
+    """A reported load value within 0..MAX_LOAD_VALUE (a report is a hint, not a request:
+    an absurd one is clamped rather than refused, so the worker's heartbeat still counts)."""
+    return min(max(value, 0), MAX_LOAD_VALUE)
+
+
+def clamp_i64(value: int) -> int:
+    """A u64 the core computed, as an int64 proto field can hold it."""
+    return value if value <= I64_MAX else I64_MAX
 
 
 # --------------------------------------------------------------------------- prompts

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kvrouter._core import PrefixIndex, Scheduler, UnknownWorker
+from kvrouter.protocol import check_address, check_name, check_worker_metadata
 
 
 class Role(StrEnum):
@@ -112,15 +113,23 @@ class Registry:
     # workers ------------------------------------------------------------
     def upsert_worker(self, model: str, name: str, role: Role = Role.AGGREGATED, address: str = "",
                       metadata: dict[str, str] | None = None) -> WorkerInfo:
-        """Register a worker (or refresh an existing one) and make it routable."""
-        if not name:
-            raise ValueError("worker name must not be empty")
+        """Register a worker (or refresh an existing one) and make it routable.
+
+        Everything is checked before anything changes (ProtocolError, a ValueError:
+        the name, address and metadata limits of kvrouter.protocol)."""
+        check_name("worker", name)
+        check_address(address)
         with self._lock:
             state = self.model(model)
             info = state.workers.get(name)
+            # Metadata merges into what the worker registered before: the merged map
+            # is what must stay within the limits.
+            merged = check_worker_metadata(
+                {**info.metadata, **metadata} if info is not None and metadata
+                else metadata or {})
             if info is None:
                 info = WorkerInfo(name=name, wid=self._next_wid, model=model, role=role,
-                                  address=address, metadata=dict(metadata or {}))
+                                  address=address, metadata=merged)
                 self._next_wid += 1
                 state.workers[name] = info
                 self._by_wid[info.wid] = info
@@ -130,7 +139,7 @@ class Registry:
                 if address:
                     info.address = address
                 if metadata:
-                    info.metadata.update(metadata)
+                    info.metadata = merged
             info.last_seen = time.monotonic()
             if info.status is WorkerStatus.DOWN:
                 info.status = WorkerStatus.UP

@@ -10,20 +10,13 @@ would change the hash tag, whitespace makes keys hard to operate on.
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass
 
-_NAME_RE = re.compile(r"^[^\s{}]{1,200}$")
+# The name rule is the registration rule; defined once in the protocol layer.
+from kvrouter.protocol import check_name
 
-
-def check_name(kind: str, value: str) -> str:
-    """Reject names that would break the key layout; returns the value unchanged."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ValueError(
-            f"{kind} name {value!r} is invalid: 1-200 characters, no whitespace and no braces"
-        )
-    return value
+__all__ = ["Keys", "check_name", "shard_of"]
 
 
 def shard_of(worker: str, num_shards: int) -> int:

@@ -264,10 +264,12 @@ class RedisPlane(EventPlane):
                 self._missing_hb.pop((model, w), None)
                 try:
                     hb = parse_heartbeat(w, h)
+                    # The registry refuses what breaks its limits (name, metadata): one such
+                    # hash must not end the round for the workers after it.
+                    await self.core.observe_heartbeat(model, hb)
                 except ValueError as exc:
                     log.debug("%s", exc)
                     continue
-                await self.core.observe_heartbeat(model, hb)
             if prune:
                 await self.client.srem(self.keys.workers(model), *prune)
                 for w in prune:

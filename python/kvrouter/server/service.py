@@ -30,7 +30,19 @@ from kvrouter._core import (
 from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2, router_pb2_grpc
 from kvrouter.config import DEFAULT_MODEL, POLICIES, Config, ModelConfig, PolicyName
 from kvrouter.events.model import LoadReport
-from kvrouter.protocol import ProtocolError, check_block_size, decode_prompt, extra_key_for
+from kvrouter.protocol import (
+    ProtocolError,
+    check_address,
+    check_block_size,
+    check_expected_output_tokens,
+    check_name,
+    check_worker_metadata,
+    clamp_i64,
+    clamp_load,
+    decode_prompt,
+    excerpt,
+    extra_key_for,
+)
 from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorkerName, WorkerStatus
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 from kvrouter.server.metrics import RouterMetrics
@@ -143,7 +155,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if m is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"unknown model {name!r} (known models: {known})")
+                               f"unknown model {excerpt(name)} (known models: {known})")
         return m
 
     def _worker(self, m: ModelRuntime, name: str) -> Any:
@@ -151,8 +163,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
             _invalid("worker name is empty")
         info = m.state.workers.get(name)
         if info is None:
+            try:
+                check_name("worker", name)
+            except ProtocolError as e:
+                _invalid(str(e))
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"unknown worker {name!r} for model {m.cfg.name!r}")
+                               f"unknown worker {excerpt(name)} for model {m.cfg.name!r}")
         return info
 
     def _tokens(self, m: ModelRuntime, token_ids: Any, token_ids_le: bytes) -> np.ndarray:
@@ -173,7 +189,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 info = workers.get(name)
                 if info is None:
                     raise RequestError(grpc.StatusCode.NOT_FOUND,
-                                       f"unknown candidate worker {name!r} for model "
+                                       f"unknown candidate worker {excerpt(name)} for model "
                                        f"{m.cfg.name!r}")
                 out.append(info)
         else:
@@ -202,7 +218,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             tokens = self._tokens(m, req.token_ids, req.token_ids_le)
             if policy is not None and policy not in POLICIES:
                 _invalid(f"unknown policy {policy!r} (expected one of {', '.join(POLICIES)})")
-            expected = _non_negative(req.expected_output_tokens, "expected_output_tokens")
+            try:
+                expected = check_expected_output_tokens(req.expected_output_tokens)
+            except ProtocolError as e:
+                _invalid(str(e))
             filtered = bool(req.candidates) or bool(req.role)
             candidates = self._candidates(m, req.candidates, req.role) if filtered else None
             dry_run = dry_run or req.dry_run
@@ -240,12 +259,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
             prompt_blocks=d.prompt_blocks, prompt_tokens=d.prompt_tokens,
             block_size=m.state.block_size, policy=d.policy, model=m.cfg.name)
         if explain:
+            # Load terms are u64 sums in the core: clamped so the reply always encodes.
             reply.candidates.extend(
                 router_pb2.CandidateScore(
                     worker=by_wid(c.worker).name, gpu_blocks=c.gpu_blocks,
                     host_blocks=c.host_blocks, disk_blocks=c.disk_blocks,
-                    new_prefill_tokens=c.new_prefill_tokens, decode_blocks=c.decode_blocks,
-                    queue=c.queue, cost=c.cost, chosen=c.worker == d.worker)
+                    new_prefill_tokens=clamp_i64(c.new_prefill_tokens),
+                    decode_blocks=clamp_i64(c.decode_blocks),
+                    queue=clamp_i64(c.queue), cost=c.cost, chosen=c.worker == d.worker)
                 for c in d.candidates)
         ratio = d.overlap_blocks / d.prompt_blocks if d.prompt_blocks else 0.0
         self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio)
@@ -358,6 +379,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     def _worker_pb(self, m: ModelRuntime, info: Any, now: float) -> router_pb2.WorkerInfo:
         load = m.state.scheduler.load(info.wid)
+        c = clamp_i64  # the core's u64 loads (reports arrive through Redis too) fit int64 fields
         return router_pb2.WorkerInfo(
             name=info.name, model=m.cfg.name, role=ROLE_TO_PB[info.role], address=info.address,
             status=info.status.value, status_reason=info.status_reason,
@@ -365,16 +387,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             cached_blocks=m.state.index.worker_blocks(info.wid),
             routable=info.routable, metadata=info.metadata,
             load=router_pb2.WorkerLoad(
-                reserved_prefill_tokens=load.reserved_prefill_tokens,
-                reserved_decode_blocks=load.reserved_decode_blocks,
-                reserved_requests=load.reserved_requests,
-                waiting_requests=load.waiting_requests,
+                reserved_prefill_tokens=c(load.reserved_prefill_tokens),
+                reserved_decode_blocks=c(load.reserved_decode_blocks),
+                reserved_requests=c(load.reserved_requests),
+                waiting_requests=c(load.waiting_requests),
                 reported=common_pb2.LoadReport(
-                    running=load.reported_running, queued=load.reported_queued,
-                    kv_used_blocks=load.reported_kv_used_blocks,
-                    kv_free_blocks=load.reported_kv_free_blocks),
-                prefill_tokens=load.prefill_tokens, decode_blocks=load.decode_blocks,
-                queue=load.queue))
+                    running=c(load.reported_running), queued=c(load.reported_queued),
+                    kv_used_blocks=c(load.reported_kv_used_blocks),
+                    kv_free_blocks=c(load.reported_kv_free_blocks)),
+                prefill_tokens=c(load.prefill_tokens), decode_blocks=c(load.decode_blocks),
+                queue=c(load.queue)))
 
     async def ListWorkers(self, request: router_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> router_pb2.ListWorkersResponse:
@@ -402,6 +424,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                              context: grpc.aio.ServicerContext,
                              ) -> router_pb2.RegisterWorkerResponse:
         async with _aborting(context):
+            # Everything is validated before any state changes: a refused registration
+            # leaves nothing registered.
             m = self._model(request.model)
             if not request.worker:
                 _invalid("worker name is empty")
@@ -409,14 +433,27 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if role is None:
                 _invalid(f"unknown worker role {request.role}")
             bs = _non_negative(request.block_size, "block_size")
+            try:
+                check_name("worker", request.worker)
+                check_address(request.address)
+                check_worker_metadata(request.metadata)
+            except ProtocolError as e:
+                _invalid(str(e))
+        existed = request.worker in m.state.workers
         try:
             # Routable at once; the event plane then tracks its liveness from heartbeats.
             info = self.registry.upsert_worker(m.cfg.name, request.worker, role=role,
                                                address=request.address,
                                                metadata=dict(request.metadata))
+        except ValueError as e:  # e.g. metadata merged with an earlier registration's
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        try:
             self.event_plane.submit_heartbeat(m.cfg.name, info.name, role=role.value,
                                               address=request.address, block_size=bs)
         except ValueError as e:
+            if not existed:  # refused: leave no half-registered worker behind
+                self.registry.remove_worker(m.cfg.name, info.name)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
         model_bs = m.state.block_size
@@ -442,13 +479,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             report = None
             if request.HasField("load"):
                 lr = request.load
+                # Negative values are refused, absurd ones clamped (protocol.MAX_LOAD_VALUE).
                 report = LoadReport(
-                    running=_non_negative(lr.running, "load.running"),
-                    queued=_non_negative(lr.queued, "load.queued"),
-                    kv_used_blocks=_non_negative(lr.kv_used_blocks, "load.kv_used_blocks"),
-                    kv_free_blocks=_non_negative(lr.kv_free_blocks, "load.kv_free_blocks"),
-                    queued_prefill_tokens=_non_negative(lr.queued_prefill_tokens,
-                                                        "load.queued_prefill_tokens"))
+                    running=clamp_load(_non_negative(lr.running, "load.running")),
+                    queued=clamp_load(_non_negative(lr.queued, "load.queued")),
+                    kv_used_blocks=clamp_load(_non_negative(lr.kv_used_blocks,
+                                                            "load.kv_used_blocks")),
+                    kv_free_blocks=clamp_load(_non_negative(lr.kv_free_blocks,
+                                                            "load.kv_free_blocks")),
+                    queued_prefill_tokens=clamp_load(_non_negative(
+                        lr.queued_prefill_tokens, "load.queued_prefill_tokens")))
         info.last_seen = time.monotonic()
         try:
             self.event_plane.submit_heartbeat(
@@ -477,7 +517,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             m = self._model(request.model)
             self._worker(m, request.worker)
         dropped = self.registry.remove_worker(m.cfg.name, request.worker)
-        # Tell the event plane too, so it stops tracking the worker's liveness.
+        # Tell the event plane too, so it stops tracking the worker's liveness (the name
+        # passed check_name when it registered, so the plane accepts it).
         self.event_plane.submit_heartbeat(m.cfg.name, request.worker, leaving=True)
         log.info("worker deregistered", extra={"model": m.cfg.name, "worker": request.worker,
                                                 "dropped_reservations": len(dropped)})
