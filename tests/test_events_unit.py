@@ -12,13 +12,14 @@ import pytest
 from kvrouter._core import decode_payload
 from kvrouter.events.codec import encode_payload
 from kvrouter.events.inprocess import InProcessPlane
-from kvrouter.events.keys import Keys, check_name, shard_of
+from kvrouter.events.keys import Keys, shard_of
 from kvrouter.events.model import LoadReport
 from kvrouter.events.plane import make_event_plane
 from kvrouter.events.publisher import EventPublisher, InProcessTransport, OutEntry
 from kvrouter.events.redis_conn import RedisConfig, make_client
 from kvrouter.events.sink import EventSink
 from kvrouter.events.workload import SyntheticCache
+from kvrouter.protocol import check_name
 from kvrouter.registry import Registry, UnknownModel, WorkerStatus
 from tests.event_helpers import held, wait_until
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 # The name rule is the registration rule; defined once in the protocol layer.
 from kvrouter.protocol import check_name
 
-__all__ = ["Keys", "check_name", "shard_of"]
-
 
 def shard_of(worker: str, num_shards: int) -> int:
     """Stable shard of a worker: crc32 of its UTF-8 name modulo the shard count.

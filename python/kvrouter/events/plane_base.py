@@ -20,7 +20,6 @@ from pydantic import Field, field_validator, model_validator
 
 from kvrouter.config import LayeredSettings
 from kvrouter.events.ingest import IngestCore
-from kvrouter.events.keys import check_name
 from kvrouter.events.model import LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.wire import (
@@ -34,6 +33,7 @@ from kvrouter.events.wire import (
     encode_load,
     encode_meta,
 )
+from kvrouter.protocol import check_name
 from kvrouter.registry import Registry
 
 

@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from kvrouter.counters import Counters
 from kvrouter.events import metrics as m
 from kvrouter.events.codec import encode_payload
-from kvrouter.events.keys import Keys, check_name, shard_of
+from kvrouter.events.keys import Keys, shard_of
 from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, LoadReport
 from kvrouter.events.redis_conn import OPTION_NAMES as REDIS_OPTION_NAMES
 from kvrouter.events.redis_conn import RedisClient, RedisConfig, make_client
@@ -61,6 +61,7 @@ from kvrouter.events.wire import (
     encode_meta,
     entry_fields,
 )
+from kvrouter.protocol import check_name
 from kvrouter.retry import Backoff
 
 log = logging.getLogger("kvrouter.events.publisher")

@@ -5,7 +5,6 @@ requests. Described for operators in docs/event-plane.md.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import msgpack
 
 from kvrouter.events.model import LoadReport
+from kvrouter.protocol import ProtocolError, check_name
 
 # Stream entry fields (bytes, as Redis returns them).
 F_WORKER = b"worker"
@@ -25,7 +25,6 @@ F_KIND = b"kind"  # absent for ordinary batches; b"dump" for entries of a full d
 KIND_DUMP = "dump"
 MAX_EPOCH_LEN = 128
 MAX_SEQ = (1 << 63) - 1
-_WORKER_RE = re.compile(rb"^[^\s{}]{1,200}$")
 
 
 def parse_stream_id(sid: bytes | str) -> tuple[int, int]:
@@ -88,7 +87,7 @@ def parse_entry(
     pl = d.get(F_PAYLOAD)
     if not isinstance(w, bytes) or not isinstance(ep, bytes) or not isinstance(sq, bytes):
         return "envelope"
-    if not isinstance(pl, bytes) or not _WORKER_RE.match(w) or len(ep) > MAX_EPOCH_LEN or not ep:
+    if not isinstance(pl, bytes) or len(ep) > MAX_EPOCH_LEN or not ep:
         return "envelope"
     if not sq.isdigit() or len(sq) > 19:
         return "envelope"
@@ -96,9 +95,9 @@ def parse_entry(
     if seq > MAX_SEQ:
         return "envelope"
     try:
-        worker = w.decode()
+        worker = check_name("worker", w.decode())
         epoch = ep.decode()
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, ProtocolError):
         return "envelope"
     if len(pl) > max_payload_bytes:
         return "oversize"
