@@ -234,6 +234,11 @@ impl LoadTable {
         self.reservations.contains_key(request_id)
     }
 
+    /// The worker a live reservation is on (None: no such reservation).
+    pub fn holder(&self, request_id: &str) -> Option<u64> {
+        self.reservations.get(request_id).map(|r| r.worker)
+    }
+
     /// Releases every reservation whose lease ran out; returns their ids.
     pub fn expire(&mut self, now: f64) -> Vec<String> {
         let ids: Vec<String> = self

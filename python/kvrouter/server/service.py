@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, cast
 
@@ -119,10 +119,6 @@ class ModelRuntime:
 
     cfg: ModelConfig
     state: ModelState
-    # request_id -> worker id of reservations made by Route / RouteStream, so that Release
-    # can check the worker it is given (the scheduler does not say who holds a request).
-    # Entries of reservations dropped elsewhere (expiry, worker removal) are swept.
-    holders: dict[str, int] = field(default_factory=dict)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -249,8 +245,6 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except RequestError as e:
             self.metrics.failed(m.cfg.name, policy or m.cfg.policy, _OUTCOME.get(e.code, "error"))
             raise
-        if rid is not None:
-            m.holders[rid] = d.worker
         by_wid = self.registry.by_wid
         chosen = by_wid(d.worker)
         reply = router_pb2.RouteResponse(
@@ -278,15 +272,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
             _invalid("request_id is empty")
         if req.worker:
             given = self._worker(m, req.worker)
-            holder = m.holders.get(req.request_id)
-            if (holder is not None and holder != given.wid
-                    and m.state.scheduler.has_reservation(req.request_id)):
+            holder = m.state.scheduler.reservation_worker(req.request_id)
+            if holder is not None and holder != given.wid:
                 raise RequestError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"request_id {req.request_id!r} is reserved on worker "
                     f"{self.registry.by_wid(holder).name!r}, not {req.worker!r}; "
                     "nothing released")
-        m.holders.pop(req.request_id, None)
         released = m.state.scheduler.release(req.request_id)
         self.metrics.released.labels(m.cfg.name, "released" if released else "unknown").inc()
         return router_pb2.ReleaseResponse(released=released)
@@ -554,22 +546,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return router_pb2.PublishEventsResponse()
 
     # ------------------------------------------------------------------ maintenance
-    @staticmethod
-    def _sweep_holders(m: ModelRuntime) -> None:
-        """Forget holders whose reservation is gone (its worker was removed, or it was
-        released by another path); only scans when there are more than reservations."""
-        sched = m.state.scheduler
-        if len(m.holders) > sum(ld.reserved_requests for ld in sched.loads()):
-            for rid in [r for r in m.holders if not sched.has_reservation(r)]:
-                del m.holders[rid]
-
     def expire_leases(self, now: float | None = None) -> int:
         total = 0
         for name, m in self.models.items():
             expired = m.state.scheduler.expire(now)
-            for rid in expired:
-                m.holders.pop(rid, None)
-            self._sweep_holders(m)
             if expired:
                 total += len(expired)
                 self.metrics.expired.labels(name).inc(len(expired))

@@ -423,6 +423,10 @@ impl PyScheduler {
         self.inner.lock().load.has(request_id)
     }
 
+    fn reservation_worker(&self, request_id: &str) -> Option<u64> {
+        self.inner.lock().load.holder(request_id)
+    }
+
     #[pyo3(signature = (now=None))]
     fn expire(&self, now: Option<f64>) -> Vec<String> {
         let mut s = self.inner.lock();
