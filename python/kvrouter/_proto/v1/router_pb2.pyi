@@ -21,7 +21,7 @@ GENERATE_MODE_AGGREGATED: GenerateMode
 GENERATE_MODE_DISAGGREGATED: GenerateMode
 
 class RouteRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "expected_output_tokens", "candidates", "role", "policy", "explain", "dry_run")
+    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "expected_output_tokens", "candidates", "role", "policy", "explain", "dry_run", "session_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class RouteRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -44,7 +45,8 @@ class RouteRequest(_message.Message):
     policy: str
     explain: bool
     dry_run: bool
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., policy: _Optional[str] = ..., explain: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+    session_id: str
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., policy: _Optional[str] = ..., explain: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
     __slots__ = ("worker", "gpu_blocks", "host_blocks", "disk_blocks", "new_prefill_tokens", "decode_blocks", "queue", "cost", "chosen")
