@@ -71,7 +71,7 @@ class CandidateScore(_message.Message):
     def __init__(self, worker: _Optional[str] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., new_prefill_tokens: _Optional[int] = ..., decode_blocks: _Optional[int] = ..., queue: _Optional[int] = ..., cost: _Optional[float] = ..., chosen: _Optional[bool] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("worker", "address", "request_id", "overlap_blocks", "gpu_blocks", "prompt_blocks", "prompt_tokens", "block_size", "policy", "candidates", "model")
+    __slots__ = ("worker", "address", "request_id", "overlap_blocks", "gpu_blocks", "prompt_blocks", "prompt_tokens", "block_size", "policy", "candidates", "model", "affinity")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class RouteResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    AFFINITY_FIELD_NUMBER: _ClassVar[int]
     worker: str
     address: str
     request_id: str
@@ -94,7 +95,8 @@ class RouteResponse(_message.Message):
     policy: str
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateScore]
     model: str
-    def __init__(self, worker: _Optional[str] = ..., address: _Optional[str] = ..., request_id: _Optional[str] = ..., overlap_blocks: _Optional[int] = ..., gpu_blocks: _Optional[int] = ..., prompt_blocks: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
+    affinity: str
+    def __init__(self, worker: _Optional[str] = ..., address: _Optional[str] = ..., request_id: _Optional[str] = ..., overlap_blocks: _Optional[int] = ..., gpu_blocks: _Optional[int] = ..., prompt_blocks: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., policy: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., model: _Optional[str] = ..., affinity: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("model", "request_id", "worker")
