@@ -179,7 +179,7 @@ class GenerateProxy:
     # -- entry point ------------------------------------------------------------------------
     async def run(self, state: ModelState, cfg: ModelConfig, req: Any, tokens: np.ndarray,
                   rid: str, mode: str, trace: GenerateTrace,
-                  ) -> AsyncIterator[engine_pb2.GenerateResponse]:
+                  ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
         sp = req.sampling
         max_tokens = sp.max_tokens or DEFAULT_MAX_TOKENS
         problem = sampling_problem(sp)

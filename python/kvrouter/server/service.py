@@ -11,7 +11,8 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NoReturn, cast
@@ -345,29 +346,38 @@ class RouterService(router_pb2_grpc.RouterServicer):
                        ) -> AsyncIterator[engine_pb2.GenerateResponse]:
         """Proxy mode: plan (kvrouter.planner), call the engine(s), stream (server/generate.py)."""
         trace = GenerateTrace()
-        async with _aborting(context):
-            m = self._model(request.model)
-            tokens = self._tokens(m, request.token_ids, request.token_ids_le)
-            mode = _GENERATE_MODES.get(request.mode)
-            if mode is None:
-                _invalid(f"unknown generate mode {request.mode}")
-            if request.disaggregated:
-                if mode not in ("", "disaggregated"):
-                    _invalid("disaggregated=true contradicts the requested mode")
-                mode = "disaggregated"
-            mode = mode or m.cfg.disagg.mode
-            rid = request.request_id or f"{self._rid_prefix}{next(self._rid_counter)}"
-            if request.request_id and m.state.scheduler.has_reservation(rid):
-                raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
-                                   f"request_id {rid!r} already holds a reservation on model "
-                                   f"{m.cfg.name!r}; use a new id")
         try:
-            async for resp in self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace):
+            async for resp in self.generate(request, trace):
                 yield resp
-        except GenerateError as e:
+        except (RequestError, GenerateError) as e:
             context.set_trailing_metadata(trace.metadata())
             await context.abort(e.code, e.message)
         context.set_trailing_metadata(trace.metadata())
+
+    async def generate(self, request: router_pb2.RouterGenerateRequest, trace: GenerateTrace,
+                       ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
+        """Router.Generate without a gRPC context, shared by every front (gRPC, the HTTP
+        front in kvrouter.http): raises RequestError / GenerateError with a gRPC status
+        code; closing the iterator early cancels the engine call and releases the load."""
+        m = self._model(request.model)
+        tokens = self._tokens(m, request.token_ids, request.token_ids_le)
+        mode = _GENERATE_MODES.get(request.mode)
+        if mode is None:
+            _invalid(f"unknown generate mode {request.mode}")
+        if request.disaggregated:
+            if mode not in ("", "disaggregated"):
+                _invalid("disaggregated=true contradicts the requested mode")
+            mode = "disaggregated"
+        mode = mode or m.cfg.disagg.mode
+        rid = request.request_id or f"{self._rid_prefix}{next(self._rid_counter)}"
+        if request.request_id and m.state.scheduler.has_reservation(rid):
+            raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id {rid!r} already holds a reservation on model "
+                               f"{m.cfg.name!r}; use a new id")
+        async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode,
+                                           trace)) as out:
+            async for resp in out:
+                yield resp
 
     def _worker_pb(self, m: ModelRuntime, info: Any, now: float) -> router_pb2.WorkerInfo:
         load = m.state.scheduler.load(info.wid)
