@@ -177,7 +177,7 @@ class RouteStreamResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., results: _Optional[_Iterable[_Union[RouteStreamResult, _Mapping]]] = ...) -> None: ...
 
 class RouterGenerateRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens")
+    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens", "aggregator", "answer_regex", "scorer")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,9 @@ class RouterGenerateRequest(_message.Message):
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_REGEX_FIELD_NUMBER: _ClassVar[int]
+    SCORER_FIELD_NUMBER: _ClassVar[int]
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -200,7 +203,10 @@ class RouterGenerateRequest(_message.Message):
     lora_name: str
     mode: GenerateMode
     expected_output_tokens: int
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ...) -> None: ...
+    aggregator: str
+    answer_regex: str
+    scorer: str
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ..., aggregator: _Optional[str] = ..., answer_regex: _Optional[str] = ..., scorer: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("model",)
