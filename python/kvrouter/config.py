@@ -115,6 +115,24 @@ class DisaggConfig(_Strict):
     specialisation: SpecialisationConfig = Field(default_factory=lambda: SpecialisationConfig())
 
 
+class AffinityConfig(_Strict):
+    """Session affinity (kvrouter.server.affinity): a request with a session key goes to the
+    session's last worker unless that worker is overloaded; shared through Redis when the
+    router runs the Redis event plane."""
+
+    enabled: bool = Field(default=True, description="honour session keys")
+    ttl_s: float = Field(default=600.0, gt=0,
+                         description="a session forgets its worker this long after its last request")
+    overload_prefill_tokens: int = Field(
+        default=32768, ge=0,
+        description="the session moves when its worker has more prompt tokens waiting for "
+                    "prefill than this (0: no limit)")
+    overload_queue: int = Field(
+        default=0, ge=0,
+        description="the session moves when its worker has more queued requests than this "
+                    "(0: no limit)")
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     block_size: int = Field(default=16, gt=0, le=1 << 20)
@@ -131,6 +149,7 @@ class ModelConfig(_Strict):
     seed: int | None = Field(default=None, ge=0,
                              description="seed of random choices (tests, benches)")
     disagg: DisaggConfig = Field(default_factory=lambda: DisaggConfig())
+    affinity: AffinityConfig = Field(default_factory=lambda: AffinityConfig())
 
     def scheduler_kwargs(self, lease_s: float, report_ttl_s: float) -> dict[str, object]:
         return {
@@ -170,15 +189,25 @@ class RouterConfig(_Strict):
     max_message_bytes: int = Field(default=16 << 20, ge=1024, le=1 << 30)
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     reflection: bool = True
+    ext_proc: str | None = Field(
+        default=None,
+        description="host:port of the Envoy ext_proc endpoint picker (Gateway API Inference "
+                    "Extension, docs/gateway.md); None: off")
+    ext_proc_body_mode: Literal["full_duplex_streamed", "buffered"] = Field(
+        default="full_duplex_streamed",
+        description="the gateway's request body mode when its first message does not say "
+                    "(Envoy before protocol_config)")
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
-    @field_validator("listen")
+    @field_validator("listen", "ext_proc")
     @classmethod
-    def _host_port(cls, v: str) -> str:
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"expected host:port, got {v!r}")
