@@ -78,6 +78,11 @@ class Keys:
         """Set of replica ids that publish reservations for the model."""
         return f"{self.namespace}:replicas:{model}"
 
+    def session(self, model: str, session: str) -> str:
+        """The worker of one session (session affinity, kvrouter.server.affinity), with the
+        session's TTL; the session key is checked by affinity.check_session first."""
+        return f"{self.namespace}:sess:{model}:{session}"
+
     def pattern(self) -> str:
         """Glob matching every key of the namespace (for cleanup)."""
         return f"{self.namespace}:*"
