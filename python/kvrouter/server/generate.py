@@ -29,11 +29,13 @@ event plane's job: it removes the worker when its heartbeats lapse).
 from __future__ import annotations
 
 import logging
+import string
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 import numpy as np
@@ -69,6 +71,9 @@ class GenerateError(Exception):
         self.message = message
 
 
+_METADATA_SAFE = "".join(c for c in string.punctuation if c != "%")
+
+
 @dataclass
 class GenerateTrace:
     """What the proxy did, for the reply's trailing metadata, logs and tests."""
@@ -86,7 +91,9 @@ class GenerateTrace:
               ("kvrouter-class", self.request_class), ("kvrouter-worker", self.worker),
               ("kvrouter-prefill-worker", self.prefill_worker),
               ("kvrouter-failovers", ";".join(self.failovers))]
-        return tuple((k, v) for k, v in md if v)
+        # gRPC metadata values are printable ASCII; names may be any UTF-8 (a worker
+        # called "wörker" is valid), so they travel percent-encoded (RFC 3986).
+        return tuple((k, quote(v, safe=_METADATA_SAFE)) for k, v in md if v)
 
 
 @dataclass
