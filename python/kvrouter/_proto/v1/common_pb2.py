@@ -24,25 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrouter/v1/common.proto\x12\x0bkvrouter.v1\"|\n\nLoadReport\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x16\n\x0ekv_used_blocks\x18\x03 \x01(\x03\x12\x16\n\x0ekv_free_blocks\x18\x04 \x01(\x03\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x03\"\xbf\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\t\n\x01n\x18\x08 \x01(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xbf\x01\n\x13\x44isaggregatedParams\x12.\n\x0crequest_type\x18\x01 \x01(\x0e\x32\x18.kvrouter.v1.RequestType\x12\x18\n\x10\x66irst_gen_tokens\x18\x02 \x03(\r\x12\x16\n\x0e\x63tx_request_id\x18\x03 \x01(\x04\x12\x14\n\x0copaque_state\x18\x04 \x01(\x0c\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x03(\r\x12\x1a\n\x12\x63tx_worker_address\x18\x06 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x15\n\rcached_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03*v\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKER_ROLE_AGGREGATED\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x03*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03*\x95\x01\n\x0bRequestType\x12\x1c\n\x18REQUEST_TYPE_UNSPECIFIED\x10\x00\x12\'\n#REQUEST_TYPE_CONTEXT_AND_GENERATION\x10\x01\x12\x1d\n\x19REQUEST_TYPE_CONTEXT_ONLY\x10\x02\x12 \n\x1cREQUEST_TYPE_GENERATION_ONLY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrouter/v1/common.proto\x12\x0bkvrouter.v1\"\xb2\x01\n\nLoadReport\x12\x0f\n\x07running\x18\x01 \x01(\x03\x12\x0e\n\x06queued\x18\x02 \x01(\x03\x12\x16\n\x0ekv_used_blocks\x18\x03 \x01(\x03\x12\x16\n\x0ekv_free_blocks\x18\x04 \x01(\x03\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x03\x12\x1a\n\x12kv_capacity_blocks\x18\x06 \x01(\x03\x12\x18\n\x10kv_cached_blocks\x18\x07 \x01(\x03\"\xbf\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\t\n\x01n\x18\x08 \x01(\rB\x0e\n\x0c_temperatureB\x07\n\x05_seed\"\xbf\x01\n\x13\x44isaggregatedParams\x12.\n\x0crequest_type\x18\x01 \x01(\x0e\x32\x18.kvrouter.v1.RequestType\x12\x18\n\x10\x66irst_gen_tokens\x18\x02 \x03(\r\x12\x16\n\x0e\x63tx_request_id\x18\x03 \x01(\x04\x12\x14\n\x0copaque_state\x18\x04 \x01(\x0c\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x03(\r\x12\x1a\n\x12\x63tx_worker_address\x18\x06 \x01(\t\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x15\n\rcached_tokens\x18\x02 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x03*v\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x1a\n\x16WORKER_ROLE_AGGREGATED\x10\x01\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x02\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x03*H\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0c\n\x08TIER_GPU\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\r\n\tTIER_DISK\x10\x03*\x95\x01\n\x0bRequestType\x12\x1c\n\x18REQUEST_TYPE_UNSPECIFIED\x10\x00\x12\'\n#REQUEST_TYPE_CONTEXT_AND_GENERATION\x10\x01\x12\x1d\n\x19REQUEST_TYPE_CONTEXT_ONLY\x10\x02\x12 \n\x1cREQUEST_TYPE_GENERATION_ONLY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvrouter.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=637
-  _globals['_WORKERROLE']._serialized_end=755
-  _globals['_TIER']._serialized_start=757
-  _globals['_TIER']._serialized_end=829
-  _globals['_REQUESTTYPE']._serialized_start=832
-  _globals['_REQUESTTYPE']._serialized_end=981
-  _globals['_LOADREPORT']._serialized_start=41
-  _globals['_LOADREPORT']._serialized_end=165
-  _globals['_SAMPLINGPARAMS']._serialized_start=168
-  _globals['_SAMPLINGPARAMS']._serialized_end=359
-  _globals['_DISAGGREGATEDPARAMS']._serialized_start=362
-  _globals['_DISAGGREGATEDPARAMS']._serialized_end=553
-  _globals['_USAGE']._serialized_start=555
-  _globals['_USAGE']._serialized_end=635
+  _globals['_WORKERROLE']._serialized_start=692
+  _globals['_WORKERROLE']._serialized_end=810
+  _globals['_TIER']._serialized_start=812
+  _globals['_TIER']._serialized_end=884
+  _globals['_REQUESTTYPE']._serialized_start=887
+  _globals['_REQUESTTYPE']._serialized_end=1036
+  _globals['_LOADREPORT']._serialized_start=42
+  _globals['_LOADREPORT']._serialized_end=220
+  _globals['_SAMPLINGPARAMS']._serialized_start=223
+  _globals['_SAMPLINGPARAMS']._serialized_end=414
+  _globals['_DISAGGREGATEDPARAMS']._serialized_start=417
+  _globals['_DISAGGREGATEDPARAMS']._serialized_end=608
+  _globals['_USAGE']._serialized_start=610
+  _globals['_USAGE']._serialized_end=690
 # @@protoc_insertion_point(module_scope)

@@ -41,18 +41,22 @@ REQUEST_TYPE_CONTEXT_ONLY: RequestType
 REQUEST_TYPE_GENERATION_ONLY: RequestType
 
 class LoadReport(_message.Message):
-    __slots__ = ("running", "queued", "kv_used_blocks", "kv_free_blocks", "queued_prefill_tokens")
+    __slots__ = ("running", "queued", "kv_used_blocks", "kv_free_blocks", "queued_prefill_tokens", "kv_capacity_blocks", "kv_cached_blocks")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     running: int
     queued: int
     kv_used_blocks: int
     kv_free_blocks: int
     queued_prefill_tokens: int
-    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_used_blocks: _Optional[int] = ..., kv_free_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ...) -> None: ...
+    kv_capacity_blocks: int
+    kv_cached_blocks: int
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., kv_used_blocks: _Optional[int] = ..., kv_free_blocks: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., kv_cached_blocks: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos", "n")

@@ -49,7 +49,7 @@ class RouteRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., policy: _Optional[str] = ..., explain: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
-    __slots__ = ("worker", "gpu_blocks", "host_blocks", "disk_blocks", "new_prefill_tokens", "decode_blocks", "queue", "cost", "chosen")
+    __slots__ = ("worker", "gpu_blocks", "host_blocks", "disk_blocks", "new_prefill_tokens", "decode_blocks", "queue", "cost", "chosen", "evicted_blocks", "pressure_cost")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class CandidateScore(_message.Message):
     QUEUE_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PRESSURE_COST_FIELD_NUMBER: _ClassVar[int]
     worker: str
     gpu_blocks: int
     host_blocks: int
@@ -68,7 +70,9 @@ class CandidateScore(_message.Message):
     queue: int
     cost: float
     chosen: bool
-    def __init__(self, worker: _Optional[str] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., new_prefill_tokens: _Optional[int] = ..., decode_blocks: _Optional[int] = ..., queue: _Optional[int] = ..., cost: _Optional[float] = ..., chosen: _Optional[bool] = ...) -> None: ...
+    evicted_blocks: int
+    pressure_cost: float
+    def __init__(self, worker: _Optional[str] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., new_prefill_tokens: _Optional[int] = ..., decode_blocks: _Optional[int] = ..., queue: _Optional[int] = ..., cost: _Optional[float] = ..., chosen: _Optional[bool] = ..., evicted_blocks: _Optional[int] = ..., pressure_cost: _Optional[float] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("worker", "address", "request_id", "overlap_blocks", "gpu_blocks", "prompt_blocks", "prompt_tokens", "block_size", "policy", "candidates", "model", "affinity")
@@ -235,7 +239,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, reserved_prefill_tokens: _Optional[int] = ..., reserved_decode_blocks: _Optional[int] = ..., reserved_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., reported: _Optional[_Union[_common_pb2.LoadReport, _Mapping]] = ..., prefill_tokens: _Optional[int] = ..., decode_blocks: _Optional[int] = ..., queue: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "model", "role", "address", "status", "status_reason", "last_seen_age_s", "cached_blocks", "load", "metadata", "routable")
+    __slots__ = ("name", "model", "role", "address", "status", "status_reason", "last_seen_age_s", "cached_blocks", "load", "metadata", "routable", "kv_mode")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +258,7 @@ class WorkerInfo(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     ROUTABLE_FIELD_NUMBER: _ClassVar[int]
+    KV_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     role: _common_pb2.WorkerRole
@@ -265,7 +270,8 @@ class WorkerInfo(_message.Message):
     load: WorkerLoad
     metadata: _containers.ScalarMap[str, str]
     routable: bool
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., last_seen_age_s: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., routable: _Optional[bool] = ...) -> None: ...
+    kv_mode: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., last_seen_age_s: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., routable: _Optional[bool] = ..., kv_mode: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers",)
