@@ -115,6 +115,44 @@ class DisaggConfig(_Strict):
     specialisation: SpecialisationConfig = Field(default_factory=lambda: SpecialisationConfig())
 
 
+MAX_SAMPLES = 64  # the most parallel samples of one request anywhere (sim engine, router)
+
+
+class NSampleConfig(_Strict):
+    """Router-side n samples (Router.Generate with sampling.n > 1; kvrouter.server.nsample,
+    docs/inference-scaling.md): limits, the vote's answer regex and the scorers."""
+
+    max_n: int = Field(default=16, ge=1, le=MAX_SAMPLES,
+                       description="sampling.n above this is refused (INVALID_ARGUMENT)")
+    answer_regex: str = Field(
+        default=r"(\d+)\D*$",
+        description="vote: the answer is the last match (group 1 if any) of this regex on a "
+                    "sample's token ids written as space-separated decimals (default: the "
+                    "last number)")
+    early_stop: bool = Field(default=True,
+                             description="vote: cancel the outstanding samples once the "
+                                         "majority cannot change")
+    scorers: dict[str, str] = Field(default_factory=dict,
+                                    description="Scorer gRPC services by name: host:port")
+    scorer: str = Field(default="", description="the scorer of requests naming none")
+    scorer_timeout_s: float = Field(default=2.0, gt=0, le=600,
+                                    description="a scorer slower than this is given up on "
+                                                "(fallback: vote)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NSampleConfig:
+        import re  # only here: the regex is compiled again per request
+
+        try:
+            re.compile(self.answer_regex)
+        except re.error as e:
+            raise ValueError(f"nsample.answer_regex does not compile: {e}") from None
+        if self.scorer and self.scorer not in self.scorers:
+            raise ValueError(f"nsample.scorer {self.scorer!r} is not one of the scorers "
+                             f"{sorted(self.scorers)}")
+        return self
+
+
 class AffinityConfig(_Strict):
     """Session affinity (kvrouter.server.affinity): a request with a session key goes to the
     session's last worker unless that worker is overloaded; shared through Redis when the
@@ -148,6 +186,7 @@ class ModelConfig(_Strict):
                                description="credit of a disk-tier cache hit")
     seed: int | None = Field(default=None, ge=0,
                              description="seed of random choices (tests, benches)")
+    nsample: NSampleConfig = Field(default_factory=lambda: NSampleConfig())
     disagg: DisaggConfig = Field(default_factory=lambda: DisaggConfig())
     affinity: AffinityConfig = Field(default_factory=lambda: AffinityConfig())
 
