@@ -171,6 +171,46 @@ class AffinityConfig(_Strict):
                     "(0: no limit)")
 
 
+class AdmissionConfig(_Strict):
+    """Admission control (kvrouter.admission, docs/admission.md): when every eligible worker
+    is past a saturation point, requests wait in a router-side queue (priority classes,
+    weighted fair sharing across tenants, deadlines) instead of queueing on an engine."""
+
+    enabled: bool = Field(default=False, description="queue requests when the fleet is saturated")
+    max_queued_prefill_tokens: int = Field(
+        default=16384, gt=0,
+        description="a worker is saturated with this many prompt tokens waiting for prefill")
+    max_kv_usage: float = Field(
+        default=0.95, gt=0, le=1,
+        description="... or with this share of its KV blocks in use (from its load reports)")
+    max_running_requests: int = Field(
+        default=256, gt=0, description="... or with this many requests in flight")
+    max_queue: int = Field(default=1024, ge=0,
+                           description="queued requests per model; beyond: RESOURCE_EXHAUSTED")
+    max_wait_s: float = Field(default=60.0, gt=0,
+                              description="a request without a deadline waits at most this long")
+    classes: list[str] = Field(default_factory=lambda: ["high", "normal", "low"], min_length=1,
+                               description="priority classes, highest first")
+    default_class: str = Field(default="normal",
+                               description="class of requests naming none or an unknown one")
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="fair-share weight per tenant within a class")
+    default_tenant_weight: float = Field(default=1.0, gt=0, le=1e6,
+                                         description="weight of tenants not listed")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdmissionConfig:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("admission.classes: duplicate class names")
+        if self.default_class not in self.classes:
+            raise ValueError(f"admission.default_class {self.default_class!r} is not one of "
+                             f"the classes {self.classes}")
+        bad = [t for t, w in self.tenant_weights.items() if not 0 < w <= 1e6]
+        if bad:
+            raise ValueError(f"admission.tenant_weights must be in (0, 1e6]: {bad}")
+        return self
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     block_size: int = Field(default=16, gt=0, le=1 << 20)
@@ -188,6 +228,7 @@ class ModelConfig(_Strict):
                              description="seed of random choices (tests, benches)")
     nsample: NSampleConfig = Field(default_factory=lambda: NSampleConfig())
     disagg: DisaggConfig = Field(default_factory=lambda: DisaggConfig())
+    admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
     affinity: AffinityConfig = Field(default_factory=lambda: AffinityConfig())
 
     def scheduler_kwargs(self, lease_s: float, report_ttl_s: float) -> dict[str, object]:

@@ -21,8 +21,9 @@ import dataclasses
 import heapq
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kvrouter._core import DEFAULT_WEIGHTS, POLICIES
 from kvrouter.counters import ApplyTotals
@@ -57,6 +58,17 @@ def prepare(trace: Trace, block_size: int, speedup: float = 1.0,
                          prompt_tokens=r.input_length, output_tokens=r.output_length,
                          hashes=hs[i])
             for i, r in enumerate(trace.requests)]
+
+
+class ArrivalGate(Protocol):
+    """Admission in front of the scheduler (bench/admission.py runs kvrouter.admission
+    through it): `arrive` says whether an arrival is routed now (else the gate holds or
+    refuses it); `ready(now)` yields held requests to route now, lazily, after every
+    engine update (each is routed before the next is asked for)."""
+
+    def arrive(self, req: FleetRequest, now: float) -> bool: ...
+
+    def ready(self, now: float) -> Iterable[FleetRequest]: ...
 
 
 _D = DEFAULT_WEIGHTS
@@ -210,28 +222,21 @@ class FleetSimulator:
                                        rep.kv_free_blocks, rep.queued_prefill_tokens, now=now)
 
     # -- main loop ---------------------------------------------------------------------
-    def run(self, requests: Sequence[FleetRequest]) -> FleetResult:
+    def run(self, requests: Sequence[FleetRequest], gate: ArrivalGate | None = None,
+            ) -> FleetResult:
+        """Replay `requests`; with a `gate`, arrivals pass through it (admission control).
+        A record's arrival is when the request reached its engine (after any wait in
+        the gate)."""
         import time
 
         wall0 = time.perf_counter()
         engines = self.engines
         wakeups = Wakeups(engines)
         wake = wakeups.wake
-
-        def advance(limit: float, strict: bool) -> None:
-            while (due := wakeups.pop(limit, inclusive=not strict)) is not None:
-                t, w = due
-                engines[w].run_until(t)
-                self._sync(w, t)
-                wake(w)
-
         expect = self.config.expected_output
         sched = self.scheduler
-        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
-        for i in order:
-            fr = requests[i]
-            ta = fr.arrival_s
-            advance(ta, strict=True)
+
+        def dispatch(fr: FleetRequest, ta: float) -> None:
             d = sched.route_hashes(fr.hashes, fr.prompt_tokens, request_id=fr.request_id,
                                    expected_output_tokens=fr.output_tokens if expect else 0,
                                    now=ta)
@@ -244,7 +249,34 @@ class FleetSimulator:
             engines[w].submit(req, ta)
             self._sync(w, ta)
             wake(w)
+
+        def advance(limit: float, strict: bool) -> None:
+            while (due := wakeups.pop(limit, inclusive=not strict)) is not None:
+                t, w = due
+                engines[w].run_until(t)
+                self._sync(w, t)
+                wake(w)
+                if gate is not None:
+                    for held in gate.ready(t):
+                        dispatch(held, t)
+
+        order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        for i in order:
+            fr = requests[i]
+            ta = fr.arrival_s
+            advance(ta, strict=True)
+            if gate is None or gate.arrive(fr, ta):
+                dispatch(fr, ta)
         advance(math.inf, strict=False)
+        while gate is not None:  # whatever the gate still holds once the engines are idle
+            t_end = max(e.clock for e in engines)
+            n = 0
+            for fr in gate.ready(t_end):
+                dispatch(fr, t_end)
+                n += 1
+            if not n:
+                break
+            advance(math.inf, strict=False)
         for w, eng in enumerate(engines):  # idle engines: flush anything left
             eng.run_until(math.inf)
             self._sync(w, eng.clock)
