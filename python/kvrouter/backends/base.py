@@ -11,7 +11,7 @@ and tell the client (bad request, does not fit).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -91,6 +91,7 @@ class EngineChunk:
     cached_tokens: int = 0
     completion_tokens: int = 0
     sample_index: int = 0
+    logprobs: list[float] = field(default_factory=list)  # per token, when the engine sends them
 
 
 class FailureKind(StrEnum):

@@ -70,7 +70,8 @@ class GrpcEngineBackend:
             async for resp in stream:
                 chunk = EngineChunk(token_ids=list(resp.token_ids), finished=resp.finished,
                                     finish_reason=resp.finish_reason,
-                                    sample_index=resp.sample_index)
+                                    sample_index=resp.sample_index,
+                                    logprobs=list(resp.logprobs))
                 if resp.HasField("disaggregated"):
                     chunk.disagg = DisaggParams.from_pb(resp.disaggregated)
                 if resp.HasField("usage"):

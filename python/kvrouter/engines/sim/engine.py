@@ -69,6 +69,9 @@ class SimRequest:
     arrival: float = 0.0
     mode: RequestMode = RequestMode.BOTH
     record_tokens: bool = False
+    # A parallel sample (n > 1) of `fork_of`'s prompt: admitted once that request's prompt KV
+    # is computed, so n samples share one prefill (vLLM / TensorRT-LLM fork the sequence).
+    fork_of: SimRequest | None = None
     # state, owned by the engine
     phase: Phase = Phase.WAITING
     ready_at: float = 0.0
@@ -146,6 +149,7 @@ class EngineStats(Counters):
     preemptions: int = 0
     rejected: int = 0
     finished: int = 0
+    cancelled: int = 0
     # inter-token latency samples: (step duration, tokens produced with that gap)
     itl: list[tuple[float, int]] = field(default_factory=list)
     step_log: list[StepRecord] = field(default_factory=list)
@@ -200,6 +204,24 @@ class SimEngine:
             return
         self.waiting.append(req)
 
+    def cancel(self, req: SimRequest, now: float) -> bool:
+        """Abort a submitted request at `now` (its caller went away, or the router stopped
+        the sample): its blocks are freed at once. False if it had already ended."""
+        if req.phase is Phase.DONE or (req.admitted_at is None and req not in self.waiting):
+            return False
+        self.run_until(now, inclusive=False)
+        if req.phase is Phase.DONE:
+            return False
+        if req in self.running:
+            self.running.remove(req)
+            self._free(req)
+        else:
+            self.waiting.remove(req)
+        req.phase = Phase.DONE
+        req.finish_time = now
+        self.stats.cancelled += 1
+        return True
+
     def run_until(self, t: float, inclusive: bool = True) -> None:
         """Complete every step that ends by `t` and leave the step in progress at `t` pending.
 
@@ -219,7 +241,7 @@ class SimEngine:
                 return
             if not self.running and not self._admissible_now():
                 # only imports in flight: sleep until the first lands
-                wake = min(r.ready_at for r in self.waiting)
+                wake = min(r.ready_at for r in self.waiting if not self._fork_waits(r))
                 if wake > t:
                     return
                 self.clock = max(self.clock, wake)
@@ -244,7 +266,8 @@ class SimEngine:
         if not self.running and not self.waiting:
             return INF
         if not self.running and not self._admissible_now():
-            return max(self.clock, min(r.ready_at for r in self.waiting))
+            return max(self.clock, min(r.ready_at for r in self.waiting
+                                       if not self._fork_waits(r)))
         if self._pure_decode():
             dt = self._decode_dt()
             k = min(r.max_tokens - r.generated for r in self.running)
@@ -279,7 +302,16 @@ class SimEngine:
         return -(-tokens // self.block_size)
 
     def _admissible_now(self) -> bool:
-        return any(r.ready_at <= self.clock for r in self.waiting)
+        return any(self._ready(r, self.clock) for r in self.waiting)
+
+    @staticmethod
+    def _fork_waits(r: SimRequest) -> bool:
+        """A parallel sample whose parent's prompt KV is not computed yet."""
+        p = r.fork_of
+        return p is not None and p.phase in (Phase.WAITING, Phase.PREFILL)
+
+    def _ready(self, r: SimRequest, now: float) -> bool:
+        return r.ready_at <= now and not self._fork_waits(r)
 
     def _pure_decode(self) -> bool:
         if not self.running:
@@ -291,7 +323,7 @@ class SimEngine:
             # a waiting request that could be admitted ends the stretch
             if len(self.running) < self.config.max_num_seqs:
                 for r in self.waiting:
-                    if r.ready_at <= self.clock:
+                    if self._ready(r, self.clock):
                         return not self._fits(r)
                 # imports landing later: stop the stretch when the first lands
                 return False
@@ -418,8 +450,8 @@ class SimEngine:
         skipped: list[SimRequest] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             r = self.waiting[0]
-            if r.ready_at > now:
-                skipped.append(self.waiting.popleft())  # import still in flight
+            if not self._ready(r, now):
+                skipped.append(self.waiting.popleft())  # import or parent's prefill in flight
                 continue
             if not self._fits(r):
                 break
@@ -497,6 +529,8 @@ class SimEngine:
             st.step_log.append(StepRecord(step.start, end, sum(c for _, c in step.chunks),
                                           len(step.decodes)))
         for r, c in step.chunks:
+            if r.phase is Phase.DONE:  # cancelled after planning
+                continue
             r.computed += c
             st.prefill_tokens += c
             if self.config.enable_prefix_caching:

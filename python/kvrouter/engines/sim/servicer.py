@@ -91,7 +91,8 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
                 raise AssertionError("unreachable")  # pragma: no cover
         try:
             call = self.sim.submit(rid, tokens, max_tokens=max_tokens, n=max(1, sp.n), mode=mode,
-                                   extra_key=extra, seed=sp.seed if sp.HasField("seed") else None)
+                                   extra_key=extra, seed=sp.seed if sp.HasField("seed") else None,
+                                   stop_token_ids=sp.stop_token_ids)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise  # abort() always raises

@@ -66,6 +66,11 @@ class _Sample:
     sent: int = 0  # tokens already streamed
     tokens: list[int] = field(default_factory=list)
     done: bool = False
+    # this sample's token logprobs are -logprob_scale * U(0, 1) drawn from lp_rng (apart
+    # from the token stream, so a seed gives the same tokens however they are streamed):
+    # samples differ in confidence, so best-logprob aggregation has something to choose
+    lp_rng: random.Random = field(default_factory=random.Random)
+    logprob_scale: float = 1.0
 
 
 @dataclass(eq=False, slots=True)
@@ -80,6 +85,7 @@ class _Call:
     queue: asyncio.Queue[engine_pb2.GenerateResponse | BaseException]
     attached: bool = True
     open_samples: int = 0
+    stop_token_ids: frozenset[int] = frozenset()
 
 
 class SimWorker:
@@ -135,8 +141,10 @@ class SimWorker:
     # requests -----------------------------------------------------------------------
     def submit(self, request_id: str, tokens: Sequence[int], *, max_tokens: int, n: int = 1,
                mode: RequestMode = RequestMode.BOTH, extra_key: bytes | None = None,
-               seed: int | None = None) -> _Call:
-        """Queue a request; ValueError on bad input, KeyError if the id is in flight."""
+               seed: int | None = None, stop_token_ids: Sequence[int] = ()) -> _Call:
+        """Queue a request; ValueError on bad input, KeyError if the id is in flight.
+        n > 1 samples share one prefill (samples 1.. fork from sample 0 once its prompt KV
+        is computed); a sample that draws a stop token ends there (finish reason "stop")."""
         if request_id in self._calls:
             raise KeyError(request_id)
         prompt = len(tokens)
@@ -147,13 +155,17 @@ class SimWorker:
         bs = self.block_size
         hashes = list(hash_blocks(tokens, bs, extra_key))
         now = self.sim_now()
-        call = _Call(request_id, prompt, mode, hashes, [], asyncio.Queue())
+        call = _Call(request_id, prompt, mode, hashes, [], asyncio.Queue(),
+                     stop_token_ids=frozenset(stop_token_ids))
         for i in range(n):
             rid = request_id if n == 1 else f"{request_id}#{i}"
             req = SimRequest(request_id=rid, hashes=hashes, prompt_tokens=prompt,
-                             max_tokens=max_tokens, mode=mode, record_tokens=True)
+                             max_tokens=max_tokens, mode=mode, record_tokens=True,
+                             fork_of=call.samples[0].req if i else None)
             base = seed if seed is not None else zlib.crc32(request_id.encode())
-            call.samples.append(_Sample(req, i, random.Random(base * 1000003 + i)))
+            lp_rng = random.Random(base * 1000003 + i + 0x5EED)
+            call.samples.append(_Sample(req, i, random.Random(base * 1000003 + i),
+                                        lp_rng=lp_rng, logprob_scale=lp_rng.uniform(0.2, 2.0)))
         # Remember every full block's tokens before the core can store it.
         for i, h in enumerate(hashes):
             if h not in self._blocks:
@@ -171,10 +183,18 @@ class SimWorker:
         return call
 
     def detach(self, call: _Call) -> None:
-        """The caller went away: stop streaming; the simulated work goes on."""
+        """The caller went away (or the router stopped its samples): the samples still
+        running are aborted in the core and their KV blocks freed, as vLLM aborts a request
+        whose client disconnects."""
         if call.attached and call.open_samples:
             self.stats.abandoned += 1
         call.attached = False
+        now = self.sim_now()
+        for s in call.samples:
+            if not s.done:
+                self.engine.cancel(s.req, now)
+                self._close_sample(call, s)
+        self._kick.set()
 
     def load(self) -> LoadReport:
         self.engine.run_until(self.sim_now())
@@ -241,16 +261,25 @@ class SimWorker:
         if new <= 0 and not finished:
             return
         toks = [sample.rng.randrange(self.vocab_size) for _ in range(max(0, new))]
+        stopped = False
+        if call.stop_token_ids:
+            for j, t in enumerate(toks):
+                if t in call.stop_token_ids:  # the stop token itself is not returned
+                    toks, stopped, finished = toks[:j], True, True
+                    self.engine.cancel(req, self.sim_now())
+                    break
         sample.tokens.extend(toks)
         sample.sent = len(times)
         if finished:
             self._close_sample(call, sample)
         if not call.attached:
             return
+        lp = sample.logprob_scale
         resp = engine_pb2.GenerateResponse(request_id=call.request_id, token_ids=toks,
-                                           sample_index=sample.index, worker=self.worker)
+                                           sample_index=sample.index, worker=self.worker,
+                                           logprobs=[-lp * sample.lp_rng.random() for _ in toks])
         if finished:
-            reason = "length"
+            reason = "stop" if stopped else "length"
             if call.mode is RequestMode.CONTEXT_ONLY:
                 reason = "context_done"
                 ctx_id = next(self._ctx_ids)
