@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bandwidth of the KV link from context workers, GB/s: a generation-only "
                         "request waits prompt tokens x KV bytes per token / this before "
                         "decoding (default %(default)s, NVLink-class; 25 for RDMA)")
+    p.add_argument("--host-kv-capacity-tokens", type=int,
+                   help="host KV tier for Offload/Reload, in tokens (default: 4x the GPU KV "
+                        "capacity; 0: no host tier, Offload/Reload answer UNIMPLEMENTED)")
+    p.add_argument("--session-ttl-s", type=float,
+                   help="simulated seconds after which an idle session's pin or host copy is "
+                        "dropped (default 600)")
     p.add_argument("--pool", default="",
                    help="router pool of this worker (registry metadata 'pool'; default: "
                         "'aggregated' for aggregated workers, 'disaggregated' otherwise)")

@@ -42,6 +42,10 @@ class PagedKvCache:
         self._refs: dict[int, int] = {}  # cached block hash -> reference count
         self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced, oldest first
         self._anon = 0  # anonymous blocks in use
+        # Chain links of cached blocks, so that `discard` (host offload) never frees a block
+        # another cached block hangs under (the cache stays prefix-closed).
+        self._parent: dict[int, int | None] = {}
+        self._kids: dict[int, int] = {}
         self.events: list[KvEvent] = []
         self.stored_blocks = 0
         self.evicted_blocks = 0
@@ -132,6 +136,7 @@ class PagedKvCache:
             c = refs.get(h)
             if c is None:
                 refs[h] = 1
+                self._link(h, prev)
                 if not run:
                     run_parent = prev
                 run.append(h)
@@ -164,9 +169,29 @@ class PagedKvCache:
         if self._refs and len(self._lru) == len(self._refs):
             self._refs.clear()
             self._lru.clear()
+            self._parent.clear()
+            self._kids.clear()
             self.events.append(AllCleared())
         else:
             self._evict(len(self._lru))
+
+    def discard(self, hashes: Sequence[int]) -> tuple[int, ...]:
+        """Free the unreferenced tail of a held chain (e.g. after copying it to host memory):
+        tail first, stopping at the first block that is referenced or that another cached
+        block hangs under. Announces the freed blocks; returns them."""
+        refs, lru, kids = self._refs, self._lru, self._kids
+        gone: list[int] = []
+        for h in reversed(hashes):
+            if refs.get(h) != 0 or kids.get(h, 0):
+                break
+            del lru[h]
+            del refs[h]
+            self._unlink(h)
+            gone.append(h)
+        if gone:
+            self.events.append(BlockRemoved(hashes=tuple(gone)))
+            self.evicted_blocks += len(gone)
+        return tuple(gone)
 
     def drain_events(self) -> list[KvEvent]:
         out, self.events = self.events, []
@@ -183,7 +208,22 @@ class PagedKvCache:
         for _ in range(n):
             h, _none = lru.popitem(last=False)
             del refs[h]
+            self._unlink(h)
             gone.append(h)
         if gone:
             self.events.append(BlockRemoved(hashes=tuple(gone)))
             self.evicted_blocks += len(gone)
+
+    def _link(self, h: int, parent: int | None) -> None:
+        self._parent[h] = parent
+        if parent is not None:
+            self._kids[parent] = self._kids.get(parent, 0) + 1
+
+    def _unlink(self, h: int) -> None:
+        parent = self._parent.pop(h, None)
+        if parent is not None:
+            c = self._kids.get(parent, 0) - 1
+            if c > 0:
+                self._kids[parent] = c
+            else:
+                self._kids.pop(parent, None)

@@ -24,6 +24,7 @@ from kvrouter._proto.v1 import engine_pb2_grpc
 from kvrouter.config import LayeredSettings
 from kvrouter.engines.router_link import RegistrationRefused, RouterGrpcTransport, register_with_retry
 from kvrouter.engines.sim.engine import EngineConfig, SimEngine
+from kvrouter.engines.sim.host_tier import DEFAULT_TTL_S, SessionKv
 from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION, EngineProfile, ProfileError
 from kvrouter.engines.sim.servicer import SimEngineService
 from kvrouter.engines.sim.worker import SimWorker
@@ -66,6 +67,9 @@ class SimOptions(LayeredSettings):
     link_gbps: float = Field(default=50.0, gt=0)  # prefill -> decode KV link (generation-only imports)
     pool: str = ""  # router pool (kvrouter.planner); empty: the role's default pool
 
+    # host KV tier for Offload / Reload (host_tier.py); None: 4x the GPU KV capacity, 0: none
+    host_kv_capacity_tokens: int | None = Field(default=None, ge=0)
+    session_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0, allow_inf_nan=False)
 
 def _advertised(listen: str, port: int, advertise: str | None) -> str:
     if advertise:
@@ -130,6 +134,13 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
                     vocab_size=opts.vocab_size, address=address)
     pub_opts: dict[str, Any] = {"block_size": block_size, "role": opts.role, "address": address,
                                 "dump": sim.dump, "heartbeat_interval_s": heartbeat_interval,
+    host_tokens = opts.host_kv_capacity_tokens
+    if host_tokens is None:
+        host_tokens = 4 * engine.cache.num_blocks * block_size
+    if host_tokens:
+        sim.kv = SessionKv(engine.cache, host_blocks=host_tokens // block_size,
+                           bytes_per_block=profile.kv_bytes_per_token * block_size,
+                           h2d_bytes_per_s=profile.h2d_bytes_per_s, ttl_s=opts.session_ttl_s)
                                 "load_interval_s": 0.02,
                                 "extra_meta": meta}
     if transport is not None:

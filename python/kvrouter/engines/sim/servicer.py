@@ -7,9 +7,10 @@ over the link before decoding. A context worker that died or evicted the blocks
 makes the pull fail, and the generation request fails with FAILED_PRECONDITION
 ("KV lost"), which tells the router to prefill again.
 
-The core has no host KV tier, so Offload / Reload answer UNIMPLEMENTED, and it
-cannot cancel a request: a Generate whose caller goes away keeps its simulated
-work (the engine stays busy as a real one would until it notices).
+Offload / Reload keep, offload and reload a session's KV (kvrouter.engines.sim.offload,
+on the host tier of host_tier.py; UNIMPLEMENTED when started without one). A Generate
+whose caller goes away (or cancels the stream, as the router does when a vote is
+decided) aborts its samples still running and frees their KV blocks.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.engines.sim.engine import RequestMode
+from kvrouter.engines.sim.offload import note_session, offload, reload
 from kvrouter.engines.sim.worker import Rejected, SimWorker
-from kvrouter.grpc_server import unimplemented
 from kvrouter.protocol import decode_prompt, extra_key_for, load_report_pb
 
 DEFAULT_MAX_TOKENS = 16
@@ -36,9 +37,6 @@ _MODE = {
     common_pb2.REQUEST_TYPE_CONTEXT_ONLY: RequestMode.CONTEXT_ONLY,
     common_pb2.REQUEST_TYPE_GENERATION_ONLY: RequestMode.GENERATION_ONLY,
 }
-
-
-_NO_KV_TIER = "the simulated engine has no host or disk KV tier"
 
 
 def _abort_code(exc: BaseException) -> grpc.StatusCode:
@@ -101,6 +99,8 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
                                 f"request_id {request.request_id!r} is already running here")
             raise
         remaining = len(call.samples)
+        if request.session_id:  # the session's chain, for Offload (a keep's pin ends here)
+            note_session(self.sim, request.session_id, call.hashes)
         try:
             while remaining:
                 item = await call.queue.get()
@@ -164,7 +164,8 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
         return engine_pb2.StatsResponse(
             worker=sim.worker, model=sim.model, block_size=sim.block_size,
             load=load_report_pb(ld),
-            kv_total_blocks=sim.engine.cache.num_blocks, kv_host_blocks=0, kv_disk_blocks=0,
+            kv_total_blocks=sim.engine.cache.num_blocks,
+            kv_host_blocks=sim.kv.host_used if sim.kv is not None else 0, kv_disk_blocks=0,
             events_published=sim.publisher.stats.events if sim.publisher is not None else 0,
             extra={"sim_time_s": sim.sim_now(), "time_scale": sim.time_scale,
                    "cached_blocks": float(sim.engine.cache.cached_blocks),
@@ -178,9 +179,10 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
 
     async def Offload(self, request: engine_pb2.OffloadRequest,
                       context: grpc.aio.ServicerContext) -> engine_pb2.OffloadResponse:
-        await unimplemented(context, f"{_NO_KV_TIER}: Offload is not supported (its cache "
-                                     "keeps GPU blocks only and evicts them LRU)")
+        """TIER_HOST (or unspecified): copy the session's KV to host, free its GPU blocks;
+        TIER_GPU: keep it pinned on the GPU until Reload or its next request (host_tier.py)."""
+        return await offload(self.sim, request, context)
 
     async def Reload(self, request: engine_pb2.ReloadRequest,
                      context: grpc.aio.ServicerContext) -> engine_pb2.ReloadResponse:
-        await unimplemented(context, f"{_NO_KV_TIER}: Reload is not supported")
+        return await reload(self.sim, request, context)

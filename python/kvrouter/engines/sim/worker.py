@@ -31,7 +31,8 @@ from kvrouter._core import hash_blocks
 from kvrouter._proto.v1 import common_pb2, engine_pb2
 from kvrouter.counters import Counters
 from kvrouter.engines.sim.engine import RequestMode, SimEngine, SimRequest
-from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, LoadReport
+from kvrouter.engines.sim.host_tier import SessionKv
+from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent, LoadReport, Tier
 from kvrouter.events.publisher import EventPublisher
 
 log = logging.getLogger("kvrouter.engines.sim")
@@ -119,6 +120,13 @@ class SimWorker:
         self._exports: dict[int, tuple[int, list[int]]] = {}
         self._last_report: LoadReport | None = None
         self.stats = WorkerStats()
+        # Sessions' keep / host offload / reload (Engine.Offload / Reload); None: no host tier.
+        self.kv: SessionKv | None = None
+
+    def _held(self, h: int) -> bool:
+        """A block the router may still hear about: pinned by a call, cached, or on host."""
+        return (h in self._pins or self.engine.cache.contains(h)
+                or (self.kv is not None and self.kv.on_host(h)))
 
     # time -------------------------------------------------------------------------
     def sim_now(self) -> float:
@@ -333,7 +341,7 @@ class SimWorker:
                 self._pins[h] = c
                 continue
             self._pins.pop(h, None)
-            if not self.engine.cache.contains(h):
+            if not self._held(h):
                 self._blocks.pop(h, None)
         if call.open_samples == 0:
             self._calls.pop(call.request_id, None)
@@ -357,11 +365,11 @@ class SimWorker:
                                extra_key=blocks[0].extra_key)
         if isinstance(ev, BlockRemoved):
             for h in ev.hashes:
-                if h not in self._pins:
+                if not self._held(h):
                     self._blocks.pop(h, None)
             return ev
         if isinstance(ev, AllCleared):
-            for h in [h for h in self._blocks if h not in self._pins]:
+            for h in [h for h in self._blocks if not self._held(h)]:
                 del self._blocks[h]
         return ev
 
@@ -373,6 +381,12 @@ class SimWorker:
             b = self._blocks[h]
             out.append(BlockStored(hashes=(h,), parent=b.parent, token_ids=b.tokens,
                                    block_size=self.block_size, extra_key=b.extra_key))
+        if self.kv is not None:  # host copies, tier-tagged
+            for h in sorted(self.kv.host_hashes(), key=lambda h: self._blocks[h].depth):
+                b = self._blocks[h]
+                out.append(BlockStored(hashes=(h,), parent=b.parent, token_ids=b.tokens,
+                                       block_size=self.block_size, extra_key=b.extra_key,
+                                       tier=Tier.HOST))
         return out
 
 
