@@ -17,6 +17,7 @@ from kvrouter.events.plane import make_event_plane as make_plane
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.grpc_server import GrpcServer
 from kvrouter.registry import Registry
+from kvrouter.server.affinity import make_affinity
 from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.server.service import RouterService
 
@@ -71,7 +72,9 @@ class RouterApp:
         except ValueError as e:
             raise RuntimeError(f"bad event plane configuration: {e}") from None
         await self.event_plane.start()
-        self.service = RouterService(self.config, self.registry, self.metrics, self.event_plane)
+        affinity = make_affinity({m.name: m.affinity for m in self.config.models}, self.event_plane)
+        self.service = RouterService(self.config, self.registry, self.metrics, self.event_plane,
+                                     affinity=affinity)
         server = GrpcServer(r.listen, [ROUTER_SERVICE], options=self.grpc_options(),
                             reflect=r.reflection)
         router_pb2_grpc.add_RouterServicer_to_server(self.service, server.server)

@@ -66,10 +66,10 @@ class SimOptions(LayeredSettings):
     ready_file: str | None = None
     link_gbps: float = Field(default=50.0, gt=0)  # prefill -> decode KV link (generation-only imports)
     pool: str = ""  # router pool (kvrouter.planner); empty: the role's default pool
-
     # host KV tier for Offload / Reload (host_tier.py); None: 4x the GPU KV capacity, 0: none
     host_kv_capacity_tokens: int | None = Field(default=None, ge=0)
     session_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0, allow_inf_nan=False)
+
 
 def _advertised(listen: str, port: int, advertise: str | None) -> str:
     if advertise:
@@ -132,8 +132,6 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         raise SetupError(str(e)) from None
     sim = SimWorker(engine, worker=opts.worker_id, model=opts.model, time_scale=opts.time_scale,
                     vocab_size=opts.vocab_size, address=address)
-    pub_opts: dict[str, Any] = {"block_size": block_size, "role": opts.role, "address": address,
-                                "dump": sim.dump, "heartbeat_interval_s": heartbeat_interval,
     host_tokens = opts.host_kv_capacity_tokens
     if host_tokens is None:
         host_tokens = 4 * engine.cache.num_blocks * block_size
@@ -141,6 +139,8 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         sim.kv = SessionKv(engine.cache, host_blocks=host_tokens // block_size,
                            bytes_per_block=profile.kv_bytes_per_token * block_size,
                            h2d_bytes_per_s=profile.h2d_bytes_per_s, ttl_s=opts.session_ttl_s)
+    pub_opts: dict[str, Any] = {"block_size": block_size, "role": opts.role, "address": address,
+                                "dump": sim.dump, "heartbeat_interval_s": heartbeat_interval,
                                 "load_interval_s": 0.02,
                                 "extra_meta": meta}
     if transport is not None:
