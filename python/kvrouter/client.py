@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 
 from kvrouter._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvrouter.security.channels import ClientSecurity, aio_channel, sync_channel
 
 TokenLike = Sequence[int] | bytes | bytearray | memoryview | np.ndarray
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -79,6 +80,7 @@ class RouteResult:
     policy: str
     model: str
     candidates: tuple[Candidate, ...] = ()
+    affinity: str = ""  # kept | moved | new when the request had a session_id
 
     @property
     def overlap_ratio(self) -> float:
@@ -145,7 +147,7 @@ def route_request(
     tokens: TokenLike, model: str = "", *, request_id: str = "",
     extra_key: bytes | str | None = None, expected_output_tokens: int = 0,
     candidates: Iterable[str] = (), role: str = "", policy: str = "", explain: bool = False,
-    dry_run: bool = False,
+    dry_run: bool = False, session_id: str = "",
 ) -> router_pb2.RouteRequest:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
@@ -153,7 +155,7 @@ def route_request(
         model=model, token_ids_le=tokens_le(tokens), extra_key=_key(extra_key),
         request_id=request_id, expected_output_tokens=expected_output_tokens,
         candidates=list(candidates), role=ROLES[role], policy=policy, explain=explain,
-        dry_run=dry_run)
+        dry_run=dry_run, session_id=session_id)
 
 
 def to_result(r: router_pb2.RouteResponse) -> RouteResult:
@@ -166,7 +168,8 @@ def to_result(r: router_pb2.RouteResponse) -> RouteResult:
                       disk_blocks=c.disk_blocks, new_prefill_tokens=c.new_prefill_tokens,
                       decode_blocks=c.decode_blocks, queue=c.queue, cost=c.cost,
                       chosen=c.chosen)
-            for c in r.candidates))
+            for c in r.candidates),
+        affinity=r.affinity)
 
 
 def to_workers(resp: router_pb2.ListWorkersResponse) -> list[WorkerState]:
@@ -227,10 +230,13 @@ class RouterClient:
     """Blocking client. Thread-safe (one gRPC channel)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 10.0,
-                 max_message_bytes: int = 64 << 20, channel: grpc.Channel | None = None) -> None:
+                 max_message_bytes: int = 64 << 20, channel: grpc.Channel | None = None,
+                 security: ClientSecurity | None = None) -> None:
+        """`security`: TLS and token (default: KVROUTER_TLS_* / KVROUTER_TOKEN* from the
+        environment, kvrouter.security.channels)."""
         self._own = channel is None
-        self.channel = channel or grpc.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        self.channel = channel or sync_channel(
+            target, _channel_options(max_message_bytes), security)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 
@@ -246,7 +252,8 @@ class RouterClient:
 
     def route(self, tokens: TokenLike, model: str = "", **kw: Any) -> RouteResult:
         """Pick a worker and reserve load (unless dry_run=True). Keywords: request_id,
-        extra_key, expected_output_tokens, candidates, role, policy, explain, dry_run."""
+        extra_key, expected_output_tokens, candidates, role, policy, explain, dry_run,
+        session_id."""
         return to_result(self.stub.Route(route_request(tokens, model, **kw),
                                          timeout=self.timeout))
 
@@ -307,10 +314,11 @@ class AsyncRouterClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 10.0,
                  max_message_bytes: int = 64 << 20,
-                 channel: grpc.aio.Channel | None = None) -> None:
+                 channel: grpc.aio.Channel | None = None,
+                 security: ClientSecurity | None = None) -> None:
         self._own = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        self.channel = channel or aio_channel(
+            target, _channel_options(max_message_bytes), security)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 

@@ -55,6 +55,7 @@ from kvrouter.planner import NoWorker, Plan, Planner, PlanPath, Pool, Prompt, bu
 from kvrouter.protocol import extra_key_for
 from kvrouter.registry import ModelState, Role, WorkerInfo
 from kvrouter.sampling import sampling_problem
+from kvrouter.server.affinity import pin_pools
 
 log = logging.getLogger("kvrouter.server.generate")
 
@@ -85,12 +86,14 @@ class GenerateTrace:
     prefill_worker: str = ""
     worker: str = ""  # the worker that produced the last tokens
     failovers: list[str] = field(default_factory=list)
+    affinity: str = ""  # session affinity: kept | moved | new (server/affinity.py)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         md = [("kvrouter-path", self.path), ("kvrouter-pool", self.pool),
               ("kvrouter-class", self.request_class), ("kvrouter-worker", self.worker),
               ("kvrouter-prefill-worker", self.prefill_worker),
-              ("kvrouter-failovers", ";".join(self.failovers))]
+              ("kvrouter-failovers", ";".join(self.failovers)),
+              ("kvrouter-affinity", self.affinity)]
         # gRPC metadata values are printable ASCII; names may be any UTF-8 (a worker
         # called "wörker" is valid), so they travel percent-encoded (RFC 3986).
         return tuple((k, quote(v, safe=_METADATA_SAFE)) for k, v in md if v)
@@ -119,6 +122,7 @@ class _Request:
     lora_name: str
     session_id: str
     trace: GenerateTrace
+    pin: int | None = None  # session affinity: plan on this worker first (server/affinity.py)
     generated: list[int] = field(default_factory=list)
     excluded: set[int] = field(default_factory=set)
     cached_tokens: int = -1  # from the first engine that computed the prompt
@@ -185,7 +189,7 @@ class GenerateProxy:
 
     # -- entry point ------------------------------------------------------------------------
     async def run(self, state: ModelState, cfg: ModelConfig, req: Any, tokens: np.ndarray,
-                  rid: str, mode: str, trace: GenerateTrace,
+                  rid: str, mode: str, trace: GenerateTrace, pin: int | None = None,
                   ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
         sp = req.sampling
         max_tokens = sp.max_tokens or DEFAULT_MAX_TOKENS
@@ -203,7 +207,7 @@ class GenerateProxy:
                      expected_output=req.expected_output_tokens or max_tokens,
                      sampling=sp, extra_key=extra_key_for(req.extra_key, req.lora_name) or b"",
                      lora_name=req.lora_name,
-                     session_id=req.session_id, trace=trace)
+                     session_id=req.session_id, trace=trace, pin=pin)
         planner = self.planner(state, cfg)
         if sp.n > 1:
             mode = "aggregated"  # parallel samples run on one worker, without failover
@@ -220,9 +224,13 @@ class GenerateProxy:
             planner.release(plan)
 
     def _plan(self, planner: Planner, r: _Request, prompt: Prompt, mode: str) -> Plan:
-        for avoid in (True, False):  # suspects are a preference, not a ban
+        choices = [lambda: self.pools(r, True), lambda: self.pools(r, False)]
+        if r.pin is not None:  # the session's worker first; it was checked for overload
+            pin = r.pin
+            choices.insert(0, lambda: pin_pools(self.pools(r, False), pin))
+        for pools in choices:  # suspects are a preference, not a ban
             try:
-                plan = planner.plan(prompt, r.rid, r.expected_output, self.pools(r, avoid), mode)
+                plan = planner.plan(prompt, r.rid, r.expected_output, pools(), mode)
             except NoWorker:
                 continue
             t = r.trace

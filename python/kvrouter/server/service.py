@@ -45,6 +45,7 @@ from kvrouter.protocol import (
     extra_key_for,
 )
 from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorkerName, WorkerStatus
+from kvrouter.server.affinity import Affinity, Pin, check_session
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 from kvrouter.server.metrics import RouterMetrics
 
@@ -128,9 +129,12 @@ class ModelRuntime:
 
 class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, config: Config, registry: Registry, metrics: RouterMetrics,
-                 event_plane: Any, proxy: GenerateProxy | None = None) -> None:
+                 event_plane: Any, proxy: GenerateProxy | None = None,
+                 affinity: Affinity | None = None) -> None:
         self.config = config
         self.proxy = proxy or GenerateProxy()
+        # Session affinity (server/affinity.py); app.py gives it the Redis table when shared.
+        self.affinity = affinity or Affinity({m.name: m.affinity for m in config.models})
         self.registry = registry
         self.metrics = metrics
         self.event_plane = event_plane
@@ -205,6 +209,28 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return (f"no routable worker {what}for model {m.cfg.name!r} "
                 f"({n} registered, {up} up)")
 
+    def _pin(self, m: ModelRuntime, session: str, candidates: list[int] | None) -> Pin | None:
+        """Session affinity's say (server/affinity.py): None without a session key."""
+        if not session:
+            return None
+        try:
+            check_session(session)
+        except ProtocolError as e:
+            _invalid(str(e))
+        return self.affinity.pin(m.state, session, candidates)
+
+    async def decide_async(self, req: router_pb2.RouteRequest, explain: bool = False,
+                           dry_run: bool = False) -> router_pb2.RouteResponse:
+        """decide() with the shared session table read before and written after (Redis
+        round trips only for requests that carry a session key)."""
+        if not req.session_id:
+            return self.decide(req, explain, dry_run)
+        await self.affinity.prefetch([(req.model or DEFAULT_MODEL, req.session_id)])
+        try:
+            return self.decide(req, explain, dry_run)
+        finally:
+            await self.affinity.flush()
+
     # ------------------------------------------------------------------ decision hot path
     def decide(self, req: router_pb2.RouteRequest, explain: bool = False,
                dry_run: bool = False) -> router_pb2.RouteResponse:
@@ -233,10 +259,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                                        f"{m.cfg.name!r}; Release it or use a new id")
             if candidates is not None and not candidates:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, self._no_worker_message(m, True))
+            pin = self._pin(m, req.session_id, candidates)
             try:
                 d: Decision = sched.route(
                     tokens, extra_key=extra_key_for(req.extra_key), request_id=rid,
-                    expected_output_tokens=expected, candidates=candidates,
+                    expected_output_tokens=expected,
+                    candidates=[pin.wid] if pin is not None and pin.wid is not None else candidates,
                     policy=cast(PolicyName | None, policy), explain=explain, reserve=not dry_run)
             except NoRoutableWorker:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE,
@@ -253,6 +281,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             overlap_blocks=d.overlap_blocks, gpu_blocks=d.gpu_blocks,
             prompt_blocks=d.prompt_blocks, prompt_tokens=d.prompt_tokens,
             block_size=m.state.block_size, policy=d.policy, model=m.cfg.name)
+        if pin is not None:
+            reply.affinity = pin.outcome
+            if not dry_run:
+                self.affinity.record(m.cfg.name, req.session_id, chosen.name)
         if explain:
             # Load terms are u64 sums in the core: clamped so the reply always encodes.
             reply.candidates.extend(
@@ -298,12 +330,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Route(self, request: router_pb2.RouteRequest,
                     context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
         async with _aborting(context):
-            return self.decide(request)
+            return await self.decide_async(request)
 
     async def Explain(self, request: router_pb2.ExplainRequest,
                       context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
         async with _aborting(context):
-            return self.decide(request.route, explain=True, dry_run=True)
+            return await self.decide_async(request.route, explain=True, dry_run=True)
 
     async def Release(self, request: router_pb2.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> router_pb2.ReleaseResponse:
@@ -337,9 +369,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # Items of one message are decided back to back without yielding to the loop;
         # clients batch several items per message for throughput.
         item = self._stream_item
+        affinity = self.affinity
         async for req in request_iterator:
-            yield router_pb2.RouteStreamResponse(
-                seq=req.seq, results=[item(i) for i in req.items])
+            sessions = [(i.route.model or DEFAULT_MODEL, i.route.session_id) for i in req.items
+                        if i.route.session_id and i.WhichOneof("op") == "route"]
+            if sessions:  # one Redis round trip per message for the whole batch
+                await affinity.prefetch(sessions)
+            results = [item(i) for i in req.items]
+            if sessions:
+                await affinity.flush()
+            yield router_pb2.RouteStreamResponse(seq=req.seq, results=results)
 
     async def Generate(self, request: router_pb2.RouterGenerateRequest,
                        context: grpc.aio.ServicerContext,
@@ -374,10 +413,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {rid!r} already holds a reservation on model "
                                f"{m.cfg.name!r}; use a new id")
-        async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode,
-                                           trace)) as out:
-            async for resp in out:
-                yield resp
+        session = request.session_id
+        pin = None
+        if session:
+            await self.affinity.prefetch([(m.cfg.name, session)])
+            pin = self._pin(m, session, None)
+            if pin is not None:
+                trace.affinity = pin.outcome
+        async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace,
+                                           pin=pin.wid if pin is not None else None)) as out:
+            try:
+                async for resp in out:
+                    yield resp
+            finally:
+                if pin is not None and trace.worker:  # the worker that finished holds the KV
+                    self.affinity.record(m.cfg.name, session, trace.worker)
+        if pin is not None:
+            await self.affinity.flush()
 
     def _worker_pb(self, m: ModelRuntime, info: Any, now: float) -> router_pb2.WorkerInfo:
         load = m.state.scheduler.load(info.wid)
