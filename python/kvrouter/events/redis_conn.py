@@ -171,7 +171,13 @@ def make_client(cfg: RedisConfig) -> RedisClient:
         kw.pop("retry", None)  # RedisCluster has its own retry on MOVED / failover
         kw.pop("max_connections", None)
         return RedisCluster.from_url(url, **kw)
-    return aioredis.Redis.from_url(cfg.url, **_common_kwargs(cfg))
+    # from_url picks the TLS connection class from the scheme and hands the keywords to
+    # it, which takes no `ssl` flag: say TLS through the scheme instead.
+    kw = _common_kwargs(cfg)
+    url = cfg.url
+    if kw.pop("ssl", False) and scheme == "redis":
+        url = "rediss" + url[len("redis"):]
+    return aioredis.Redis.from_url(url, **kw)
 
 
 def raw_stream_client(cfg: RedisConfig) -> RedisClient:
