@@ -446,6 +446,8 @@ class AdmissionController(Generic[T]):
         if not len(self.queue) and not self.saturated(eligible, sched_now):
             self.queue.counts.admitted += 1
             return None, None
+        # Nothing waits for ever: a request without a (nearer) deadline gets max_wait_s.
+        deadline = min(deadline, now + self.cfg.max_wait_s)
         return self.queue.push(item, cls, tenant, now, deadline, eligible)
 
     def ready(self, now: float, sched_now: float | None = None) -> Iterator[Ticket[T]]:
