@@ -21,7 +21,7 @@ GENERATE_MODE_AGGREGATED: GenerateMode
 GENERATE_MODE_DISAGGREGATED: GenerateMode
 
 class RouteRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "expected_output_tokens", "candidates", "role", "policy", "explain", "dry_run", "session_id")
+    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "expected_output_tokens", "candidates", "role", "policy", "explain", "dry_run", "session_id", "priority", "tenant", "deadline_unix_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class RouteRequest(_message.Message):
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -46,7 +49,10 @@ class RouteRequest(_message.Message):
     explain: bool
     dry_run: bool
     session_id: str
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., policy: _Optional[str] = ..., explain: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
+    priority: str
+    tenant: str
+    deadline_unix_ms: int
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., policy: _Optional[str] = ..., explain: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., session_id: _Optional[str] = ..., priority: _Optional[str] = ..., tenant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
     __slots__ = ("worker", "gpu_blocks", "host_blocks", "disk_blocks", "new_prefill_tokens", "decode_blocks", "queue", "cost", "chosen", "evicted_blocks", "pressure_cost")
@@ -181,7 +187,7 @@ class RouteStreamResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., results: _Optional[_Iterable[_Union[RouteStreamResult, _Mapping]]] = ...) -> None: ...
 
 class RouterGenerateRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens", "aggregator", "answer_regex", "scorer")
+    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens", "aggregator", "answer_regex", "scorer", "priority", "tenant", "deadline_unix_ms")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +202,9 @@ class RouterGenerateRequest(_message.Message):
     AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
     ANSWER_REGEX_FIELD_NUMBER: _ClassVar[int]
     SCORER_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -210,7 +219,10 @@ class RouterGenerateRequest(_message.Message):
     aggregator: str
     answer_regex: str
     scorer: str
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ..., aggregator: _Optional[str] = ..., answer_regex: _Optional[str] = ..., scorer: _Optional[str] = ...) -> None: ...
+    priority: str
+    tenant: str
+    deadline_unix_ms: int
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ..., aggregator: _Optional[str] = ..., answer_regex: _Optional[str] = ..., scorer: _Optional[str] = ..., priority: _Optional[str] = ..., tenant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("model",)
@@ -274,30 +286,70 @@ class WorkerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., last_seen_age_s: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., routable: _Optional[bool] = ..., kv_mode: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers",)
+    __slots__ = ("workers", "admission")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+    admission: _containers.RepeatedCompositeFieldContainer[AdmissionState]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., admission: _Optional[_Iterable[_Union[AdmissionState, _Mapping]]] = ...) -> None: ...
+
+class AdmissionClassState(_message.Message):
+    __slots__ = ("name", "queued", "oldest_wait_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    queued: int
+    oldest_wait_s: float
+    def __init__(self, name: _Optional[str] = ..., queued: _Optional[int] = ..., oldest_wait_s: _Optional[float] = ...) -> None: ...
+
+class AdmissionState(_message.Message):
+    __slots__ = ("model", "enabled", "saturated", "queued", "max_queue", "classes", "admitted", "dispatched", "rejected", "expired", "retry_after_s")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    SATURATED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    enabled: bool
+    saturated: bool
+    queued: int
+    max_queue: int
+    classes: _containers.RepeatedCompositeFieldContainer[AdmissionClassState]
+    admitted: int
+    dispatched: int
+    rejected: int
+    expired: int
+    retry_after_s: float
+    def __init__(self, model: _Optional[str] = ..., enabled: _Optional[bool] = ..., saturated: _Optional[bool] = ..., queued: _Optional[int] = ..., max_queue: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[AdmissionClassState, _Mapping]]] = ..., admitted: _Optional[int] = ..., dispatched: _Optional[int] = ..., rejected: _Optional[int] = ..., expired: _Optional[int] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "block_size", "vocab_size", "policy", "workers", "indexed_blocks")
+    __slots__ = ("name", "block_size", "vocab_size", "policy", "workers", "indexed_blocks", "admission")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     INDEXED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     block_size: int
     vocab_size: int
     policy: str
     workers: int
     indexed_blocks: int
-    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., policy: _Optional[str] = ..., workers: _Optional[int] = ..., indexed_blocks: _Optional[int] = ...) -> None: ...
+    admission: AdmissionState
+    def __init__(self, name: _Optional[str] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., policy: _Optional[str] = ..., workers: _Optional[int] = ..., indexed_blocks: _Optional[int] = ..., admission: _Optional[_Union[AdmissionState, _Mapping]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
