@@ -53,10 +53,24 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--log-format", help="kv (default) or json")
     p.add_argument("--max-message-bytes", type=int, help="gRPC message limit (default 16 MiB)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest accepted prompt")
+    p.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the OpenAI-compatible HTTP front here (default: off)")
     p.add_argument("--model", action="append", metavar="SPEC", default=None,
                    help="a model: NAME[,key=value...] e.g. llama,block_size=32,vocab_size=128256"
                         ",policy=kv,weights.decode=2 (repeat for several; replaces the file's "
                         "models)")
+    # Security (docs/security.md); environment KVROUTER_TLS_CERT, KVROUTER_AUTH_FILE, ...
+    p.add_argument("--tls-cert", help="TLS certificate (PEM) of the gRPC and /metrics listeners")
+    p.add_argument("--tls-key", help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-ca", help="CA bundle that verifies client certificates")
+    p.add_argument("--tls-client-auth", action="store_true", default=None,
+                   help="require client certificates signed by --tls-ca (mutual TLS)")
+    p.add_argument("--auth-file", help="principals: tokens / certificate identities and roles")
+    p.add_argument("--admin-listen", help="serve admin RPCs (DrainWorker, DeregisterWorker) "
+                                          "only on this host:port")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="allow a listener reachable from other machines without TLS and "
+                        "authentication (logged and exported as kvrouter_insecure_listener)")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective configuration as YAML and exit")
     p.set_defaults(func=_cmd_serve)
@@ -64,7 +78,8 @@ def _add_serve(sub: Any) -> None:
 
 _SERVE_FIELDS = ("listen", "metrics_host", "metrics_port", "redis_url", "lease_s",
                  "expire_interval_s", "heartbeat_timeout_s", "log_level", "log_format",
-                 "max_message_bytes", "max_prompt_tokens")
+                 "max_message_bytes", "max_prompt_tokens", "http", "tls_cert", "tls_key",
+                 "tls_ca", "tls_client_auth", "auth_file", "admin_listen", "insecure")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

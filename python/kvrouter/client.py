@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 
 from kvrouter._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvrouter.security.channels import ClientSecurity, aio_channel, sync_channel
 
 TokenLike = Sequence[int] | bytes | bytearray | memoryview | np.ndarray
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -229,10 +230,13 @@ class RouterClient:
     """Blocking client. Thread-safe (one gRPC channel)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 10.0,
-                 max_message_bytes: int = 64 << 20, channel: grpc.Channel | None = None) -> None:
+                 max_message_bytes: int = 64 << 20, channel: grpc.Channel | None = None,
+                 security: ClientSecurity | None = None) -> None:
+        """`security`: TLS and token (default: KVROUTER_TLS_* / KVROUTER_TOKEN* from the
+        environment, kvrouter.security.channels)."""
         self._own = channel is None
-        self.channel = channel or grpc.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        self.channel = channel or sync_channel(
+            target, _channel_options(max_message_bytes), security)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 
@@ -310,10 +314,11 @@ class AsyncRouterClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 10.0,
                  max_message_bytes: int = 64 << 20,
-                 channel: grpc.aio.Channel | None = None) -> None:
+                 channel: grpc.aio.Channel | None = None,
+                 security: ClientSecurity | None = None) -> None:
         self._own = channel is None
-        self.channel = channel or grpc.aio.insecure_channel(
-            target, options=_channel_options(max_message_bytes))
+        self.channel = channel or aio_channel(
+            target, _channel_options(max_message_bytes), security)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
         self.timeout = timeout
 

@@ -216,6 +216,9 @@ class ModelConfig(_Strict):
     block_size: int = Field(default=16, gt=0, le=1 << 20)
     vocab_size: int | None = Field(default=None, gt=0, le=1 << 32,
                                    description="token ids >= vocab_size are rejected")
+    tokenizer: str | None = Field(
+        default=None, description="directory with tokenizer.json (and tokenizer_config.json) "
+                                  "for the HTTP front; None: token-id prompts only")
     policy: PolicyName = DEFAULT_POLICY
     weights: Weights = Field(default_factory=lambda: Weights())
     temperature: float = Field(default=_D["temperature"], ge=0,
@@ -269,6 +272,8 @@ class RouterConfig(_Strict):
     max_message_bytes: int = Field(default=16 << 20, ge=1024, le=1 << 30)
     max_prompt_tokens: int = Field(default=1 << 20, gt=0)
     reflection: bool = True
+    http: str | None = Field(default=None,
+                             description="host:port of the OpenAI-compatible HTTP front; None: off")
     ext_proc: str | None = Field(
         default=None,
         description="host:port of the Envoy ext_proc endpoint picker (Gateway API Inference "
@@ -277,13 +282,34 @@ class RouterConfig(_Strict):
         default="full_duplex_streamed",
         description="the gateway's request body mode when its first message does not say "
                     "(Envoy before protocol_config)")
+    # Security (kvrouter.security, docs/security.md). The TLS fields' environment names
+    # (KVROUTER_TLS_CERT ...) are the ones every kvrouter client and engine reads too.
+    tls_cert: Path | None = Field(default=None, description="TLS certificate (PEM) of the listeners")
+    tls_key: Path | None = Field(default=None, description="its private key (PEM)")
+    tls_ca: Path | None = Field(default=None, description="CA bundle that verifies client certificates")
+    tls_client_auth: bool = Field(default=False, description="require client certificates (mTLS)")
+    metrics_tls: bool = Field(default=True, description="/metrics over TLS when tls_cert is set")
+    auth_file: Path | None = Field(default=None, description="principals, tokens and roles (YAML/JSON)")
+    admin_listen: str | None = Field(default=None, description="host:port of a separate admin port")
+    insecure: bool = Field(default=False, description="allow a reachable listener without TLS and auth")
+
+    @model_validator(mode="after")
+    def _secure_listeners(self) -> Self:
+        from kvrouter.security.listeners import check_router  # keeps config import-light
+
+        if self.admin_listen is not None:
+            self._host_port(self.admin_listen)
+            if self.admin_listen == self.listen:
+                raise ValueError("admin_listen must differ from listen")
+        check_router(self)
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: object) -> object:
         return v.upper() if isinstance(v, str) else v
 
-    @field_validator("listen", "ext_proc")
+    @field_validator("listen", "ext_proc", "http")
     @classmethod
     def _host_port(cls, v: str | None) -> str | None:
         if v is None:

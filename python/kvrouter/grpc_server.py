@@ -14,6 +14,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from kvrouter._proto.v1 import engine_pb2
+from kvrouter.security.tls import TlsFiles, secure_port
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 ENGINE_SERVICE = engine_pb2.DESCRIPTOR.services_by_name["Engine"].full_name
@@ -119,20 +120,25 @@ class GrpcServer:
     answer (health reports SERVING for "" and each of `services`); `stop()` at the end."""
 
     def __init__(self, listen: str, services: Sequence[str], *,
-                 options: Sequence[tuple[str, Any]] = (), reflect: bool = True) -> None:
+                 options: Sequence[tuple[str, Any]] = (), reflect: bool = True,
+                 tls: TlsFiles | None = None,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+        """`tls`: serve TLS (mutual with tls.client_auth); `interceptors` run before the
+        decode check (kvrouter.security.auth.AccessInterceptor: callers are authenticated
+        before their request is looked at)."""
         self.services = list(services)
         # Fail loudly if the port is taken instead of silently sharing it.
         # Undecodable requests (garbage bytes, invalid UTF-8) answer INVALID_ARGUMENT.
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *options],
-                                      interceptors=[_DecodeErrors()])
+                                      interceptors=[*interceptors, _DecodeErrors()])
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if reflect:
             reflection.enable_server_reflection(
                 [*self.services, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
         try:
-            self.port = self.server.add_insecure_port(listen)
-        except RuntimeError as e:
+            self.port = secure_port(self.server, listen, tls)
+        except (RuntimeError, ValueError) as e:  # ValueError: TlsError (unreadable files)
             raise ListenError(f"cannot listen on {listen}: {e}") from None
         if self.port == 0:
             raise ListenError(f"cannot listen on {listen} (address in use?)")

@@ -18,6 +18,7 @@ from kvrouter.backends.base import (
     FailureKind,
 )
 from kvrouter.registry import WorkerInfo
+from kvrouter.security.channels import aio_channel
 
 _GRPC_KIND: dict[grpc.StatusCode, FailureKind] = {
     grpc.StatusCode.FAILED_PRECONDITION: FailureKind.KV_LOST,
@@ -42,7 +43,8 @@ class GrpcEngineBackend:
     def _stub(self, address: str) -> engine_pb2_grpc.EngineStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=self._options)
+            # TLS (mutual with a client certificate) from this process's KVROUTER_TLS_*.
+            ch = aio_channel(address, self._options)
             self._channels[address] = ch
         return engine_pb2_grpc.EngineStub(ch)
 

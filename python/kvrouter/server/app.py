@@ -17,6 +17,7 @@ from kvrouter.events.plane import make_event_plane as make_plane
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.grpc_server import GrpcServer
 from kvrouter.registry import Registry
+from kvrouter.security.router import RouterSecurity
 from kvrouter.server.affinity import make_affinity
 from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.server.service import RouterService
@@ -52,8 +53,12 @@ class RouterApp:
         self.event_plane: EventPlane | None = None
         self.service: RouterService | None = None
         self.grpc: GrpcServer | None = None
+        self.admin_grpc: GrpcServer | None = None  # router.admin_listen
+        self.admin_port = 0
         self.port = 0
         self.metrics_port = 0
+        self.http: Any = None  # kvrouter.http.server.HttpFront when router.http is set
+        self.http_port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
 
@@ -67,6 +72,8 @@ class RouterApp:
 
     async def start(self) -> None:
         r = self.config.router
+        # TLS files and the auth file are read first: a bad one stops the start at once.
+        security = RouterSecurity.from_config(r, metrics_tls=r.metrics_tls)
         try:
             self.event_plane = make_event_plane(self.config, self.registry)
         except ValueError as e:
@@ -76,25 +83,55 @@ class RouterApp:
         self.service = RouterService(self.config, self.registry, self.metrics, self.event_plane,
                                      affinity=affinity)
         server = GrpcServer(r.listen, [ROUTER_SERVICE], options=self.grpc_options(),
-                            reflect=r.reflection)
+                            reflect=r.reflection, tls=security.tls,
+                            interceptors=security.interceptors("main"))
         router_pb2_grpc.add_RouterServicer_to_server(self.service, server.server)
         self.port = server.port
         await server.start()
         self.grpc = server
+        if r.admin_listen:  # the same servicer; each port serves only its roles' RPCs
+            admin = GrpcServer(r.admin_listen, [ROUTER_SERVICE], options=self.grpc_options(),
+                               reflect=False, tls=security.tls,
+                               interceptors=security.interceptors("admin"))
+            router_pb2_grpc.add_RouterServicer_to_server(self.service, admin.server)
+            self.admin_port = admin.port
+            await admin.start()
+            self.admin_grpc = admin
         if r.metrics_port:
             try:
-                self.metrics_port = self.metrics.serve(r.metrics_host, r.metrics_port)
+                self.metrics_port = self.metrics.serve(r.metrics_host, r.metrics_port,
+                                                       **security.metrics_kwargs())
             except OSError as e:
                 await server.stop(None)
                 raise RuntimeError(
                     f"cannot serve metrics on {r.metrics_host}:{r.metrics_port}: {e}") from None
+        if r.http:
+            await self._start_http(r.http)
         self._snapshot_metrics()
         self._tasks.append(asyncio.create_task(self._maintenance(), name="kvrouter-maintenance"))
         await server.set_serving()
+        if self.admin_grpc is not None:
+            await self.admin_grpc.set_serving()
         log.info("router serving", extra={
             "listen": r.listen, "port": self.port, "metrics_port": self.metrics_port,
+            "http_port": self.http_port,
             "models": ",".join(m.name for m in self.config.models),
             "event_plane": type(self.event_plane).__name__})
+
+    async def _start_http(self, listen: str) -> None:
+        """The OpenAI-compatible HTTP front (kvrouter.http) on this process's event loop,
+        over the service's generate path."""
+        from kvrouter.http.server import HttpFront, model_ready
+
+        assert self.service is not None
+        host, _, port = listen.rpartition(":")
+        try:
+            self.http = HttpFront(self.config, self.service.generate, model_ready(self.service))
+            self.http_port = await self.http.start(host.strip("[]"), int(port))
+        except RuntimeError:
+            if self.grpc is not None:
+                await self.grpc.stop(None)
+            raise
 
     async def _maintenance(self) -> None:
         interval = self.config.router.expire_interval_s
@@ -122,9 +159,15 @@ class RouterApp:
         self.metrics.workers.set(samples, list(self.registry.models))
 
     async def stop(self, grace: float | None = 2.0) -> None:
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
         if self.grpc is not None:
             await self.grpc.stop(grace)
             self.grpc = None
+        if self.admin_grpc is not None:
+            await self.admin_grpc.stop(grace)
+            self.admin_grpc = None
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.event_plane is not None:

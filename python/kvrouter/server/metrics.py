@@ -14,12 +14,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvrouter.events import metrics as event_metrics
+from kvrouter.security import metrics as security_metrics
 
 LATENCY_BUCKETS = (
     10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
@@ -104,7 +106,7 @@ class RouterMetrics:
             ["model", "outcome"], registry=r)
         self.workers = _WorkerCollector()
         r.register(self.workers)
-        for collector in event_metrics.ALL:
+        for collector in (*event_metrics.ALL, *security_metrics.ALL):
             r.register(collector)
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
@@ -135,9 +137,10 @@ class RouterMetrics:
         c.inc()
 
     # HTTP ----------------------------------------------------------------
-    def serve(self, host: str, port: int) -> int:
-        """Start /metrics in a daemon thread; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, **tls: Any) -> int:
+        """Start /metrics in a daemon thread; returns the bound port. `tls`: certfile,
+        keyfile ... of start_http_server (kvrouter.security.tls.TlsFiles.prometheus_kwargs)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
         self._http = server
         return int(server.server_address[1])
 

@@ -147,12 +147,15 @@ def stop_children(children: Sequence[ChildProcess], grace_s: float = 10.0) -> No
 
 
 def wait_grpc_serving(target: str, timeout: float, procs: Sequence[ChildProcess] = (),
-                      what: str = "") -> None:
-    """Poll the standard gRPC health service at `target` until it says SERVING."""
+                      what: str = "", security: Any = None) -> None:
+    """Poll the standard gRPC health service at `target` until it says SERVING (`security`:
+    a kvrouter.security.channels.ClientSecurity for a TLS listener; default plaintext)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    from kvrouter.security.channels import ClientSecurity
+
+    with (security or ClientSecurity()).channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
 
         def serving() -> bool:
@@ -205,9 +208,10 @@ class RouterProcess(ChildProcess):
 def start_router(workdir: Path, config: Mapping[str, Any] | None = None,
                  args: Sequence[str] = (), *, metrics: bool = False,
                  env: Mapping[str, str] | None = None, timeout: float = 30.0,
-                 name: str = "router") -> RouterProcess:
+                 name: str = "router", security: Any = None) -> RouterProcess:
     """Start `kvrouter serve` on a free port (with `config` as its YAML file when given,
-    /metrics on a free port with `metrics`) and wait until it serves gRPC health."""
+    /metrics on a free port with `metrics`) and wait until it serves gRPC health (over TLS
+    with `security`, a kvrouter.security.channels.ClientSecurity)."""
     import yaml
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +230,8 @@ def start_router(workdir: Path, config: Mapping[str, Any] | None = None,
                            port=port, metrics_port=mport, config_path=cfg_path)
         rp.start()
         try:
-            wait_grpc_serving(rp.target, timeout, [rp], what=f"router at {rp.target} serving")
+            wait_grpc_serving(rp.target, timeout, [rp], what=f"router at {rp.target} serving",
+                              security=security)
             return rp
         except (ProcessExited, WaitTimeout) as e:
             rp.stop(2.0)

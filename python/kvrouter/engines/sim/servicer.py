@@ -27,6 +27,7 @@ from kvrouter.engines.sim.engine import RequestMode
 from kvrouter.engines.sim.offload import note_session, offload, reload
 from kvrouter.engines.sim.worker import Rejected, SimWorker
 from kvrouter.protocol import decode_prompt, extra_key_for, load_report_pb
+from kvrouter.security.channels import aio_channel
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TOKENS_LIMIT = 1 << 20
@@ -121,7 +122,8 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
             return ""
         ch = self._peers.get(peer)
         if ch is None:
-            ch = self._peers[peer] = grpc.aio.insecure_channel(peer)
+            # TLS and token of this process (KVROUTER_TLS_*, kvrouter.security.channels).
+            ch = self._peers[peer] = aio_channel(peer)
         stub = engine_pb2_grpc.EngineStub(ch)
         try:
             resp = await stub.TransferKv(

@@ -1,0 +1,473 @@
+"""The OpenAI-compatible HTTP front of the router (`kvrouter serve --http HOST:PORT`).
+
+POST /v1/completions and /v1/chat/completions (streaming as server-sent events in
+OpenAI's chunk format, or one JSON reply), GET /v1/models, GET /health (the process is
+up) and GET /ready (every model has a routable worker). Served by aiohttp on the
+router's own event loop (docs/http-front.md says why aiohttp).
+
+A request is tokenised here, once, and becomes the very RouterGenerateRequest a gRPC
+client would send; `RouterService.generate` plans, reserves, calls the engine(s) with
+the token ids and streams GenerateResponses back (failover, disaggregation, n, load
+release and whatever else Router.Generate does apply to HTTP unchanged). Here those
+responses are decoded to text, stop strings applied, and formatted as OpenAI chunks.
+
+A client that disconnects cancels its handler (aiohttp's handler_cancellation): the
+cancellation runs through the generate generator's `finally` blocks, which cancel the
+engine call and release the reservation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from pydantic import ValidationError
+
+from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2
+from kvrouter.config import DEFAULT_MODEL, Config, ModelConfig
+from kvrouter.http.errors import HttpError
+from kvrouter.http.schema import ChatRequest, CompletionRequest, _Sampling
+from kvrouter.http.tokenizer import Detokenizer, ModelTokenizer, TemplateError, TokenizerError
+from kvrouter.server.generate import DEFAULT_MAX_TOKENS, GenerateTrace
+
+log = logging.getLogger("kvrouter.http")
+
+MAX_BODY_BYTES = 64 << 20
+# Longer texts are tokenised on a worker thread, so that the event loop keeps serving
+# other requests meanwhile (the Rust tokenizer releases the GIL).
+THREAD_TOKENIZE_CHARS = 32 << 10
+SESSION_HEADER = "x-session-id"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "Connection": "keep-alive"}
+_FINISH = {"length": "length", "stop": "stop", "": "stop"}
+
+GenerateFn = Callable[[router_pb2.RouterGenerateRequest, GenerateTrace],
+                      AsyncGenerator[engine_pb2.GenerateResponse, None]]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + _dumps(obj) + b"\n\n"
+
+
+@dataclass
+class _Model:
+    cfg: ModelConfig
+    tokenizer: ModelTokenizer | None
+    created: int
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.tokenizer.model_max_length if self.tokenizer else None
+
+
+@dataclass
+class _Choice:
+    """One sample's output while it streams: decoding, stop strings, counts."""
+
+    index: int
+    detok: Detokenizer | None
+    stops: list[str]
+    text: str = ""
+    sent: int = 0  # len(text) already sent to the client
+    token_ids: list[int] = field(default_factory=list)
+    tokens: int = 0
+    finish_reason: str | None = None
+    usage: common_pb2.Usage | None = None
+    closed: bool = False  # its last chunk went out
+
+    def feed(self, ids: Sequence[int]) -> None:
+        """Decode `ids`; a stop string ends the choice at the token that completed it."""
+        for t in ids:
+            if self.finish_reason is not None:
+                return
+            self.tokens += 1
+            self.token_ids.append(t)
+            if self.detok is None:
+                continue
+            piece = self.detok.step(t)
+            if not piece:
+                continue
+            start = max(0, len(self.text) - self._hold())
+            self.text += piece
+            if self.stops:
+                cut = min((p for s in self.stops if (p := self.text.find(s, start)) >= 0),
+                          default=-1)
+                if cut >= 0:
+                    self.text = self.text[:cut]
+                    self.finish_reason = "stop"
+
+    def _hold(self) -> int:
+        return max((len(s) for s in self.stops), default=1) - 1
+
+    def take(self, final: bool) -> str:
+        """Text ready to send: all of it at the end, else all but what could still turn
+        out to be the start of a stop string."""
+        end = len(self.text) if final or self.finish_reason else len(self.text) - self._hold()
+        if end <= self.sent:
+            return ""
+        out = self.text[self.sent:end]
+        self.sent = end
+        return out
+
+
+class HttpFront:
+    """The router's OpenAI-compatible HTTP server; `await start(host, port)`, `await stop()`."""
+
+    def __init__(self, config: Config, generate: GenerateFn,
+                 ready: Callable[[str], bool] | None = None) -> None:
+        self.config = config
+        self.generate = generate
+        self.ready = ready or (lambda model: True)
+        now = int(time.time())
+        self.models: dict[str, _Model] = {}
+        for m in config.models:
+            tok = None
+            if m.tokenizer:
+                try:
+                    tok = ModelTokenizer.load(m.tokenizer)
+                except TokenizerError as e:
+                    raise RuntimeError(f"model {m.name!r}: {e}") from None
+            self.models[m.name] = _Model(cfg=m, tokenizer=tok, created=now)
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES,
+                                   middlewares=[self._errors])
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.app.router.add_get("/v1/models", self.list_models)
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/ready", self.readiness)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, host: str, port: int, ssl_context: Any = None) -> int:
+        # handler_cancellation: a client that goes away cancels its request (and thereby
+        # the engine call and the reservation), instead of generating for nobody
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise RuntimeError(f"cannot serve HTTP on {host}:{port}: {e}") from None
+        self._runner = runner
+        addrs = runner.addresses
+        self.port = int(addrs[0][1]) if addrs else port
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ------------------------------------------------------------------ plumbing
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                      ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HttpError as e:
+            return web.Response(status=e.status, body=e.json_bytes(), headers=e.headers())
+        except web.HTTPException as e:  # aiohttp's own: 404 path, 405 method, 413 size
+            err = HttpError(e.status, e.reason or "error",
+                            "invalid_request_error" if e.status < 500 else "internal_error")
+            return web.Response(status=e.status, body=err.json_bytes(), headers=err.headers())
+
+    async def _body(self, request: web.Request, cls: type[_Sampling]) -> Any:
+        raw = await request.read()
+        try:
+            body = cls.model_validate_json(raw)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            if err.get("type") == "json_invalid":
+                raise HttpError.bad_request(f"the body is not valid JSON: {err.get('msg')}"
+                                            ) from None
+            raise HttpError.bad_request(f"{loc or 'body'}: {err.get('msg')}",
+                                        param=loc or None) from None
+        for name, why in body.unsupported():
+            raise HttpError.bad_request(why, param=name)
+        return body
+
+    def _model(self, name: str) -> _Model:
+        m = self.models.get(name or DEFAULT_MODEL)
+        if m is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise HttpError(404, f"The model `{name}` does not exist (known models: {known})",
+                            code="model_not_found", param="model")
+        return m
+
+    async def _encode(self, tok: ModelTokenizer, fn: Callable[[], list[int]], size: int,
+                      ) -> list[int]:
+        if size > THREAD_TOKENIZE_CHARS:
+            return await asyncio.to_thread(fn)
+        return fn()
+
+    def _check_ids(self, m: _Model, ids: Sequence[int]) -> None:
+        if m.tokenizer is not None and not m.cfg.vocab_size:
+            vocab = m.tokenizer.vocab_size
+            top = max(ids)
+            if top >= vocab:
+                raise HttpError.bad_request(
+                    f"token id {top} is out of range for the model's tokenizer "
+                    f"(vocabulary of {vocab})", param="prompt")
+
+    def _budget(self, m: _Model, prompt_len: int, requested: int | None) -> int:
+        """max_tokens after the model's context limit (vLLM's rule and message)."""
+        limit = m.max_model_len
+        if limit is None:
+            return requested if requested is not None else DEFAULT_MAX_TOKENS
+        if prompt_len >= limit:
+            raise HttpError.bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"request has {prompt_len} input tokens. Please reduce the length of the "
+                f"input.", param="messages")
+        if requested is None:
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise HttpError.bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt_len + requested} tokens ({prompt_len} in the input, "
+                f"{requested} in the completion). Please reduce the length of the input "
+                f"or completion.", param="max_tokens")
+        return requested
+
+    def _generate_request(self, request: web.Request, m: _Model, body: _Sampling,
+                          ids: Sequence[int], max_tokens: int, rid: str,
+                          ) -> router_pb2.RouterGenerateRequest:
+        sp = common_pb2.SamplingParams(max_tokens=max_tokens, n=body.n,
+                                       ignore_eos=body.ignore_eos)
+        if body.temperature is not None:
+            sp.temperature = body.temperature
+        if body.top_p is not None:
+            sp.top_p = body.top_p
+        if body.top_k is not None and body.top_k > 0:
+            sp.top_k = body.top_k
+        if body.seed is not None:
+            sp.seed = body.seed
+        if body.stop_token_ids:
+            sp.stop_token_ids.extend(body.stop_token_ids)
+        session = request.headers.get(SESSION_HEADER) or body.user or ""
+        return router_pb2.RouterGenerateRequest(
+            model=m.cfg.name, token_ids_le=np.asarray(ids, dtype="<u4").tobytes(),
+            request_id=rid, sampling=sp, session_id=session)
+
+    # ------------------------------------------------------------------ endpoints
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readiness(self, request: web.Request) -> web.Response:
+        waiting = [name for name in self.models if not self.ready(name)]
+        if waiting:
+            return web.json_response({"status": "not ready", "models_without_workers": waiting},
+                                     status=503)
+        return web.json_response({"status": "ready"})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "created": m.created, "owned_by": "kvrouter",
+                 "max_model_len": m.max_model_len} for name, m in sorted(self.models.items())]
+        return web.json_response({"object": "list", "data": data})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body: CompletionRequest = await self._body(request, CompletionRequest)
+        m = self._model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                raise HttpError.bad_request("batched prompts are not supported: send one "
+                                            "prompt per request", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            tok = self._need_tokenizer(m, "text prompts")
+            p = prompt
+            ids = await self._encode(tok, lambda: tok.encode(p, body.add_special_tokens), len(p))
+        else:
+            ids = list(prompt)  # type: ignore[arg-type]
+            if ids:
+                self._check_ids(m, ids)
+        if not ids:
+            raise HttpError.bad_request("the prompt is empty", param="prompt")
+        return await self._run(request, m, body, ids, self._budget(m, len(ids), body.max_tokens),
+                               chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body: ChatRequest = await self._body(request, ChatRequest)
+        m = self._model(body.model)
+        tok = self._need_tokenizer(m, "chat completions")
+        messages = [msg.for_template() for msg in body.messages]
+        kwargs = dict(body.chat_template_kwargs or {})
+        for k in ("messages", "add_generation_prompt"):
+            kwargs.pop(k, None)
+        size = sum(len(str(x.get("content") or "")) for x in messages)
+        try:
+            ids = await self._encode(
+                tok, lambda: tok.encode_chat(messages, body.add_generation_prompt, **kwargs), size)
+        except TemplateError as e:
+            raise HttpError.bad_request(str(e), param="messages") from None
+        if not ids:
+            raise HttpError.bad_request("the chat template rendered an empty prompt",
+                                        param="messages")
+        return await self._run(request, m, body, ids, self._budget(m, len(ids), body.token_budget),
+                               chat=True)
+
+    def _need_tokenizer(self, m: _Model, what: str) -> ModelTokenizer:
+        if m.tokenizer is None:
+            raise HttpError.bad_request(
+                f"model {m.cfg.name!r} has no tokenizer configured (models[].tokenizer), so "
+                f"it serves {what} only as token ids", param="prompt")
+        return m.tokenizer
+
+    # ------------------------------------------------------------------ generation
+    async def _run(self, request: web.Request, m: _Model, body: _Sampling, ids: list[int],
+                   max_tokens: int, chat: bool) -> web.StreamResponse:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        req = self._generate_request(request, m, body, ids, max_tokens, rid)
+        stops = body.stops()
+        choices = [_Choice(i, m.tokenizer.decoder() if m.tokenizer else None, stops)
+                   for i in range(body.n)]
+        trace = GenerateTrace()
+        created = int(time.time())
+        async with aclosing(self.generate(req, trace)) as gen:
+            try:
+                first = await anext(gen, None)  # errors before any output get their status
+            except Exception as e:
+                if isinstance(e, HttpError):
+                    raise
+                raise HttpError.from_exception(e) from None
+            if body.stream:
+                return await self._stream(request, m, body, chat, rid, created, choices, gen,
+                                          first, len(ids))
+            resp = first
+            try:
+                while resp is not None:
+                    if self._apply(choices, resp):
+                        break
+                    resp = await anext(gen, None)
+            except Exception as e:
+                raise HttpError.from_exception(e) from None
+        return web.Response(body=_dumps(self._whole(m, body, chat, rid, created, choices,
+                                                     len(ids))),
+                            content_type="application/json")
+
+    @staticmethod
+    def _apply(choices: list[_Choice], resp: engine_pb2.GenerateResponse) -> bool:
+        """Feed one response; True once every choice has finished."""
+        idx = resp.sample_index
+        if idx < len(choices):
+            c = choices[idx]
+            c.feed(resp.token_ids)
+            if resp.finished:
+                c.usage = resp.usage
+                if c.finish_reason is None:
+                    c.finish_reason = _FINISH.get(resp.finish_reason, resp.finish_reason)
+        return all(c.finish_reason is not None for c in choices)
+
+    @staticmethod
+    def _usage(choices: list[_Choice], prompt_len: int) -> dict[str, Any]:
+        completion = sum(c.tokens for c in choices)
+        reported = [c.usage for c in choices if c.usage is not None]
+        usage: dict[str, Any] = {"prompt_tokens": prompt_len, "completion_tokens": completion,
+                                 "total_tokens": prompt_len + completion}
+        # the engine's count of prompt tokens served from its prefix cache; a choice cut
+        # short by a stop string ends before the engine reported it (then: null)
+        usage["prompt_tokens_details"] = (
+            {"cached_tokens": int(reported[0].cached_tokens)} if reported else None)
+        return usage
+
+    def _whole(self, m: _Model, body: _Sampling, chat: bool, rid: str, created: int,
+               choices: list[_Choice], prompt_len: int) -> dict[str, Any]:
+        out_choices = []
+        for c in choices:
+            text = c.text
+            item: dict[str, Any]
+            if chat:
+                item = {"index": c.index, "message": {"role": "assistant", "content": text},
+                        "logprobs": None, "finish_reason": c.finish_reason}
+            else:
+                item = {"index": c.index, "text": text, "logprobs": None,
+                        "finish_reason": c.finish_reason}
+            if body.return_token_ids:
+                item["token_ids"] = c.token_ids
+            out_choices.append(item)
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": created, "model": m.cfg.name, "choices": out_choices,
+                "usage": self._usage(choices, prompt_len)}
+
+    async def _stream(self, request: web.Request, m: _Model, body: _Sampling, chat: bool,
+                      rid: str, created: int, choices: list[_Choice],
+                      gen: AsyncGenerator[engine_pb2.GenerateResponse, None],
+                      first: engine_pb2.GenerateResponse | None, prompt_len: int,
+                      ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        await resp.prepare(request)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created, "model": m.cfg.name}
+        tail: dict[str, Any] = {"usage": None} if include_usage else {}
+        if chat:  # OpenAI opens each choice with the assistant role
+            for c in choices:
+                await resp.write(_sse({**head, "choices": [
+                    {"index": c.index, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None}], **tail}))
+        item = first
+        try:
+            while item is not None:
+                done = self._apply(choices, item)
+                if item.sample_index < len(choices):
+                    await self._send(resp, head, tail, choices[item.sample_index], chat, body.return_token_ids,
+                                     item.token_ids)
+                if done:
+                    break
+                item = await anext(gen, None)
+        except Exception as e:  # after the 200: OpenAI's error object as an event
+            err = HttpError.from_exception(e)
+            await resp.write(_sse(err.body()))
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        if include_usage:
+            await resp.write(_sse({**head, "choices": [],
+                                   "usage": self._usage(choices, prompt_len)}))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    @staticmethod
+    async def _send(resp: web.StreamResponse, head: dict[str, Any], tail: dict[str, Any],
+                    c: _Choice, chat: bool, with_ids: bool, ids: Sequence[int]) -> None:
+        if c.closed:
+            return
+        finished = c.closed = c.finish_reason is not None
+        text = c.take(finished)
+        if not text and not finished and not with_ids:
+            return
+        item: dict[str, Any]
+        if chat:
+            item = {"index": c.index, "delta": {"content": text} if text or not finished else {},
+                    "logprobs": None, "finish_reason": c.finish_reason}
+        else:
+            item = {"index": c.index, "text": text, "logprobs": None,
+                    "finish_reason": c.finish_reason}
+        if with_ids:
+            item["token_ids"] = list(ids)
+        await resp.write(_sse({**head, "choices": [item], **tail}))
+
+
+def model_ready(service: Any) -> Callable[[str], bool]:
+    """Readiness of one model for the service: some worker of it is routable."""
+    def ready(name: str) -> bool:
+        m = service.models.get(name)
+        return m is not None and any(w.routable for w in list(m.state.workers.values()))
+    return ready
