@@ -76,6 +76,11 @@ class RouterStub:
                 request_serializer=kvrouter_dot_v1_dot_router__pb2.ExplainRequest.SerializeToString,
                 response_deserializer=kvrouter_dot_v1_dot_router__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.ResumeSession = channel.unary_unary(
+                '/kvrouter.v1.Router/ResumeSession',
+                request_serializer=kvrouter_dot_v1_dot_router__pb2.ResumeSessionRequest.SerializeToString,
+                response_deserializer=kvrouter_dot_v1_dot_router__pb2.ResumeSessionResponse.FromString,
+                _registered_method=True)
         self.RegisterWorker = channel.unary_unary(
                 '/kvrouter.v1.Router/RegisterWorker',
                 request_serializer=kvrouter_dot_v1_dot_router__pb2.RegisterWorkerRequest.SerializeToString,
@@ -163,6 +168,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeSession(self, request, context):
+        """Bring a session's KV back to its worker's GPU before its next turn (prefetch; the next
+        Generate of the session does it too). NOT_FOUND for a session the router does not know.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterWorker(self, request, context):
         """---- workers (engines that register over gRPC rather than through Redis) ----
         """
@@ -242,6 +255,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Explain,
                     request_deserializer=kvrouter_dot_v1_dot_router__pb2.ExplainRequest.FromString,
                     response_serializer=kvrouter_dot_v1_dot_router__pb2.RouteResponse.SerializeToString,
+            ),
+            'ResumeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSession,
+                    request_deserializer=kvrouter_dot_v1_dot_router__pb2.ResumeSessionRequest.FromString,
+                    response_serializer=kvrouter_dot_v1_dot_router__pb2.ResumeSessionResponse.SerializeToString,
             ),
             'RegisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterWorker,
@@ -486,6 +504,33 @@ class Router:
             '/kvrouter.v1.Router/Explain',
             kvrouter_dot_v1_dot_router__pb2.ExplainRequest.SerializeToString,
             kvrouter_dot_v1_dot_router__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvrouter.v1.Router/ResumeSession',
+            kvrouter_dot_v1_dot_router__pb2.ResumeSessionRequest.SerializeToString,
+            kvrouter_dot_v1_dot_router__pb2.ResumeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
