@@ -80,9 +80,17 @@ class Fleet:
         self.router: RouterProcess | None = None
         self.engines: list[SimEngineProcess] = []
         self.target = ""
+        self.http_url = ""
 
     def start_router(self, timeout_s: float) -> None:
-        args = ["--model", f"default,block_size={self.block_size}{self.model_options}"]
+        # the OpenAI-compatible HTTP front, with the simulated models' local tokenizer
+        from kvrouter.http.tokenizer import sim_tokenizer
+        from kvrouter.testing.processes import free_port
+
+        self.http_url = f"http://127.0.0.1:{free_port()}"
+        args = ["--model", f"default,block_size={self.block_size},tokenizer={sim_tokenizer()}"
+                           f"{self.model_options}",
+                "--http", self.http_url.removeprefix("http://")]
         env: dict[str, str] = {}
         if self.redis_url:
             args += ["--redis-url", self.redis_url]
@@ -400,6 +408,25 @@ def format_table(results: Sequence[PolicyResult]) -> str:
     return "\n".join(lines)
 
 
+async def _http_front_check(base: str) -> str:
+    """One chat completion through the router's HTTP front: the demo fails if it does not
+    answer as OpenAI would."""
+    import httpx
+
+    body = {"model": "default", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hello from the kvrouter demo"}]}
+    try:
+        async with httpx.AsyncClient(timeout=30.0, trust_env=False) as client:
+            r = await client.post(f"{base}/v1/chat/completions", json=body)
+        out = r.json()
+        usage = out["usage"]
+        return (f"a chat completion: {usage['prompt_tokens']} prompt tokens, "
+                f"{usage['completion_tokens']} generated")
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise DemoError(f"the HTTP front at {base} did not answer a chat completion: "
+                        f"{type(e).__name__}: {e}") from e
+
+
 # ----------------------------------------------------------------------------------
 # entry points
 
@@ -419,6 +446,10 @@ async def _run(args: argparse.Namespace, fleet: Fleet, policies: list[str]) -> l
             plane = f"Redis {args.redis}" if args.redis else "gRPC to the router (in-process plane)"
             print(f"kvrouter demo: router {fleet.target}, {len(workers)} simulated engines "
                   f"(events: {plane}), time scale {args.time_scale:g}", file=sys.stderr)
+        reply = await _http_front_check(fleet.http_url)
+        if not quiet:
+            print(f"kvrouter demo: OpenAI-compatible HTTP front at {fleet.http_url}/v1 "
+                  f"({reply})", file=sys.stderr)
         await driver.warmup(len(workers))
         results = []
         for i, policy in enumerate(policies):
