@@ -187,7 +187,7 @@ class RouteStreamResponse(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., results: _Optional[_Iterable[_Union[RouteStreamResult, _Mapping]]] = ...) -> None: ...
 
 class RouterGenerateRequest(_message.Message):
-    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens", "aggregator", "answer_regex", "scorer", "priority", "tenant", "deadline_unix_ms", "tool_pause_s")
+    __slots__ = ("model", "token_ids", "token_ids_le", "extra_key", "request_id", "sampling", "disaggregated", "session_id", "lora_name", "mode", "expected_output_tokens", "aggregator", "answer_regex", "scorer", "priority", "tenant", "deadline_unix_ms", "tool_pause_s", "tool_kv_action")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class RouterGenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TOOL_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    TOOL_KV_ACTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -224,7 +225,8 @@ class RouterGenerateRequest(_message.Message):
     tenant: str
     deadline_unix_ms: int
     tool_pause_s: float
-    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ..., aggregator: _Optional[str] = ..., answer_regex: _Optional[str] = ..., scorer: _Optional[str] = ..., priority: _Optional[str] = ..., tenant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., tool_pause_s: _Optional[float] = ...) -> None: ...
+    tool_kv_action: str
+    def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ..., aggregator: _Optional[str] = ..., answer_regex: _Optional[str] = ..., scorer: _Optional[str] = ..., priority: _Optional[str] = ..., tenant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., tool_pause_s: _Optional[float] = ..., tool_kv_action: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ("model",)
