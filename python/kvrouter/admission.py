@@ -238,6 +238,14 @@ class AdmissionQueue(Generic[T]):
             return self.default_class
         return i
 
+    def class_of(self, name: str) -> str:
+        """The class name a request's priority maps to, without counting anything."""
+        i = self._class_index.get(name) if name else None
+        return self.classes[self.default_class if i is None else i]
+
+    def is_unknown_class(self, name: str) -> bool:
+        return bool(name) and name not in self._class_index
+
     @staticmethod
     def check_tenant(name: str) -> str:
         """The tenant name to queue under (empty: DEFAULT_TENANT); ValueError if invalid.

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -104,6 +104,19 @@ class RouterMetrics:
         self.event_batches = Counter(
             "kvrouter_publish_events", "PublishEvents batches received over gRPC",
             ["model", "outcome"], registry=r)
+        # Admission control (kvrouter.server.admission, docs/admission.md).
+        self.admission = Counter(
+            "kvrouter_admission", "Admission control outcomes: admitted (at once), queued, "
+            "dispatched (after waiting), expired, deadline_passed, queue_full, shed, "
+            "cancelled, unknown_class", ["model", "class", "outcome"], registry=r)
+        self.admission_wait = Histogram(
+            "kvrouter_admission_wait_seconds", "Time a dispatched request waited in the "
+            "admission queue", ["model", "class"],
+            buckets=(1e-3, 5e-3, 0.02, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=r)
+        self.admission_queued = Gauge(
+            "kvrouter_admission_queued", "Requests waiting in the admission queue",
+            ["model", "class"], registry=r)
         self.workers = _WorkerCollector()
         r.register(self.workers)
         for collector in (*event_metrics.ALL, *security_metrics.ALL):
@@ -128,6 +141,9 @@ class RouterMetrics:
         if o is None:
             o = self._ratio_children[model] = self.overlap_ratio.labels(model)
         o.observe(overlap_ratio)
+
+    def admission_outcome(self, model: str, cls: str, outcome: str) -> None:
+        self.admission.labels(model, cls, outcome).inc()
 
     def failed(self, model: str, policy: str, outcome: str) -> None:
         key = (model, policy, outcome)

@@ -7,6 +7,7 @@ is logged per request; metrics are pre-bound counters.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -45,6 +46,14 @@ from kvrouter.protocol import (
     extra_key_for,
 )
 from kvrouter.registry import ModelState, Registry, Role, UnknownModel, UnknownWorkerName, WorkerStatus
+from kvrouter.server.admission import (
+    PRIORITY_HEADER,
+    TENANT_HEADER,
+    AdmissionGate,
+    AdmissionRefused,
+    admission_pb,
+    deadline_from,
+)
 from kvrouter.server.affinity import Affinity, Pin, check_session
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 from kvrouter.server.metrics import RouterMetrics
@@ -75,10 +84,18 @@ _GENERATE_MODES: dict[int, str] = {
 class RequestError(Exception):
     """A request the router refuses; becomes a gRPC status (or a StreamError item)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # admission control's hint (RESOURCE_EXHAUSTED)
+
+
+def _retry_after_md(e: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata `retry-after` (whole seconds) for an error that carries a hint."""
+    after = getattr(e, "retry_after_s", None)
+    return (("retry-after", str(max(1, round(after)))),) if after else ()
 
 
 class _aborting:
@@ -94,6 +111,8 @@ class _aborting:
     async def __aexit__(self, typ: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         if isinstance(exc, RequestError):
+            if exc.retry_after_s:
+                self.context.set_trailing_metadata(_retry_after_md(exc))
             await self.context.abort(exc.code, exc.message)
 
 
@@ -144,6 +163,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if state is None:
                 raise ValueError(f"model {mcfg.name!r} is not in the registry")
             self.models[mcfg.name] = ModelRuntime(cfg=mcfg, state=state)
+        # Admission control per model (server/admission.py, docs/admission.md).
+        self.admission = {name: AdmissionGate(name, m.state.scheduler, m.cfg.admission, metrics)
+                          for name, m in self.models.items()}
         self._max_tokens = config.router.max_prompt_tokens
         # Router-made request ids: unique per process start, cheap to produce.
         self._rid_prefix = f"r{os.getpid():x}{int(time.time()) & 0xFFFFFF:x}-"
@@ -231,6 +253,80 @@ class RouterService(router_pb2_grpc.RouterServicer):
         finally:
             await self.affinity.flush()
 
+    # ------------------------------------------------------------------ admission control
+    def _admission_from_context(self, request: router_pb2.RouterGenerateRequest,
+                                context: grpc.aio.ServicerContext,
+                                ) -> router_pb2.RouterGenerateRequest:
+        """Generate over gRPC: the x-kvrouter-priority / x-kvrouter-tenant metadata and the
+        call's gRPC deadline fill the admission fields the request leaves unset."""
+        md = dict(context.invocation_metadata() or ())
+        priority = request.priority or str(md.get(PRIORITY_HEADER, ""))
+        tenant = request.tenant or str(md.get(TENANT_HEADER, ""))
+        deadline_ms = request.deadline_unix_ms
+        remaining = context.time_remaining()
+        if remaining is not None and deadline_ms >= 0:
+            by_grpc = int((time.time() + remaining) * 1e3)
+            deadline_ms = min(deadline_ms, by_grpc) if deadline_ms else by_grpc
+        if (priority, tenant, deadline_ms) == (request.priority, request.tenant,
+                                                request.deadline_unix_ms):
+            return request
+        out = router_pb2.RouterGenerateRequest()
+        out.CopyFrom(request)
+        out.priority, out.tenant, out.deadline_unix_ms = priority, tenant, deadline_ms
+        return out
+
+    async def _admit(self, m: ModelRuntime, priority: str, tenant: str, deadline_unix_ms: int,
+                     time_remaining: float | None = None, eligible: list[int] | None = None,
+                     ) -> tuple[str, Any] | None:
+        """Wait while every eligible worker of the model is saturated (server/admission.py).
+        Returns (model, ticket) to settle once the request has routed, or None."""
+        gate = self.admission[m.cfg.name]
+        try:
+            deadline = deadline_from(deadline_unix_ms, time_remaining)
+            ticket = await gate.enter(priority, tenant, deadline, eligible)
+        except ValueError as e:
+            _invalid(f"{e} (model {m.cfg.name!r})")
+        except AdmissionRefused as e:
+            self.metrics.failed(m.cfg.name, m.cfg.policy, e.code.name.lower())
+            raise RequestError(e.code, e.message, e.retry_after_s) from None
+        return (m.cfg.name, ticket) if ticket is not None else None
+
+    async def _admit_route(self, req: router_pb2.RouteRequest,
+                           context: grpc.aio.ServicerContext) -> tuple[str, Any] | None:
+        """Route's admission: a dry run does not load the fleet and is never held."""
+        m = self._model(req.model)
+        gate = self.admission[m.cfg.name]
+        if req.dry_run or not (gate.enabled or req.priority or req.tenant
+                               or req.deadline_unix_ms):
+            return None  # nothing to check or wait for: the hot path stays as it was
+        priority, tenant = req.priority, req.tenant
+        if gate.enabled:
+            md = dict(context.invocation_metadata() or ())
+            priority = priority or str(md.get(PRIORITY_HEADER, ""))
+            tenant = tenant or str(md.get(TENANT_HEADER, ""))
+            self._tokens(m, req.token_ids, req.token_ids_le)  # a bad prompt fails before waiting
+        eligible = None
+        if gate.enabled and (req.candidates or req.role):
+            eligible = self._candidates(m, req.candidates, req.role)
+        return await self._admit(m, priority, tenant, req.deadline_unix_ms,
+                                 context.time_remaining(), eligible)
+
+    def _admit_stream(self, req: router_pb2.RouteRequest) -> None:
+        """RouteStream answers in order and cannot hold one item back: a route item that
+        would have to wait fails with RESOURCE_EXHAUSTED (and a retry-after hint) instead."""
+        m = self._model(req.model)
+        gate = self.admission[m.cfg.name]
+        if req.dry_run or not (gate.enabled or req.priority or req.tenant
+                               or req.deadline_unix_ms):
+            return
+        try:
+            gate.try_now(req.priority, req.tenant, deadline_from(req.deadline_unix_ms))
+        except ValueError as e:
+            _invalid(f"{e} (model {m.cfg.name!r})")
+        except AdmissionRefused as e:
+            self.metrics.failed(m.cfg.name, m.cfg.policy, e.code.name.lower())
+            raise RequestError(e.code, e.message, e.retry_after_s) from None
+
     # ------------------------------------------------------------------ decision hot path
     def decide(self, req: router_pb2.RouteRequest, explain: bool = False,
                dry_run: bool = False) -> router_pb2.RouteResponse:
@@ -314,6 +410,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     "nothing released")
         released = m.state.scheduler.release(req.request_id)
         self.metrics.released.labels(m.cfg.name, "released" if released else "unknown").inc()
+        if released:
+            self.admission[m.cfg.name].kick()
         return router_pb2.ReleaseResponse(released=released)
 
     def prefill_done(self, req: router_pb2.MarkPrefillDoneRequest,
@@ -323,14 +421,21 @@ class RouterService(router_pb2_grpc.RouterServicer):
             _invalid("request_id is empty")
         if req.worker:
             self._worker(m, req.worker)
-        return router_pb2.MarkPrefillDoneResponse(
-            found=m.state.scheduler.mark_prefill_done(req.request_id))
+        found = m.state.scheduler.mark_prefill_done(req.request_id)
+        if found:
+            self.admission[m.cfg.name].kick()
+        return router_pb2.MarkPrefillDoneResponse(found=found)
 
     # ------------------------------------------------------------------ client RPCs
     async def Route(self, request: router_pb2.RouteRequest,
                     context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
         async with _aborting(context):
-            return await self.decide_async(request)
+            grant = await self._admit_route(request, context)
+            try:
+                return await self.decide_async(request)
+            finally:
+                if grant is not None:
+                    self.admission[grant[0]].settled(grant[1])
 
     async def Explain(self, request: router_pb2.ExplainRequest,
                       context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
@@ -352,6 +457,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         try:
             op = item.WhichOneof("op")
             if op == "route":
+                self._admit_stream(item.route)
                 return router_pb2.RouteStreamResult(route=self.decide(item.route))
             if op == "release":
                 return router_pb2.RouteStreamResult(release=self.release(item.release))
@@ -386,10 +492,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
         """Proxy mode: plan (kvrouter.planner), call the engine(s), stream (server/generate.py)."""
         trace = GenerateTrace()
         try:
+            if not (request.priority and request.tenant and request.deadline_unix_ms):
+                request = self._admission_from_context(request, context)
             async for resp in self.generate(request, trace):
                 yield resp
         except (RequestError, GenerateError) as e:
-            context.set_trailing_metadata(trace.metadata())
+            context.set_trailing_metadata(trace.metadata() + _retry_after_md(e))
             await context.abort(e.code, e.message)
         context.set_trailing_metadata(trace.metadata())
 
@@ -413,13 +521,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise RequestError(grpc.StatusCode.ALREADY_EXISTS,
                                f"request_id {rid!r} already holds a reservation on model "
                                f"{m.cfg.name!r}; use a new id")
-        session = request.session_id
-        pin = None
-        if session:
-            await self.affinity.prefetch([(m.cfg.name, session)])
-            pin = self._pin(m, session, None)
-            if pin is not None:
-                trace.affinity = pin.outcome
+        gate = self.admission[m.cfg.name]
+        grant = None
+        if gate.enabled or request.priority or request.tenant or request.deadline_unix_ms:
+            grant = await self._admit(m, request.priority, request.tenant,
+                                      request.deadline_unix_ms)
+        try:
+            session = request.session_id
+            pin = None
+            if session:
+                await self.affinity.prefetch([(m.cfg.name, session)])
+                pin = self._pin(m, session, None)
+                if pin is not None:
+                    trace.affinity = pin.outcome
+        finally:
+            # The plan below reserves before the loop runs again, so the next waiter's
+            # saturation check (scheduled by settled) sees this request's load.
+            if grant is not None:
+                gate.settled(grant[1])
         async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace,
                                            pin=pin.wid if pin is not None else None)) as out:
             try:
@@ -428,6 +547,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             finally:
                 if pin is not None and trace.worker:  # the worker that finished holds the KV
                     self.affinity.record(m.cfg.name, session, trace.worker)
+                if gate.enabled:  # after the proxy has released this request's load
+                    asyncio.get_running_loop().call_soon(gate.kick)
         if pin is not None:
             await self.affinity.flush()
 
@@ -461,6 +582,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         for m in models:
             for info in sorted(m.state.workers.values(), key=lambda w: w.name):
                 out.workers.append(self._worker_pb(m, info, now))
+            out.admission.append(admission_pb(m.cfg.name, self.admission[m.cfg.name].state()))
         return out
 
     async def ListModels(self, request: router_pb2.ListModelsRequest,
@@ -470,7 +592,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             out.models.append(router_pb2.ModelInfo(
                 name=name, block_size=m.state.block_size, vocab_size=m.cfg.vocab_size or 0,
                 policy=m.scheduler.policy, workers=len(m.state.workers),
-                indexed_blocks=m.state.index.num_entries()))
+                indexed_blocks=m.state.index.num_entries(),
+                admission=admission_pb(name, self.admission[name].state())))
         return out
 
     # ------------------------------------------------------------------ worker RPCs
@@ -552,6 +675,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
+        if report is not None:
+            self.admission[m.cfg.name].kick()
         return router_pb2.HeartbeatResponse(status=info.status.value)
 
     async def DrainWorker(self, request: router_pb2.DrainWorkerRequest,
