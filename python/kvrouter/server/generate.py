@@ -56,6 +56,7 @@ from kvrouter.protocol import extra_key_for
 from kvrouter.registry import ModelState, Role, WorkerInfo
 from kvrouter.sampling import sampling_problem
 from kvrouter.server.affinity import pin_pools
+from kvrouter.server.nsample import SampleError, check_request, run_samples
 
 log = logging.getLogger("kvrouter.server.generate")
 
@@ -86,13 +87,14 @@ class GenerateTrace:
     prefill_worker: str = ""
     worker: str = ""  # the worker that produced the last tokens
     failovers: list[str] = field(default_factory=list)
+    samples: list[tuple[str, str]] = field(default_factory=list)  # n > 1: nsample.Report
     affinity: str = ""  # session affinity: kept | moved | new (server/affinity.py)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         md = [("kvrouter-path", self.path), ("kvrouter-pool", self.pool),
               ("kvrouter-class", self.request_class), ("kvrouter-worker", self.worker),
               ("kvrouter-prefill-worker", self.prefill_worker),
-              ("kvrouter-failovers", ";".join(self.failovers)),
+              ("kvrouter-failovers", ";".join(self.failovers)), *self.samples,
               ("kvrouter-affinity", self.affinity)]
         # gRPC metadata values are printable ASCII; names may be any UTF-8 (a worker
         # called "wörker" is valid), so they travel percent-encoded (RFC 3986).
@@ -209,8 +211,11 @@ class GenerateProxy:
                      lora_name=req.lora_name,
                      session_id=req.session_id, trace=trace, pin=pin)
         planner = self.planner(state, cfg)
-        if sp.n > 1:
-            mode = "aggregated"  # parallel samples run on one worker, without failover
+        if sp.n > 1:  # router-side n samples: placement, fan-out, aggregation (nsample.py)
+            async with aclosing(self._samples(planner, r, req)) as out:
+                async for resp in out:
+                    yield resp
+            return
         prompt = Prompt.from_tokens(tokens, r.extra_key or None)
         plan = self._plan(planner, r, prompt, mode)
         try:
@@ -222,6 +227,18 @@ class GenerateProxy:
                     yield resp
         finally:
             planner.release(plan)
+
+    async def _samples(self, planner: Planner, r: _Request, req: Any,
+                       ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
+        try:
+            spec = check_request(req, r.cfg)  # before anything is reserved
+            pools = self.pools(r) or self.pools(r, False)  # suspects are a preference
+            async with aclosing(run_samples(r, spec, planner, pools, self.backends, r.trace,
+                                            self._suspect)) as out:
+                async for resp in out:
+                    yield resp
+        except SampleError as e:
+            raise GenerateError(e.code, e.message) from None
 
     def _plan(self, planner: Planner, r: _Request, prompt: Prompt, mode: str) -> Plan:
         choices = [lambda: self.pools(r, True), lambda: self.pools(r, False)]
