@@ -45,6 +45,9 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--metrics-host", help="address of /metrics (default 127.0.0.1)")
     p.add_argument("--metrics-port", type=int, help="port of /metrics, 0 = off (default 9400)")
     p.add_argument("--redis-url", help="Redis event plane; unset: in-process (default)")
+    p.add_argument("--ext-proc", metavar="HOST:PORT", dest="ext_proc",
+                   help="serve the Gateway API endpoint picker (Envoy ext_proc) here "
+                        "(default: off; docs/gateway.md)")
     p.add_argument("--lease-s", type=float, help="reservation lease in seconds (default 300)")
     p.add_argument("--expire-interval-s", type=float, help="lease check period (default 1)")
     p.add_argument("--heartbeat-timeout-s", type=float,
@@ -89,6 +92,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     overrides: dict[str, Any] = {}
     router = {k: getattr(args, k) for k in _SERVE_FIELDS if getattr(args, k) is not None}
+    if args.ext_proc is not None:  # the endpoint picker (server/ext_proc.py)
+        router["ext_proc"] = args.ext_proc
     if router:
         overrides["router"] = router
     # Errors in a flag's value name the flag.

@@ -56,6 +56,8 @@ class RouterApp:
         self.admin_grpc: GrpcServer | None = None  # router.admin_listen
         self.admin_port = 0
         self.port = 0
+        self.ext_proc: Any = None  # server/ext_proc.py ExtProcServer when router.ext_proc is set
+        self.ext_proc_port = 0
         self.metrics_port = 0
         self.http: Any = None  # kvrouter.http.server.HttpFront when router.http is set
         self.http_port = 0
@@ -109,6 +111,8 @@ class RouterApp:
             await self._start_http(r.http)
         self._snapshot_metrics()
         self._tasks.append(asyncio.create_task(self._maintenance(), name="kvrouter-maintenance"))
+        if r.ext_proc:  # the Gateway API endpoint picker (server/ext_proc.py)
+            await self._start_ext_proc(r.ext_proc)
         await server.set_serving()
         if self.admin_grpc is not None:
             await self.admin_grpc.set_serving()
@@ -132,6 +136,21 @@ class RouterApp:
             if self.grpc is not None:
                 await self.grpc.stop(None)
             raise
+
+    async def _start_ext_proc(self, listen: str) -> None:
+        """The Gateway API Inference Extension endpoint picker (Envoy ext_proc) on its own
+        port, over the service's decision path."""
+        from kvrouter.server.ext_proc import ExtProcServer, make_picker
+
+        assert self.service is not None
+        try:
+            self.ext_proc = ExtProcServer(listen, make_picker(self.service, self.config),
+                                          options=self.grpc_options())
+            await self.ext_proc.start()
+        except RuntimeError:  # ListenError, a tokenizer that does not load
+            await self.stop(None)
+            raise
+        self.ext_proc_port = self.ext_proc.port
 
     async def _maintenance(self) -> None:
         interval = self.config.router.expire_interval_s
@@ -170,6 +189,9 @@ class RouterApp:
             self.admin_grpc = None
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
+        if self.ext_proc is not None:
+            await self.ext_proc.stop(grace)
+            self.ext_proc = None
         if self.event_plane is not None:
             await self.event_plane.stop()
         if self.service is not None:
