@@ -17,9 +17,9 @@ Principals come from an auth file (YAML or JSON, `router.auth_file`):
 A caller authenticates with `authorization: Bearer <token>` or with its verified client
 certificate. Each RPC needs a role (ROLE_OF): client (Route, RouteStream, Generate, Release,
 MarkPrefillDone, Explain, List*), worker (RegisterWorker, Heartbeat, PublishEvents, and only
-for a `worker` the principal speaks for), admin (DrainWorker, DeregisterWorker). Health is
-open (probes); reflection needs any principal. With a separate admin port, admin RPCs are
-served only there and nothing else is.
+for a `worker` the principal speaks for), admin (DrainWorker, DeregisterWorker; a worker may
+deregister itself). Health is open (probes); reflection needs any principal. With a
+separate admin port, admin RPCs are served only there and nothing else is.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ ROLE_OF: dict[str, Role] = {
     **{_ROUTER + m: Role.WORKER for m in ("RegisterWorker", "Heartbeat", "PublishEvents")},
     **{_ROUTER + m: Role.ADMIN for m in ("DrainWorker", "DeregisterWorker")},
 }
+# Admin RPCs a worker may call for its own identity.
+SELF_SERVICE = frozenset({_ROUTER + "DeregisterWorker"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 ANY_PRINCIPAL_PREFIXES = ("/grpc.reflection.",)
 
@@ -247,8 +249,11 @@ def _checker(policy: PortPolicy, method: str) -> Check | None:
     if method.startswith(OPEN_PREFIXES):
         return None
     role = role_of(method)
-    served = role is None or role in policy.roles
     auth = policy.authenticator
+    # A worker may deregister itself (engines do on a clean shutdown) wherever worker RPCs
+    # are served; deregistering another worker stays admin.
+    self_service = method in SELF_SERVICE and auth is not None and Role.WORKER in policy.roles
+    served = role is None or role in policy.roles or self_service
     if served and auth is None:
         return None
     short = method.rsplit("/", 1)[-1]
@@ -264,11 +269,18 @@ def _checker(policy: PortPolicy, method: str) -> Check | None:
             await _deny(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
                         f"{short} needs credentials: a bearer token or a client certificate "
                         "known to the router")
-        if role is not None and role not in principal.roles:
+        if role is None or (role in principal.roles and role in policy.roles):
+            acting = role
+        elif self_service and Role.WORKER in principal.roles:
+            acting = Role.WORKER
+        elif role in principal.roles:  # an admin on the main port of a router with an admin port
+            await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "wrong_port",
+                        f"{short} is served on the admin port")
+        else:
             await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "role",
                         f"{short} needs the {role.value} role; {principal.name!r} has "
                         f"{', '.join(sorted(r.value for r in principal.roles))}")
-        if role is Role.WORKER and request is not None:
+        if acting is Role.WORKER and request is not None:
             worker = getattr(request, "worker", None)
             if isinstance(worker, str) and not principal.speaks_for(worker):
                 await _deny(context, grpc.StatusCode.PERMISSION_DENIED, "identity",
