@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import grpc
+import httpx
 import pytest
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
@@ -56,6 +57,7 @@ def fleet(module_router_server: Callable[..., Any],
     slow, slow_addr = _scorer(work, "slow", "--delay-s", "3")
     broken, broken_addr = _scorer(work, "broken", "--broken")
     cfg = router_config()
+    cfg["router"]["http"] = f"127.0.0.1:{free_port()}"  # the OpenAI-compatible front too
     cfg["models"][0]["nsample"] = {
         "max_n": MAX_N, "scorer_timeout_s": 0.5, "scorer": "good",
         "scorers": {"good": good_addr, "slow": slow_addr, "broken": broken_addr,
@@ -295,3 +297,27 @@ def test_bad_sample_requests_are_refused_before_anything_runs(
     assert {name: engine_stats(e.address)["requests"]
             for name, e in engines.procs.items()} == before
     wait_no_reservations(router.target)
+
+
+def test_http_front_aggregates_n_samples_into_one_choice(fleet: tuple[Any, Engines]) -> None:
+    router, _ = fleet
+    base = _http_base(router)
+    body = {"model": "default", "prompt": prompt(909, 8 * BS), "max_tokens": 4, "n": 4,
+            "seed": 3, "aggregator": "vote", "return_token_ids": True}
+    r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["choices"]) == 1 and len(out["choices"][0]["token_ids"]) == 4
+    rep = out["kvrouter"]
+    assert rep["samples"] == "n=4,finished=4,cancelled=0,failed=0"
+    assert rep["aggregator"] == "vote" and rep["answer"] == str(out["choices"][0]["token_ids"][-1])
+    bad = httpx.post(f"{base}/v1/completions", json={**body, "aggregator": "median"}, timeout=60)
+    assert bad.status_code == 400 and "unknown aggregator 'median'" in bad.text
+    wait_no_reservations(router.target)
+
+
+def _http_base(router: Any) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(Path(router.config_path).read_text())
+    return f"http://{cfg['router']['http']}"

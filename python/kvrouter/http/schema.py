@@ -48,6 +48,11 @@ class _Sampling(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 32)]] | None = None
     ignore_eos: StrictBool = False
     return_token_ids: StrictBool = False
+    # kvrouter extensions (docs/inference-scaling.md): how n > 1 samples become the reply
+    # ("" / "all": n choices; vote, best_logprob, scorer: one choice, the chosen sample)
+    aggregator: StrictStr = ""
+    answer_regex: StrictStr = ""
+    scorer: StrictStr = ""
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for the fields set to something the router cannot do."""

@@ -264,7 +264,8 @@ class HttpFront:
         session = request.headers.get(SESSION_HEADER) or body.user or ""
         return router_pb2.RouterGenerateRequest(
             model=m.cfg.name, token_ids_le=np.asarray(ids, dtype="<u4").tobytes(),
-            request_id=rid, sampling=sp, session_id=session)
+            request_id=rid, sampling=sp, session_id=session, aggregator=body.aggregator,
+            answer_regex=body.answer_regex, scorer=body.scorer)
 
     # ------------------------------------------------------------------ endpoints
     async def health(self, request: web.Request) -> web.Response:
@@ -337,8 +338,10 @@ class HttpFront:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         req = self._generate_request(request, m, body, ids, max_tokens, rid)
         stops = body.stops()
+        # an aggregator other than "all" makes the n samples one reply (server/nsample.py)
+        n_choices = body.n if body.aggregator in ("", "all") else 1
         choices = [_Choice(i, m.tokenizer.decoder() if m.tokenizer else None, stops)
-                   for i in range(body.n)]
+                   for i in range(n_choices)]
         trace = GenerateTrace()
         created = int(time.time())
         async with aclosing(self.generate(req, trace)) as gen:
@@ -359,14 +362,15 @@ class HttpFront:
                     resp = await anext(gen, None)
             except Exception as e:
                 raise HttpError.from_exception(e) from None
-        return web.Response(body=_dumps(self._whole(m, body, chat, rid, created, choices,
-                                                     len(ids))),
-                            content_type="application/json")
+        whole = self._whole(m, body, chat, rid, created, choices, len(ids))
+        if trace.samples:  # what the n samples did (the gRPC reply's trailing metadata)
+            whole["kvrouter"] = {k.removeprefix("kvrouter-"): v for k, v in trace.samples}
+        return web.Response(body=_dumps(whole), content_type="application/json")
 
     @staticmethod
     def _apply(choices: list[_Choice], resp: engine_pb2.GenerateResponse) -> bool:
         """Feed one response; True once every choice has finished."""
-        idx = resp.sample_index
+        idx = resp.sample_index if len(choices) > 1 else 0  # an aggregated reply: one choice
         if idx < len(choices):
             c = choices[idx]
             c.feed(resp.token_ids)
@@ -427,8 +431,9 @@ class HttpFront:
         try:
             while item is not None:
                 done = self._apply(choices, item)
-                if item.sample_index < len(choices):
-                    await self._send(resp, head, tail, choices[item.sample_index], chat, body.return_token_ids,
+                idx = item.sample_index if len(choices) > 1 else 0
+                if idx < len(choices):
+                    await self._send(resp, head, tail, choices[idx], chat, body.return_token_ids,
                                      item.token_ids)
                 if done:
                     break
