@@ -196,6 +196,7 @@ class RouterApp:
             await self.event_plane.stop()
         if self.service is not None:
             await self.service.proxy.close()  # engine channels of Router.Generate
+            await self.service.sessions.close()  # engine channels of Offload / Reload
         self.metrics.stop()
         self._stopped.set()
 

@@ -57,6 +57,13 @@ from kvrouter.server.admission import (
 from kvrouter.server.affinity import Affinity, Pin, check_session
 from kvrouter.server.generate import GenerateError, GenerateProxy, GenerateTrace
 from kvrouter.server.metrics import RouterMetrics
+from kvrouter.server.sessions import (
+    MAX_SESSION_ID_BYTES,
+    SessionKvManager,
+    Turn,
+    UnknownSession,
+    check_pause,
+)
 
 log = logging.getLogger("kvrouter.server")
 
@@ -154,6 +161,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.proxy = proxy or GenerateProxy()
         # Session affinity (server/affinity.py); app.py gives it the Redis table when shared.
         self.affinity = affinity or Affinity({m.name: m.affinity for m in config.models})
+        # Sessions' KV around tool calls: keep / offload / reload (server/sessions.py).
+        self.sessions = SessionKvManager()
         self.registry = registry
         self.metrics = metrics
         self.event_plane = event_plane
@@ -539,11 +548,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
             # saturation check (scheduled by settled) sees this request's load.
             if grant is not None:
                 gate.settled(grant[1])
+        turn = await self._session_turn(m, request)
         async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace,
                                            pin=pin.wid if pin is not None else None)) as out:
             try:
                 async for resp in out:
+                    if turn is not None:
+                        turn.observe(resp)
                     yield resp
+                if turn is not None and trace.worker:  # ends in a tool call: keep/offload/drop
+                    self.sessions.end(turn, m.state, trace.worker, len(tokens))
             finally:
                 if pin is not None and trace.worker:  # the worker that finished holds the KV
                     self.affinity.record(m.cfg.name, session, trace.worker)
@@ -551,6 +565,36 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     asyncio.get_running_loop().call_soon(gate.kick)
         if pin is not None:
             await self.affinity.flush()
+
+    async def _session_turn(self, m: ModelRuntime, request: router_pb2.RouterGenerateRequest,
+                            ) -> Turn | None:
+        """A session's Generate: check the tool-pause hint, and bring the session's KV back
+        if it was kept or offloaded (failures fall back to re-prefill)."""
+        if not request.session_id:
+            if request.tool_pause_s or request.tool_kv_action:
+                _invalid("tool_pause_s and tool_kv_action need a session_id")
+            return None
+        problem = check_pause(request.tool_pause_s, request.tool_kv_action)
+        if problem is not None:
+            _invalid(problem)
+        return await self.sessions.begin(m.cfg.name, request.session_id, request.tool_pause_s,
+                                         request.tool_kv_action)
+
+    async def ResumeSession(self, request: router_pb2.ResumeSessionRequest,
+                            context: grpc.aio.ServicerContext,
+                            ) -> router_pb2.ResumeSessionResponse:
+        """Prefetch a session's KV before its next turn (server/sessions.py)."""
+        async with _aborting(context):
+            m = self._model(request.model)
+            n = len(request.session_id.encode())
+            if not 0 < n <= MAX_SESSION_ID_BYTES:
+                _invalid(f"session_id must be 1..{MAX_SESSION_ID_BYTES} bytes, got {n}")
+            try:
+                r = await self.sessions.resume(m.cfg.name, request.session_id)
+            except UnknownSession as e:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, str(e.args[0])) from None
+        return router_pb2.ResumeSessionResponse(worker=r.worker, state=r.state, action=r.action,
+                                                blocks=r.blocks, detail=r.detail)
 
     def _worker_pb(self, m: ModelRuntime, info: Any, now: float) -> router_pb2.WorkerInfo:
         load = m.state.scheduler.load(info.wid)
