@@ -5,7 +5,9 @@ engine processes for Generate): waiting, deadlines, overflow, bad input, no leak
 from __future__ import annotations
 
 import math
+import subprocess
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,6 +19,7 @@ from kvrouter._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
 from kvrouter.admission import AdmissionQueue, Refused
 from kvrouter.client import RouterClient
 from kvrouter.config import AdmissionConfig, ConfigError, ModelConfig
+from kvrouter.testing.processes import child_env, kvrouter_cmd
 from kvrouter.testing.wait import wait_until
 from tests.generate_helpers import Engines, prompt, wait_routable
 
@@ -119,13 +122,16 @@ def _reserved(stub: Any) -> int:
 
 
 def test_route_waits_until_release_then_routes(router: tuple[Any, Any]) -> None:
-    _, stub = router
+    r, stub = router
     first = stub.Route(_route(1))
     waiting = stub.Route.future(_route(2, tenant="acme", priority="high"), timeout=30)
     wait_until(lambda: _admission(stub).queued == 1, 10, what="request queued")
     st = _admission(stub)
     assert st.enabled and st.saturated and [c.queued for c in st.classes] == [1, 0, 0]
     assert not waiting.done()
+    out = subprocess.run(kvrouter_cmd("workers", "--target", r.target), capture_output=True,
+                         text=True, timeout=60, env=child_env(), check=True).stdout
+    assert "admission default: saturated, 1/4 queued (high 1, normal 0, low 0)" in out
     stub.Release(router_pb2.ReleaseRequest(request_id=first.request_id))
     second = waiting.result()
     assert second.worker == "w0" and _admission(stub).dispatched == 1
@@ -153,7 +159,7 @@ def test_deadlines_while_waiting_and_already_past(router: tuple[Any, Any]) -> No
 
 def test_full_queue_is_resource_exhausted_with_retry_after(router_server: Callable[..., Any],
                                                           ) -> None:
-    r = router_server(_config(max_queue=1))
+    r = router_server(_config(max_queue=1), metrics=True)
     with grpc.insecure_channel(r.target) as ch, RouterClient(r.target) as c:
         c.register_worker("default", "w0", block_size=BS)
         stub = router_pb2_grpc.RouterStub(ch)
@@ -174,6 +180,10 @@ def test_full_queue_is_resource_exhausted_with_retry_after(router_server: Callab
         stub.Release(router_pb2.ReleaseRequest(request_id=second.request_id))
         st = _admission(stub)
         assert st.rejected == 2 and st.queued == 0 and _reserved(stub) == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{r.metrics_port}/metrics") as page:
+            text = page.read().decode()
+        assert 'kvrouter_admission_total{class="normal",model="default",outcome="queue_full"} 1.0' in text
+        assert 'kvrouter_admission_queued{class="normal",model="default"} 0.0' in text
 
 
 def test_bad_admission_input_is_invalid_argument(router: tuple[Any, Any]) -> None:

@@ -245,11 +245,14 @@ def _add_workers(sub: Any) -> None:
 def _cmd_workers(args: argparse.Namespace) -> int:
     import grpc
 
-    from kvrouter.client import RouterClient
+    from kvrouter._proto.v1 import router_pb2
+    from kvrouter.client import RouterClient, to_workers
 
     with RouterClient(args.target, timeout=args.timeout) as client:
         try:
-            workers = client.list_workers(args.model)
+            resp = client.stub.ListWorkers(router_pb2.ListWorkersRequest(model=args.model),
+                                           timeout=args.timeout)
+            workers = to_workers(resp)
         except grpc.RpcError as e:
             return _rpc_error("workers", e)
     if args.json:
@@ -273,7 +276,20 @@ def _cmd_workers(args: argparse.Namespace) -> int:
                for w in workers if w.status_reason]
     if reasons:
         print("\n" + "\n".join(reasons))
+    queues = [_admission_line(a) for a in resp.admission if a.enabled]
+    if queues:
+        print("\n" + "\n".join(queues))
     return 0
+
+
+def _admission_line(a: Any) -> str:
+    """One model's admission queue (docs/admission.md) under the workers table."""
+    per_class = ", ".join(f"{c.name} {c.queued}" for c in a.classes)
+    return printable(
+        f"admission {a.model}: {'saturated' if a.saturated else 'not saturated'}, "
+        f"{a.queued}/{a.max_queue} queued ({per_class}); admitted {a.admitted}, "
+        f"dispatched {a.dispatched}, rejected {a.rejected}, expired {a.expired}; "
+        f"retry-after {a.retry_after_s:.0f} s")
 
 
 # ---------------------------------------------------------------------- main
