@@ -45,7 +45,7 @@ def test_yaml_and_toml_files(tmp_path: Path) -> None:
 
 def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("router:\n  lease_s: 10\n  listen: 0.0.0.0:1\n  metrics_port: 1\n")
+    f.write_text("router:\n  lease_s: 10\n  listen: 0.0.0.0:1\n  insecure: true\n  metrics_port: 1\n")
     env = {"KVROUTER_CONFIG": str(f), "KVROUTER_LEASE_S": "20", "KVROUTER_METRICS_PORT": "2",
            "KVROUTER_MODELS": '[{"name": "envmodel", "block_size": 8}]'}
     cfg = load_config(env=env, overrides={"router": {"metrics_port": 3}})
