@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from kvrouter.server.metrics import RouterMetrics
 
 POLL_S = 0.05  # how often a non-empty queue re-checks saturation without a prompt
+GRANT_POLL_S = 0.001  # how often a grant waiting for its reservation to appear is looked at
 GRANT_TIMEOUT_S = 1.0  # a granted request that never says it routed stops blocking after this
 
 __all__ = ["PRIORITY_HEADER", "TENANT_HEADER", "AdmissionGate", "AdmissionRefused",
@@ -88,6 +89,7 @@ class AdmissionGate:
         self.metrics = metrics
         self._granted: Ticket[asyncio.Future[None]] | None = None
         self._granted_at = 0.0
+        self._granted_rid: str | None = None  # settled once this id holds a reservation
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -169,7 +171,15 @@ class AdmissionGate:
     def settled(self, ticket: Ticket[asyncio.Future[None]] | None) -> None:
         """The granted request has routed (reserved) or given up: the next may go."""
         if ticket is not None and self._granted is ticket:
-            self._granted = None
+            self._granted = self._granted_rid = None
+            asyncio.get_running_loop().call_soon(self.pump)
+
+    def settle_on_reserve(self, ticket: Ticket[asyncio.Future[None]] | None, rid: str) -> None:
+        """For a caller that routes later, after other awaits (Generate: affinity, sessions,
+        then the proxy's plan): the grant is settled once `rid` holds a reservation (or
+        `settled` is called, or GRANT_TIMEOUT_S passes)."""
+        if ticket is not None and self._granted is ticket:
+            self._granted_rid = rid
             asyncio.get_running_loop().call_soon(self.pump)
 
     # -- the queue -------------------------------------------------------------------------
@@ -187,14 +197,19 @@ class AdmissionGate:
                 "expired", f"deadline passed after {now - t.enqueued_at:.3f} s waiting for "
                 "capacity in the admission queue"))
         if self._granted is not None:
-            if now - self._granted_at < GRANT_TIMEOUT_S:
+            rid = self._granted_rid
+            if rid is not None and self.ctl.scheduler.has_reservation(rid):
+                self._granted = self._granted_rid = None
+            elif now - self._granted_at < GRANT_TIMEOUT_S:
                 self._publish()
+                self._arm(GRANT_POLL_S if rid is not None else POLL_S)
                 return
-            self._granted = None
+            else:
+                self._granted = self._granted_rid = None
         for t in self.ctl.ready(now):
             if t.item.done():  # cancelled in the same loop turn: not a grant
                 continue
-            self._granted, self._granted_at = t, now
+            self._granted, self._granted_at, self._granted_rid = t, now, None
             self._count(q.classes[t.cls], "dispatched")
             t.item.set_result(None)
             break
@@ -202,12 +217,12 @@ class AdmissionGate:
         if len(q):
             self._arm()
 
-    def _arm(self) -> None:
-        """Wake up at the next deadline or after POLL_S, whichever comes first."""
+    def _arm(self, poll_s: float = POLL_S) -> None:
+        """Wake up at the next deadline or after `poll_s`, whichever comes first."""
         if self._timer is not None:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
-        delay = min(POLL_S, max(0.0, self.ctl.queue.next_deadline() - time.monotonic()))
+        delay = min(poll_s, max(0.0, self.ctl.queue.next_deadline() - time.monotonic()))
         self._timer = loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:

@@ -544,10 +544,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 if pin is not None:
                     trace.affinity = pin.outcome
         finally:
-            # The plan below reserves before the loop runs again, so the next waiter's
-            # saturation check (scheduled by settled) sees this request's load.
+            # The next waiter is let go once the proxy's plan below has reserved `rid`, so
+            # its saturation check sees this request's load.
             if grant is not None:
-                gate.settled(grant[1])
+                gate.settle_on_reserve(grant[1], rid)
         turn = await self._session_turn(m, request)
         async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace,
                                            pin=pin.wid if pin is not None else None)) as out:
@@ -561,6 +561,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             finally:
                 if pin is not None and trace.worker:  # the worker that finished holds the KV
                     self.affinity.record(m.cfg.name, session, trace.worker)
+                if grant is not None:  # a request that failed before it reserved
+                    gate.settled(grant[1])
                 if gate.enabled:  # after the proxy has released this request's load
                     asyncio.get_running_loop().call_soon(gate.kick)
         if pin is not None:
