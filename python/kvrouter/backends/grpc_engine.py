@@ -34,6 +34,7 @@ class GrpcEngineBackend:
     """kvrouter.v1.Engine over gRPC; one channel per engine address, reused."""
 
     supports_disaggregation = True
+    supports_n = True  # GenerateRequest.sampling.n: parallel samples after one prefill
 
     def __init__(self, max_message_bytes: int = 64 << 20) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}

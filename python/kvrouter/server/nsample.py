@@ -406,10 +406,8 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
             sched.release(res)
 
     async def pump(wid: int, idxs: list[int]) -> None:
-        info = infos.get(wid)
+        info = infos[wid]
         try:
-            if info is None:
-                raise EngineFailure(FailureKind.WORKER, f"#{wid}", "left the registry")
             sp = common_pb2.SamplingParams()
             sp.CopyFrom(r.sampling)
             sp.n = len(idxs)
@@ -424,11 +422,20 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
 
     try:
         for wid, idxs in pl.groups.items():
-            name = infos[wid].name if wid in infos else f"#{wid}"
-            report.placement[name] = len(idxs)
+            info = infos.get(wid)
+            if info is None:
+                raise SampleError(grpc.StatusCode.UNAVAILABLE,
+                                  f"worker #{wid} left the registry while placing samples")
+            report.placement[info.name] = len(idxs)
             for i in idxs:
-                samples[i].worker = name
-            tasks.append(asyncio.create_task(pump(wid, idxs)))
+                samples[i].worker = info.name
+            # an engine that takes n runs the worker's samples as one call (one prefill, n
+            # decodes); a backend without n (the OpenAI client here) gets one call per
+            # sample, which the engine's prefix cache shares once the first is computed
+            if getattr(backends.for_worker(info), "supports_n", False):
+                tasks.append(asyncio.create_task(pump(wid, idxs)))
+            else:
+                tasks.extend(asyncio.create_task(pump(wid, [i])) for i in idxs)
         trace.worker = ",".join(report.placement)
         started: set[int] = set()
         open_streams = len(tasks)
