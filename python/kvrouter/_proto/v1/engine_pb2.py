@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from kvrouter._proto.v1 import common_pb2 as kvrouter_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrouter/v1/engine.proto\x12\x0bkvrouter.v1\x1a\x18kvrouter/v1/common.proto\"T\n\x11TransferKvRequest\x12\x16\n\x0e\x63tx_request_id\x18\x01 \x01(\x04\x12\x14\n\x0copaque_state\x18\x02 \x01(\x0c\x12\x11\n\trequester\x18\x03 \x01(\t\"3\n\x12TransferKvResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\xf0\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0ctoken_ids_le\x18\x03 \x01(\x0c\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.kvrouter.v1.SamplingParams\x12\x37\n\rdisaggregated\x18\x05 \x01(\x0b\x32 .kvrouter.v1.DisaggregatedParams\x12\x11\n\textra_key\x18\x06 \x01(\x0c\x12\x11\n\tlora_name\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\"\xf6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x37\n\rdisaggregated\x18\x05 \x01(\x0b\x32 .kvrouter.v1.DisaggregatedParams\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.kvrouter.v1.Usage\x12\x14\n\x0csample_index\x18\x07 \x01(\r\x12\x0e\n\x06worker\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x03(\x02\"G\n\x0eOffloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x06target\x18\x02 \x01(\x0e\x32\x11.kvrouter.v1.Tier\"B\n\x0fOffloadResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x03\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.kvrouter.v1.Tier\"#\n\rReloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\x0eReloadResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x03\"\x0e\n\x0cStatsRequest\"\xb0\x02\n\rStatsResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.kvrouter.v1.LoadReport\x12\x17\n\x0fkv_total_blocks\x18\x05 \x01(\x03\x12\x16\n\x0ekv_host_blocks\x18\x06 \x01(\x03\x12\x16\n\x0ekv_disk_blocks\x18\x07 \x01(\x03\x12\x18\n\x10\x65vents_published\x18\x08 \x01(\x04\x12\x34\n\x05\x65xtra\x18\t \x03(\x0b\x32%.kvrouter.v1.StatsResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xeb\x02\n\x06\x45ngine\x12I\n\x08Generate\x12\x1c.kvrouter.v1.GenerateRequest\x1a\x1d.kvrouter.v1.GenerateResponse0\x01\x12\x44\n\x07Offload\x12\x1b.kvrouter.v1.OffloadRequest\x1a\x1c.kvrouter.v1.OffloadResponse\x12\x41\n\x06Reload\x12\x1a.kvrouter.v1.ReloadRequest\x1a\x1b.kvrouter.v1.ReloadResponse\x12>\n\x05Stats\x12\x19.kvrouter.v1.StatsRequest\x1a\x1a.kvrouter.v1.StatsResponse\x12M\n\nTransferKv\x12\x1e.kvrouter.v1.TransferKvRequest\x1a\x1f.kvrouter.v1.TransferKvResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvrouter/v1/engine.proto\x12\x0bkvrouter.v1\x1a\x18kvrouter/v1/common.proto\"T\n\x11TransferKvRequest\x12\x16\n\x0e\x63tx_request_id\x18\x01 \x01(\x04\x12\x14\n\x0copaque_state\x18\x02 \x01(\x0c\x12\x11\n\trequester\x18\x03 \x01(\t\"3\n\x12TransferKvResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x03\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\"\x9e\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0ctoken_ids_le\x18\x03 \x01(\x0c\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.kvrouter.v1.SamplingParams\x12\x37\n\rdisaggregated\x18\x05 \x01(\x0b\x32 .kvrouter.v1.DisaggregatedParams\x12\x11\n\textra_key\x18\x06 \x01(\x0c\x12\x11\n\tlora_name\x18\x07 \x01(\t\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x14\n\x0ctool_pause_s\x18\t \x01(\x01\x12\x16\n\x0etool_kv_action\x18\n \x01(\t\"\xf6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x37\n\rdisaggregated\x18\x05 \x01(\x0b\x32 .kvrouter.v1.DisaggregatedParams\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.kvrouter.v1.Usage\x12\x14\n\x0csample_index\x18\x07 \x01(\r\x12\x0e\n\x06worker\x18\x08 \x01(\t\x12\x10\n\x08logprobs\x18\t \x03(\x02\"G\n\x0eOffloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12!\n\x06target\x18\x02 \x01(\x0e\x32\x11.kvrouter.v1.Tier\"B\n\x0fOffloadResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x03\x12\x1f\n\x04tier\x18\x02 \x01(\x0e\x32\x11.kvrouter.v1.Tier\"#\n\rReloadRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\x0eReloadResponse\x12\x0e\n\x06\x62locks\x18\x01 \x01(\x03\"\x0e\n\x0cStatsRequest\"\xb0\x02\n\rStatsResponse\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12%\n\x04load\x18\x04 \x01(\x0b\x32\x17.kvrouter.v1.LoadReport\x12\x17\n\x0fkv_total_blocks\x18\x05 \x01(\x03\x12\x16\n\x0ekv_host_blocks\x18\x06 \x01(\x03\x12\x16\n\x0ekv_disk_blocks\x18\x07 \x01(\x03\x12\x18\n\x10\x65vents_published\x18\x08 \x01(\x04\x12\x34\n\x05\x65xtra\x18\t \x03(\x0b\x32%.kvrouter.v1.StatsResponse.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xeb\x02\n\x06\x45ngine\x12I\n\x08Generate\x12\x1c.kvrouter.v1.GenerateRequest\x1a\x1d.kvrouter.v1.GenerateResponse0\x01\x12\x44\n\x07Offload\x12\x1b.kvrouter.v1.OffloadRequest\x1a\x1c.kvrouter.v1.OffloadResponse\x12\x41\n\x06Reload\x12\x1a.kvrouter.v1.ReloadRequest\x1a\x1b.kvrouter.v1.ReloadResponse\x12>\n\x05Stats\x12\x19.kvrouter.v1.StatsRequest\x1a\x1a.kvrouter.v1.StatsResponse\x12M\n\nTransferKv\x12\x1e.kvrouter.v1.TransferKvRequest\x1a\x1f.kvrouter.v1.TransferKvResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,23 +39,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRANSFERKVRESPONSE']._serialized_start=153
   _globals['_TRANSFERKVRESPONSE']._serialized_end=204
   _globals['_GENERATEREQUEST']._serialized_start=207
-  _globals['_GENERATEREQUEST']._serialized_end=447
-  _globals['_GENERATERESPONSE']._serialized_start=450
-  _globals['_GENERATERESPONSE']._serialized_end=696
-  _globals['_OFFLOADREQUEST']._serialized_start=698
-  _globals['_OFFLOADREQUEST']._serialized_end=769
-  _globals['_OFFLOADRESPONSE']._serialized_start=771
-  _globals['_OFFLOADRESPONSE']._serialized_end=837
-  _globals['_RELOADREQUEST']._serialized_start=839
-  _globals['_RELOADREQUEST']._serialized_end=874
-  _globals['_RELOADRESPONSE']._serialized_start=876
-  _globals['_RELOADRESPONSE']._serialized_end=908
-  _globals['_STATSREQUEST']._serialized_start=910
-  _globals['_STATSREQUEST']._serialized_end=924
-  _globals['_STATSRESPONSE']._serialized_start=927
-  _globals['_STATSRESPONSE']._serialized_end=1231
-  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_start=1187
-  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_end=1231
-  _globals['_ENGINE']._serialized_start=1234
-  _globals['_ENGINE']._serialized_end=1597
+  _globals['_GENERATEREQUEST']._serialized_end=493
+  _globals['_GENERATERESPONSE']._serialized_start=496
+  _globals['_GENERATERESPONSE']._serialized_end=742
+  _globals['_OFFLOADREQUEST']._serialized_start=744
+  _globals['_OFFLOADREQUEST']._serialized_end=815
+  _globals['_OFFLOADRESPONSE']._serialized_start=817
+  _globals['_OFFLOADRESPONSE']._serialized_end=883
+  _globals['_RELOADREQUEST']._serialized_start=885
+  _globals['_RELOADREQUEST']._serialized_end=920
+  _globals['_RELOADRESPONSE']._serialized_start=922
+  _globals['_RELOADRESPONSE']._serialized_end=954
+  _globals['_STATSREQUEST']._serialized_start=956
+  _globals['_STATSREQUEST']._serialized_end=970
+  _globals['_STATSRESPONSE']._serialized_start=973
+  _globals['_STATSRESPONSE']._serialized_end=1277
+  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_start=1233
+  _globals['_STATSRESPONSE_EXTRAENTRY']._serialized_end=1277
+  _globals['_ENGINE']._serialized_start=1280
+  _globals['_ENGINE']._serialized_end=1643
 # @@protoc_insertion_point(module_scope)

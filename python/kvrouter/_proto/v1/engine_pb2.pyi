@@ -26,7 +26,7 @@ class TransferKvResponse(_message.Message):
     def __init__(self, tokens: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "token_ids", "token_ids_le", "sampling", "disaggregated", "extra_key", "lora_name", "session_id")
+    __slots__ = ("request_id", "token_ids", "token_ids_le", "sampling", "disaggregated", "extra_key", "lora_name", "session_id", "tool_pause_s", "tool_kv_action")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_LE_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class GenerateRequest(_message.Message):
     EXTRA_KEY_FIELD_NUMBER: _ClassVar[int]
     LORA_NAME_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PAUSE_S_FIELD_NUMBER: _ClassVar[int]
+    TOOL_KV_ACTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_ids_le: bytes
@@ -43,7 +45,9 @@ class GenerateRequest(_message.Message):
     extra_key: bytes
     lora_name: str
     session_id: str
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[_Union[_common_pb2.DisaggregatedParams, _Mapping]] = ..., extra_key: _Optional[bytes] = ..., lora_name: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    tool_pause_s: float
+    tool_kv_action: str
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[_Union[_common_pb2.DisaggregatedParams, _Mapping]] = ..., extra_key: _Optional[bytes] = ..., lora_name: _Optional[str] = ..., session_id: _Optional[str] = ..., tool_pause_s: _Optional[float] = ..., tool_kv_action: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "finished", "finish_reason", "disaggregated", "usage", "sample_index", "worker", "logprobs")
