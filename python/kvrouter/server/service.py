@@ -251,16 +251,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return self.affinity.pin(m.state, session, candidates)
 
     async def decide_async(self, req: router_pb2.RouteRequest, explain: bool = False,
-                           dry_run: bool = False) -> router_pb2.RouteResponse:
-        """decide() with the shared session table read before and written after (Redis
-        round trips only for requests that carry a session key)."""
-        if not req.session_id:
-            return self.decide(req, explain, dry_run)
-        await self.affinity.prefetch([(req.model or DEFAULT_MODEL, req.session_id)])
+                           dry_run: bool = False,
+                           context: grpc.aio.ServicerContext | None = None,
+                           ) -> router_pb2.RouteResponse:
+        """decide() behind admission control (Route, ext_proc: it may wait while the
+        model's fleet is saturated; dry runs never wait), with the shared session table
+        read before and written after (Redis round trips only for requests that carry a
+        session key)."""
+        grant = None if dry_run else await self._admit_route(req, context)
         try:
-            return self.decide(req, explain, dry_run)
+            if not req.session_id:
+                return self.decide(req, explain, dry_run)
+            await self.affinity.prefetch([(req.model or DEFAULT_MODEL, req.session_id)])
+            try:
+                return self.decide(req, explain, dry_run)
+            finally:
+                await self.affinity.flush()
         finally:
-            await self.affinity.flush()
+            if grant is not None:
+                self.admission[grant[0]].settled(grant[1])
 
     # ------------------------------------------------------------------ admission control
     def _admission_from_context(self, request: router_pb2.RouterGenerateRequest,
@@ -301,7 +310,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return (m.cfg.name, ticket) if ticket is not None else None
 
     async def _admit_route(self, req: router_pb2.RouteRequest,
-                           context: grpc.aio.ServicerContext) -> tuple[str, Any] | None:
+                           context: grpc.aio.ServicerContext | None,
+                           ) -> tuple[str, Any] | None:
         """Route's admission: a dry run does not load the fleet and is never held."""
         m = self._model(req.model)
         gate = self.admission[m.cfg.name]
@@ -310,7 +320,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             return None  # nothing to check or wait for: the hot path stays as it was
         priority, tenant = req.priority, req.tenant
         if gate.enabled:
-            md = dict(context.invocation_metadata() or ())
+            md = dict(context.invocation_metadata() or ()) if context is not None else {}
             priority = priority or str(md.get(PRIORITY_HEADER, ""))
             tenant = tenant or str(md.get(TENANT_HEADER, ""))
             self._tokens(m, req.token_ids, req.token_ids_le)  # a bad prompt fails before waiting
@@ -318,7 +328,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if gate.enabled and (req.candidates or req.role):
             eligible = self._candidates(m, req.candidates, req.role)
         return await self._admit(m, priority, tenant, req.deadline_unix_ms,
-                                 context.time_remaining(), eligible)
+                                 context.time_remaining() if context is not None else None,
+                                 eligible)
 
     def _admit_stream(self, req: router_pb2.RouteRequest) -> None:
         """RouteStream answers in order and cannot hold one item back: a route item that
@@ -439,12 +450,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Route(self, request: router_pb2.RouteRequest,
                     context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
         async with _aborting(context):
-            grant = await self._admit_route(request, context)
-            try:
-                return await self.decide_async(request)
-            finally:
-                if grant is not None:
-                    self.admission[grant[0]].settled(grant[1])
+            return await self.decide_async(request, context=context)
 
     async def Explain(self, request: router_pb2.ExplainRequest,
                       context: grpc.aio.ServicerContext) -> router_pb2.RouteResponse:
