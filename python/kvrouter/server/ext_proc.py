@@ -528,8 +528,8 @@ class OpenAIPrompts:
 
 
 def _has_text(prompt: Any) -> bool:
-    return isinstance(prompt, str) or (isinstance(prompt, list) and len(prompt) == 1
-                                       and isinstance(prompt[0], str))
+    return isinstance(prompt, str) or (isinstance(prompt, list) and bool(prompt)
+                                       and all(isinstance(p, str) for p in prompt))
 
 
 # ---------------------------------------------------------------------- serving
