@@ -38,7 +38,7 @@ def prompt(seed: int, n: int = 256) -> list[int]:
 
 def turn(stub: router_pb2_grpc.RouterStub, session: str, tokens: list[int], **kw: object) -> str:
     req = router_pb2.RouterGenerateRequest(token_ids=tokens, session_id=session,
-                                           request_id=uuid.uuid4().hex, **kw)  # type: ignore[arg-type]
+                                           request_id=uuid.uuid4().hex, **kw)
     req.sampling.max_tokens = 2
     out = list(stub.Generate(req, timeout=30))
     assert out[-1].finished

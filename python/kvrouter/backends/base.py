@@ -79,6 +79,8 @@ class EngineCall:
     extra_key: bytes = b""
     lora_name: str = ""
     session_id: str = ""
+    tool_pause_s: float = 0.0  # the session's tool pause after this turn (docs/kv-offload.md)
+    tool_kv_action: str = ""
 
 
 @dataclass(slots=True)

@@ -57,7 +57,8 @@ class GrpcEngineBackend:
         req = engine_pb2.GenerateRequest(
             request_id=call.request_id, token_ids_le=call.token_ids.astype("<u4").tobytes(),
             sampling=sampling, extra_key=call.extra_key, lora_name=call.lora_name,
-            session_id=call.session_id)
+            session_id=call.session_id, tool_pause_s=call.tool_pause_s,
+            tool_kv_action=call.tool_kv_action)
         if call.disagg is not None:
             req.disaggregated.CopyFrom(call.disagg.to_pb())
         req.disaggregated.request_type = PHASE_TO_PB[call.request_type]

@@ -124,6 +124,8 @@ class _Request:
     lora_name: str
     session_id: str
     trace: GenerateTrace
+    tool_pause_s: float = 0.0  # checked by the service (server/sessions.py)
+    tool_kv_action: str = ""
     pin: int | None = None  # session affinity: plan on this worker first (server/affinity.py)
     generated: list[int] = field(default_factory=list)
     excluded: set[int] = field(default_factory=set)
@@ -209,7 +211,8 @@ class GenerateProxy:
                      expected_output=req.expected_output_tokens or max_tokens,
                      sampling=sp, extra_key=extra_key_for(req.extra_key, req.lora_name) or b"",
                      lora_name=req.lora_name,
-                     session_id=req.session_id, trace=trace, pin=pin)
+                     session_id=req.session_id, trace=trace, pin=pin,
+                     tool_pause_s=req.tool_pause_s, tool_kv_action=req.tool_kv_action)
         planner = self.planner(state, cfg)
         if sp.n > 1:  # router-side n samples: placement, fan-out, aggregation (nsample.py)
             async with aclosing(self._samples(planner, r, req)) as out:
@@ -284,7 +287,9 @@ class GenerateProxy:
         return EngineCall(request_id=f"{r.rid}.{r.attempts}{suffix}", token_ids=r.context_tokens(),
                           max_tokens=max_tokens, sampling=r.sampling, request_type=request_type,
                           disagg=disagg, extra_key=r.extra_key, lora_name=r.lora_name,
-                          session_id=r.session_id)
+                          session_id=r.session_id,
+                          tool_pause_s=r.tool_pause_s if r.session_id else 0.0,
+                          tool_kv_action=r.tool_kv_action if r.session_id else "")
 
     def _give_up(self, r: _Request, f: EngineFailure, what: str) -> GenerateError:
         if f.kind in (FailureKind.INVALID, FailureKind.REJECTED):

@@ -266,9 +266,11 @@ class SessionKvManager:
     async def _offload(self, s: Session, action: KvAction) -> None:
         tier = common_pb2.TIER_GPU if action is KvAction.KEEP else common_pb2.TIER_HOST
         try:
-            await self._stub(s.address).Offload(
+            resp = await self._stub(s.address).Offload(
                 engine_pb2.OffloadRequest(session_id=s.session_id, target=tier),
                 timeout=self.timeout_s)
+            # an engine that set retention at submission (TensorRT-LLM) says where it is
+            s.state = "kept" if resp.tier == common_pb2.TIER_GPU else "offloaded"
             self._count(f"{action.value}_ok")
         except grpc.aio.AioRpcError as e:
             # no host tier, host full, worker gone, session unknown there: the next turn

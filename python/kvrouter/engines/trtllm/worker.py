@@ -41,6 +41,13 @@ import grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 from kvrouter.engines.block_mirror import BlockMirror
+from kvrouter.engines.trtllm.retention import (
+    Retention,
+    RetentionError,
+    SessionRetentions,
+    retention_config,
+    retention_for,
+)
 from kvrouter.engines.trtllm.translate import TrtllmTranslator, worker_id_for_rank
 from kvrouter.events.model import KvEvent, LoadReport
 from kvrouter.events.publisher import EventPublisher
@@ -86,13 +93,18 @@ class TrtllmApi:
 
     sampling_params: Callable[..., Any]
     disaggregated_params: Callable[..., Any]
+    # KvCacheRetentionConfig and its TokenRangeRetentionConfig (sessions' tool pauses,
+    # kvrouter.engines.trtllm.retention); None: requests keep TensorRT-LLM's defaults
+    kv_retention: Callable[..., Any] | None = None
+    token_range: Callable[..., Any] | None = None
 
     @classmethod
     def load(cls) -> TrtllmApi:
         trt = import_trtllm()
-        from tensorrt_llm.llmapi import DisaggregatedParams
+        from tensorrt_llm.llmapi import DisaggregatedParams, KvCacheRetentionConfig
 
-        return cls(trt.SamplingParams, DisaggregatedParams)
+        return cls(trt.SamplingParams, DisaggregatedParams, KvCacheRetentionConfig,
+                   KvCacheRetentionConfig.TokenRangeRetentionConfig)
 
 
 class TrtllmRequestError(ValueError):
@@ -156,6 +168,7 @@ class TrtllmWorker:
         self.ranks: dict[int | None, _Rank] = {}
         self.load: LoadReport | None = None
         self.capacity: dict[int, int] = {}  # cache level -> blocks (rank 0 / no DP)
+        self.retentions = SessionRetentions()  # sessions' tool-pause retention (Offload)
         self.epochs_lost = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
@@ -302,7 +315,13 @@ class TrtllmWorker:
         kwargs: dict[str, Any] = {"sampling_params": sampling, "streaming": True}
         if disagg is not None:
             kwargs["disaggregated_params"] = disagg
+        retention = self._retention(req)
+        if retention is not None and self.api.kv_retention and self.api.token_range:
+            kwargs["kv_cache_retention_config"] = retention_config(
+                self.api.kv_retention, self.api.token_range, retention)
         result = self.llm.generate_async(tokens, **kwargs)
+        if req.session_id:
+            self.retentions.record(req.session_id, retention)
         sent: dict[int, int] = {}
         last: Any = None
         try:
@@ -333,6 +352,14 @@ class TrtllmWorker:
                 resp.disaggregated.CopyFrom(_disagg_to_proto(
                     getattr(o, "disaggregated_params", None), list(o.token_ids)))
             yield resp
+
+    def _retention(self, req: engine_pb2.GenerateRequest) -> Retention | None:
+        if not req.session_id:
+            return None
+        try:
+            return retention_for(req.tool_pause_s, req.tool_kv_action)
+        except RetentionError as e:
+            raise TrtllmRequestError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
     def stats_response(self) -> engine_pb2.StatsResponse:
         ld = self.load or LoadReport()
@@ -376,12 +403,33 @@ class TrtllmEngineService(engine_pb2_grpc.EngineServicer):
 
     async def Offload(self, request: engine_pb2.OffloadRequest,
                       context: grpc.aio.ServicerContext) -> engine_pb2.OffloadResponse:
-        await unimplemented(context, "TensorRT-LLM offloads KV blocks to host memory itself "
-                            "(KvCacheConfig host_cache_size); per-session offload is not exposed")
+        """Confirms the retention the session's last turn got at submission
+        (kvrouter.engines.trtllm.retention): TensorRT-LLM moves the blocks itself."""
+        if request.target == common_pb2.TIER_DISK:
+            await unimplemented(context, "no disk tier through this adapter")
+        r = self.worker.retentions.get(request.session_id)
+        if r is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"session {request.session_id[:64]!r} has no tool-pause retention "
+                                "here (its last turn carried no tool_pause_s, or it lapsed)")
+            raise AssertionError("unreachable")  # pragma: no cover
+        if r.action == "drop":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the session's blocks were submitted to be dropped (priority "
+                                f"{r.priority}); TensorRT-LLM cannot change it afterwards")
+        # the retention set at submission decides, whatever the target: answer where the
+        # blocks wait (keep: GPU; offload: host once the GPU needs the room)
+        tier = common_pb2.TIER_GPU if r.action == "keep" else common_pb2.TIER_HOST
+        return engine_pb2.OffloadResponse(blocks=0, tier=tier)
 
     async def Reload(self, request: engine_pb2.ReloadRequest,
                      context: grpc.aio.ServicerContext) -> engine_pb2.ReloadResponse:
-        await unimplemented(context, "TensorRT-LLM onboards offloaded blocks itself on reuse")
+        """TensorRT-LLM onboards host blocks itself when the next turn reuses them: 0 blocks."""
+        if self.worker.retentions.get(request.session_id) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"session {request.session_id[:64]!r} has no tool-pause retention "
+                                "here")
+        return engine_pb2.ReloadResponse(blocks=0)
 
     async def Stats(self, request: engine_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> engine_pb2.StatsResponse:
