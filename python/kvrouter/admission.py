@@ -424,9 +424,16 @@ class AdmissionController(Generic[T]):
         """Every routable eligible worker is past a saturation point. False when none is
         routable: routing then fails with its own clear error instead of waiting."""
         cfg = self.cfg
+        sched = self.scheduler
         seen = False
-        for load in self.scheduler.loads(now):
-            if not load.routable or (eligible is not None and load.worker not in eligible):
+        # One worker's load at a time: below saturation the first routable worker usually
+        # answers, so the check costs O(1) instead of building every worker's load.
+        for w in (eligible if eligible is not None else sched.workers()):
+            try:
+                load = sched.load(w, now)
+            except KeyError:  # left the scheduler meanwhile
+                continue
+            if not load.routable:
                 continue
             if not worker_saturated(load, cfg):
                 return False
