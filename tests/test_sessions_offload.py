@@ -4,6 +4,7 @@ unknown session, Offload / Reload on a dead worker, a full host tier."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import Iterator
@@ -114,6 +115,10 @@ def test_offload_reload_and_fallbacks(router: RouterProcess, tmp_path: Path) -> 
             turn(stub, "s2", p2, tool_pause_s=3.0, tool_kv_action="keep")
             r = resume(stub, "s2")
             assert (r.state, r.action, r.blocks) == ("kept", "unpinned", 0)
+            # no override: the router's cost decision; an idle GPU has room, so it keeps
+            turn(stub, "s2", p2, tool_pause_s=30.0)
+            r = resume(stub, "s2")
+            assert (r.state, r.action) == ("kept", "unpinned")
 
             # the worker dies while the session is offloaded: the resume falls back to
             # re-prefill, and no block stays credited anywhere once the worker is gone
@@ -158,3 +163,26 @@ def test_full_host_tier_and_no_host_tier_fall_back(router: RouterProcess, tmp_pa
             assert reservations(stub) == 0
     finally:
         w2.stop(5.0)
+
+
+def test_offload_to_a_dead_worker_falls_back_to_reprefill() -> None:
+    """The worker died between the turn and the Offload: the router's call fails (real gRPC
+    to a closed port), the session is marked dropped and the resume says re-prefill."""
+    from kvrouter.server.sessions import SessionKvManager
+    from kvrouter.testing.processes import free_port
+
+    async def main() -> None:
+        m = SessionKvManager(timeout_s=2.0)
+        try:
+            m.turn_ended("default", "s", "gone", f"127.0.0.1:{free_port()}", 4096,
+                         KvAction.OFFLOAD, "test")
+            r = await m.resume("default", "s")
+            assert (r.worker, r.state, r.action, r.blocks) == ("gone", "dropped", "reprefill", 0)
+            assert "offload failed: UNAVAILABLE" in r.detail
+            assert m.counts.get("offload_failed_unavailable") == 1
+            with pytest.raises(KeyError, match="unknown session"):
+                await m.resume("default", "other")
+        finally:
+            await m.close()
+
+    asyncio.run(main())
