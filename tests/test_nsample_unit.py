@@ -4,16 +4,25 @@ validation (the end-to-end behaviour is tests/test_nsample.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from kvrouter._core import PrefixIndex, Scheduler
+from kvrouter._proto.v1 import common_pb2
+from kvrouter.backends.base import EngineCall, EngineChunk
+from kvrouter.backends.dispatch import Backends
 from kvrouter.config import ModelConfig, NSampleConfig
 from kvrouter.engines.sim.engine import EngineConfig, SimEngine, SimRequest
 from kvrouter.engines.sim.profile import EngineProfile
-from kvrouter.planner import Planner, Prompt
+from kvrouter.planner import Planner, Pool, Prompt
+from kvrouter.registry import ModelState, WorkerInfo
 from kvrouter.server.nsample import (
     Sample,
     SampleError,
@@ -21,6 +30,7 @@ from kvrouter.server.nsample import (
     answer_of,
     best_by_logprob,
     place_samples,
+    run_samples,
     vote,
     vote_decided,
 )
@@ -153,3 +163,76 @@ def test_good_options_resolve_the_scorer() -> None:
     spec = SampleSpec.parse(4, "scorer", "", "", cfg)
     assert (spec.aggregator, spec.scorer, spec.scorer_address) == ("scorer", "rm", "127.0.0.1:1")
     assert SampleSpec.parse(4, "", "", "", cfg).aggregator == "all"
+
+
+class _PerSampleBackend:
+    """A backend without n (like the OpenAI client): logs when each call starts and when
+    its first output goes out, and yields 3 tokens per call."""
+
+    supports_disaggregation = False
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    async def generate(self, worker: Any, model: str, call: EngineCall,
+                       ) -> AsyncIterator[EngineChunk]:
+        assert call.sampling.n == 1
+        self.log.append(f"start {call.request_id}")
+        await asyncio.sleep(0.01)
+        self.log.append(f"output {call.request_id}")
+        yield EngineChunk([1, 2])
+        await asyncio.sleep(0.01)
+        yield EngineChunk([3], finished=True, finish_reason="length")
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Trace:
+    path: str = ""
+    pool: str = ""
+    request_class: str = ""
+    reason: str = ""
+    worker: str = ""
+    samples: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Req:
+    rid: str
+    model: ModelState
+    cfg: ModelConfig
+    prompt: np.ndarray
+    max_tokens: int = 3
+    expected_output: int = 3
+    sampling: common_pb2.SamplingParams = field(
+        default_factory=lambda: common_pb2.SamplingParams(n=3))
+    extra_key: bytes = b""
+    lora_name: str = ""
+    session_id: str = ""
+
+
+def test_backend_without_n_starts_the_other_samples_after_the_first_output() -> None:
+    planner, prompt, _ = _planner([])
+    state = ModelState("m", BS, PrefixIndex(BS), planner.scheduler)
+    for w in (1, 2):
+        state.workers[f"w{w}"] = WorkerInfo(f"w{w}", w, "m", metadata={"backend": "plain"})
+    fake = _PerSampleBackend()
+    r = _Req("q", state, ModelConfig(name="m"), np.asarray(prompt.tokens, dtype=np.uint32))
+    spec = SampleSpec.parse(3, "all", "", "", NSampleConfig())
+    trace = _Trace()
+
+    async def run() -> list[Any]:
+        gen = run_samples(r, spec, planner, {"aggregated": Pool("aggregated", (1, 2))},
+                          Backends({"plain": fake}), trace, lambda _i, _s: None)
+        return [resp async for resp in gen]
+
+    out = asyncio.run(run())
+    assert sorted(x.sample_index for x in out if x.finished) == [0, 1, 2]
+    first = fake.log.index("output q.s0")
+    assert fake.log[:2] == ["start q.s0", "output q.s0"] and first == 1
+    assert {"start q.s1", "start q.s2"} <= set(fake.log[2:])
+    assert dict(trace.samples)["kvrouter-samples"] == "n=3,finished=3,cancelled=0,failed=0"
+    assert planner.scheduler.load(1).reserved_requests == 0
+    assert planner.scheduler.load(2).reserved_requests == 0

@@ -398,6 +398,7 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
     queue: asyncio.Queue[tuple[int, list[int], EngineChunk | EngineFailure | None]] = \
         asyncio.Queue()
     tasks: list[asyncio.Task[None]] = []
+    deferred: dict[int, list[list[int]]] = {}  # worker id -> calls started after its lead
     finished_order = 0
 
     def release(idx: int) -> None:
@@ -431,19 +432,29 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
                 samples[i].worker = info.name
             # an engine that takes n runs the worker's samples as one call (one prefill, n
             # decodes); a backend without n (the OpenAI client here) gets one call per
-            # sample, which the engine's prefix cache shares once the first is computed
+            # sample, the others once the first has produced output (its prompt KV is in
+            # the engine's prefix cache then, so they do not compute it again)
             if getattr(backends.for_worker(info), "supports_n", False):
                 tasks.append(asyncio.create_task(pump(wid, idxs)))
             else:
-                tasks.extend(asyncio.create_task(pump(wid, [i])) for i in idxs)
+                tasks.append(asyncio.create_task(pump(wid, idxs[:1])))
+                if len(idxs) > 1:
+                    deferred[wid] = [[i] for i in idxs[1:]]
         trace.worker = ",".join(report.placement)
         started: set[int] = set()
         open_streams = len(tasks)
         last_failure: EngineFailure | None = None
+
+        def start_deferred(wid: int) -> int:
+            later = deferred.pop(wid, [])
+            tasks.extend(asyncio.create_task(pump(wid, one)) for one in later)
+            return len(later)
+
         while open_streams:
             wid, idxs, item = await queue.get()
             if item is None or isinstance(item, EngineFailure):
                 open_streams -= 1
+                open_streams += start_deferred(wid)  # the lead call ended without output
                 for i in idxs:
                     if samples[i].state == "running":
                         samples[i].state = "failed"
@@ -461,6 +472,7 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
             if wid not in started and (c.token_ids or c.finished):
                 started.add(wid)
                 sched.mark_prefill_done(pl.lead[wid])
+                open_streams += start_deferred(wid)
             if not 0 <= c.sample_index < len(idxs):
                 continue  # an engine answering for samples it was not asked for
             s = samples[idxs[c.sample_index]]
