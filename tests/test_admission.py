@@ -240,3 +240,22 @@ def test_generate_waits_for_capacity_on_sim_engines(router_server: Callable[...,
             assert st.queued == 0 and not math.isnan(st.retry_after_s)
     finally:
         engines.stop_all()
+
+
+def test_higher_class_sheds_lower_from_full_queue(router_server: Callable[..., Any]) -> None:
+    r = router_server(_config(max_queue=1))
+    with grpc.insecure_channel(r.target) as ch, RouterClient(r.target) as c:
+        c.register_worker("default", "w0", block_size=BS)
+        stub = router_pb2_grpc.RouterStub(ch)
+        first = stub.Route(_route(1))
+        low = stub.Route.future(_route(2, priority="low", tenant="newcomer"), timeout=30)
+        wait_until(lambda: _admission(stub).queued == 1, 10, what="low request queued")
+        high = stub.Route.future(_route(3, priority="high"), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            low.result()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "shed" in (e.value.details() or "")
+        assert [k.queued for k in _admission(stub).classes] == [1, 0, 0]
+        stub.Release(router_pb2.ReleaseRequest(request_id=first.request_id))
+        stub.Release(router_pb2.ReleaseRequest(request_id=high.result().request_id))
+        assert _reserved(stub) == 0 and _admission(stub).rejected == 1
