@@ -31,6 +31,7 @@ from enum import StrEnum
 import grpc
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc
+from kvrouter.protocol import BACKEND_METADATA_KEY
 from kvrouter.registry import ModelState
 
 log = logging.getLogger("kvrouter.server.sessions")
@@ -222,6 +223,11 @@ class SessionKvManager:
             return None
         info = state.workers.get(worker)
         if info is None:
+            return None
+        if (info.metadata.get(BACKEND_METADATA_KEY) or "grpc") != "grpc":
+            # an OpenAI-compatible server (vLLM, SGLang) has no Engine.Offload: its LRU keeps
+            # or evicts the session's blocks (docs/kv-offload.md, vLLM)
+            self._count("no_engine_api")
             return None
         pause = turn.pause_s or DEFAULT_TOOL_PAUSE_S
         context = prompt_tokens + turn.generated
