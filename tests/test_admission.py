@@ -259,3 +259,32 @@ def test_higher_class_sheds_lower_from_full_queue(router_server: Callable[..., A
         stub.Release(router_pb2.ReleaseRequest(request_id=first.request_id))
         stub.Release(router_pb2.ReleaseRequest(request_id=high.result().request_id))
         assert _reserved(stub) == 0 and _admission(stub).rejected == 1
+
+
+def test_kv_usage_from_heartbeats_holds_and_frees_the_queue(
+        router_server: Callable[..., Any]) -> None:
+    """A worker reporting 95% of its KV in use is saturated (max_kv_usage 0.9); its next
+    report frees the waiting request; a report without capacity (0 used, 0 free) is
+    not judged on KV usage at all."""
+    r = router_server(_config(max_running_requests=100, max_kv_usage=0.9))
+    with grpc.insecure_channel(r.target) as ch, RouterClient(r.target) as c:
+        c.register_worker("default", "w0", block_size=BS)
+        stub = router_pb2_grpc.RouterStub(ch)
+
+        def report(used: int, free: int) -> None:
+            c.heartbeat("default", "w0", common_pb2.LoadReport(kv_used_blocks=used,
+                                                               kv_free_blocks=free))
+            wait_until(lambda: stub.ListWorkers(router_pb2.ListWorkersRequest()).workers[0]
+                       .load.reported.kv_used_blocks == used, 10, what="report applied")
+
+        report(95, 5)
+        waiting = stub.Route.future(_route(1), timeout=30)
+        wait_until(lambda: _admission(stub).queued == 1, 10, what="request queued")
+        report(10, 90)
+        first = waiting.result()
+        report(0, 0)
+        second = stub.Route(_route(2))  # no capacity reported: routed at once
+        for rep in (first, second):
+            stub.Release(router_pb2.ReleaseRequest(request_id=rep.request_id))
+        st = _admission(stub)
+        assert st.dispatched == 1 and st.admitted == 1 and _reserved(stub) == 0
