@@ -4,6 +4,7 @@ replicas sharing sessions through a real Redis (expiry there too)."""
 from __future__ import annotations
 
 import random
+import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -115,20 +116,22 @@ def test_pin_pools_narrows_to_the_sessions_worker() -> None:
 # ------------------------------------------------------------------ real routers, real Redis
 
 
-@pytest.fixture
-def replicas(router_server: Callable[..., Any], redis_url: str) -> Any:
+@pytest.fixture(scope="module")
+def replicas(module_router_server: Callable[..., Any], redis_url: str) -> Any:
+    """Two router replicas sharing one Redis namespace and workers w1, w2 (module-wide:
+    each test uses its own session keys)."""
     ns = f"aff{uuid.uuid4().hex[:10]}"
     cfg = {"router": {"redis_url": redis_url, "event_plane": {"namespace": ns}},
            "models": [{"name": "default", "block_size": BS, "vocab_size": 32000,
                        "affinity": {"ttl_s": 30, "overload_prefill_tokens": 4000}}]}
-    a, b = router_server(cfg), router_server(cfg)
+    a, b = module_router_server(cfg, metrics=True), module_router_server(cfg)
     ca, cb = RouterClient(a.target), RouterClient(b.target)
     for w in ("w1", "w2"):
         ca.register_worker("default", w, block_size=BS)
     wait_until(lambda: {w.name for w in cb.list_workers() if w.routable} == {"w1", "w2"}, 20,
                what="replica B sees both workers")
     r = redis.Redis.from_url(redis_url)
-    yield ca, cb, r, ns, b.target
+    yield ca, cb, r, ns, b.target, a
     ca.close()
     cb.close()
     for key in r.scan_iter(match=f"{ns}:*"):
@@ -137,7 +140,7 @@ def replicas(router_server: Callable[..., Any], redis_url: str) -> Any:
 
 def test_replicas_share_sessions_through_redis_and_move_off_an_overloaded_worker(
         replicas: Any) -> None:
-    ca, cb, r, ns, _ = replicas
+    ca, cb, r, ns, _, _ = replicas
     first = ca.route(tokens(1, 64), session_id="conv-1")
     assert first.affinity == NEW
     home = first.worker
@@ -164,7 +167,7 @@ def test_replicas_share_sessions_through_redis_and_move_off_an_overloaded_worker
 
 
 def test_a_session_that_expired_in_redis_starts_anew(replicas: Any) -> None:
-    ca, cb, r, ns, _ = replicas
+    ca, cb, r, ns, _, _ = replicas
     first = ca.route(tokens(6, 32), session_id="conv-2", dry_run=False)
     r.delete(f"{ns}:sess:default:conv-2")  # what the expiry does, without waiting 30 s
     assert cb.explain(tokens(7, 32), session_id="conv-2").affinity == NEW
@@ -174,21 +177,21 @@ def test_a_session_that_expired_in_redis_starts_anew(replicas: Any) -> None:
 
 
 def test_bad_session_key_is_invalid_argument_and_reserves_nothing(replicas: Any) -> None:
-    ca, _, r, ns, _ = replicas
+    ca, _, r, ns, _, _ = replicas
     before = {w.name: w.reserved_requests for w in ca.list_workers()}
     with pytest.raises(grpc.RpcError) as e:
         ca.route(tokens(8, 32), session_id="has space", request_id="bad-session")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "session_id" in (e.value.details() or "")
     assert {w.name: w.reserved_requests for w in ca.list_workers()} == before
-    assert not list(r.scan_iter(match=f"{ns}:sess:*"))
+    assert r.get(f"{ns}:sess:default:has space") is None
 
 
 def test_route_stream_honours_sessions(replicas: Any) -> None:
     from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
     from kvrouter.client import route_request
 
-    ca, cb, _, _, b_target = replicas
+    ca, cb, _, _, b_target, _ = replicas
     home = ca.route(tokens(9, 32), session_id="conv-3")
     with grpc.insecure_channel(b_target) as ch:
         stub = router_pb2_grpc.RouterStub(ch)
@@ -202,3 +205,25 @@ def test_route_stream_honours_sessions(replicas: Any) -> None:
     for res in reply.results:
         cb.release(res.route.request_id)
     ca.release(home.request_id)
+
+
+def test_affinity_outcomes_are_counted_in_prometheus(replicas: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    ca, _, _, _, _, a = replicas
+
+    def count(outcome: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{a.metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(text)
+                   for s in fam.samples
+                   if s.name == "kvrouter_session_affinity_total"
+                   and s.labels == {"model": "default", "outcome": outcome})
+
+    before = {o: count(o) for o in (NEW, KEPT)}
+    first = ca.route(tokens(11, 32), session_id="conv-metrics")
+    second = ca.route(tokens(12, 32), session_id="conv-metrics")
+    ca.explain(tokens(13, 32), session_id="conv-metrics")  # dry runs are not counted
+    assert {o: count(o) - before[o] for o in (NEW, KEPT)} == {NEW: 1, KEPT: 1}
+    ca.release(first.request_id)
+    ca.release(second.request_id)

@@ -24,6 +24,7 @@ Sources the sequences and expectations come from:
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvrouter.client import RouterClient
 from kvrouter.testing.processes import free_port
@@ -59,15 +61,20 @@ def blocks(block_store_class: type) -> Any:
 
 
 @pytest.fixture(scope="module")
-def picker(module_router_server: Callable[..., Any]) -> Iterator[tuple[RouterClient, str]]:
-    port = free_port()
+def picker_router(module_router_server: Callable[..., Any]) -> Any:
     cfg = {"router": {"heartbeat_timeout_s": 0},
            "models": [{"name": "default", "block_size": BS, "vocab_size": 32000}]}
-    router = module_router_server(cfg, args=("--ext-proc", f"127.0.0.1:{port}"))
-    client = RouterClient(router.target)
+    return module_router_server(cfg, args=("--ext-proc", f"127.0.0.1:{free_port()}"),
+                                metrics=True)
+
+
+@pytest.fixture(scope="module")
+def picker(picker_router: Any) -> Iterator[tuple[RouterClient, str]]:
+    client = RouterClient(picker_router.target)
     for name, ep in ENDPOINTS.items():
         client.register_worker("default", name, address=ep, block_size=BS)
-    yield client, f"127.0.0.1:{port}"
+    args = list(picker_router.cmd)
+    yield client, args[args.index("--ext-proc") + 1]
     client.close()
 
 
@@ -323,3 +330,31 @@ def test_stream_that_ends_early_releases_the_reservation(
         assert env.recv().WhichOneof("response") == "request_headers"
     finally:
         env.close()
+
+
+def metric(router: Any, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def test_outcomes_are_counted_in_prometheus(picker: tuple[RouterClient, str],
+                                            picker_router: Any) -> None:
+    _, target = picker
+    name = "kvrouter_ext_proc_requests_total"
+    picked, bad = metric(picker_router, name, outcome="picked"), metric(picker_router, name,
+                                                                        outcome="400")
+    for body in (completion(tokens(20, 32)), b"{oops"):
+        env = Envoy(target)
+        try:
+            env.send(request_headers())
+            env.send(body_chunks(body, 1 << 20)[0])
+            env.recv()
+        finally:
+            env.close()
+    assert metric(picker_router, name, outcome="picked") == picked + 1
+    assert metric(picker_router, name, outcome="400") == bad + 1

@@ -220,6 +220,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     out = await self._step(x, req)
                 except Refusal as r:
                     self.refused += 1
+                    self._count(str(r.status))
                     self._release(x)
                     yield immediate(r.status, r.message)
                     return  # the gateway answers the client; nothing more to process
@@ -376,6 +377,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                                f"{ENDPOINT_METADATA_KEY} metadata)")
         x.endpoints = endpoints
         self.served += 1
+        self._count("picked")
 
     def _least_loaded(self, x: _Exchange, m: Any, names: list[str]) -> None:
         """A request without a body (GET /v1/models) has no prompt to score: the routable
@@ -396,6 +398,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             raise Refusal(503, f"no routable worker with a gateway endpoint for model "
                                f"{m.cfg.name!r}")
         x.decided, x.model, x.worker, x.endpoints = True, m.cfg.name, best[1], [best[2]]
+        self.served += 1
+        self._count("picked")
 
     def _mutation(self, x: _Exchange) -> pb.HeaderMutation:
         hdrs = [_header(DESTINATION_HEADER, ",".join(x.endpoints))]
@@ -440,6 +444,11 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                     svc.affinity.record(x.model, session, info.name)
                 x.worker = info.name
                 return
+
+    def _count(self, outcome: str) -> None:
+        metrics = getattr(self.service, "metrics", None)
+        if metrics is not None:
+            metrics.ext_proc.labels(outcome).inc()
 
     def _release(self, x: _Exchange) -> None:
         if x.request_id:

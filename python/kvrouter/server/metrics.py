@@ -104,6 +104,14 @@ class RouterMetrics:
         self.event_batches = Counter(
             "kvrouter_publish_events", "PublishEvents batches received over gRPC",
             ["model", "outcome"], registry=r)
+        # Session affinity and the endpoint picker (server/affinity.py, server/ext_proc.py).
+        self.session_affinity = Counter(
+            "kvrouter_session_affinity", "Requests with a session key by what affinity did: "
+            "kept (the session's worker decided), moved (it was overloaded or unavailable), new",
+            ["model", "outcome"], registry=r)
+        self.ext_proc = Counter(
+            "kvrouter_ext_proc_requests", "Endpoint picker (Envoy ext_proc) requests by outcome: "
+            "picked, or the HTTP status of the immediate response", ["outcome"], registry=r)
         # Admission control (kvrouter.server.admission, docs/admission.md).
         self.admission = Counter(
             "kvrouter_admission", "Admission control outcomes: admitted (at once), queued, "

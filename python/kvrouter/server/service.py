@@ -401,6 +401,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             reply.affinity = pin.outcome
             if not dry_run:
                 self.affinity.record(m.cfg.name, req.session_id, chosen.name)
+                self.metrics.session_affinity.labels(m.cfg.name, pin.outcome).inc()
         if explain:
             # Load terms are u64 sums in the core: clamped so the reply always encodes.
             reply.candidates.extend(
@@ -549,6 +550,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 pin = self._pin(m, session, None)
                 if pin is not None:
                     trace.affinity = pin.outcome
+                    self.metrics.session_affinity.labels(m.cfg.name, pin.outcome).inc()
         finally:
             # The next waiter is let go once the proxy's plan below has reserved `rid`, so
             # its saturation check sees this request's load.
