@@ -8,26 +8,34 @@ import asyncio
 import random
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from kvrouter._proto.v1 import engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from kvrouter.server.sessions import KvAction, decide, pause_costs
-from kvrouter.testing.processes import RouterProcess, start_router, start_sim_engine
+from kvrouter.testing.processes import RouterProcess, free_port, start_router, start_sim_engine
 from kvrouter.testing.wait import wait_until
 
 BS = 16
-CONFIG = {"router": {"heartbeat_timeout_s": 3.0, "event_plane": {"heartbeat_ttl_s": 3.0}},
-          "models": [{"name": "default", "block_size": BS, "vocab_size": 32000}]}
+@dataclass
+class Stack:
+    router: RouterProcess
+    http: str  # the OpenAI-compatible front's base URL
 
 
 @pytest.fixture
-def router(tmp_path: Path) -> Iterator[RouterProcess]:
-    r = start_router(tmp_path, CONFIG)
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    port = free_port()
+    cfg = {"router": {"heartbeat_timeout_s": 3.0, "event_plane": {"heartbeat_ttl_s": 3.0},
+                      "http": f"127.0.0.1:{port}"},
+           "models": [{"name": "default", "block_size": BS, "vocab_size": 32000}]}
+    r = start_router(tmp_path, cfg)
     try:
-        yield r
+        yield Stack(r, f"http://127.0.0.1:{port}")
     finally:
         r.stop(5.0)
 
@@ -78,7 +86,8 @@ def test_decision_is_a_cost_comparison() -> None:
     assert decide(short) is KvAction.KEEP
 
 
-def test_offload_reload_and_fallbacks(router: RouterProcess, tmp_path: Path) -> None:
+def test_offload_reload_and_fallbacks(stack: Stack, tmp_path: Path) -> None:
+    router = stack.router
     w1 = start_sim_engine(tmp_path, "w1", router=router.target, args=["--time-scale", "0.2"])
     try:
         with grpc.insecure_channel(router.target) as ch:
@@ -110,6 +119,19 @@ def test_offload_reload_and_fallbacks(router: RouterProcess, tmp_path: Path) -> 
             # the next turn of the session (its context grown) reuses the reloaded prefix
             assert turn(stub, "s1", p1 + prompt(11, 64)) == "w1"
 
+            # the same through the OpenAI-compatible front: session header, pause extension
+            p5 = prompt(5)
+            body = {"prompt": p5, "max_tokens": 2, "tool_pause_s": 20.0, "tool_kv_action": "offload"}
+            r_http = httpx.post(f"{stack.http}/v1/completions", json=body,
+                                headers={"x-session-id": "h1"}, timeout=30)
+            assert r_http.status_code == 200, r_http.text
+            wait_until(lambda: tiers(stub, p5).get("w1") == (0, 16), 20, what="h1 on host")
+            r = resume(stub, "h1")
+            assert (r.state, r.action, r.blocks) == ("offloaded", "reloaded", 16)
+            bad = httpx.post(f"{stack.http}/v1/completions", timeout=30,
+                             json={**body, "tool_kv_action": "shred"}, headers={"x-session-id": "h1"})
+            assert bad.status_code == 400 and "tool_kv_action" in bad.text
+
             # keep: pinned on the GPU; the resume ends the pin (nothing to copy)
             p2 = prompt(2)
             turn(stub, "s2", p2, tool_pause_s=3.0, tool_kv_action="keep")
@@ -135,7 +157,8 @@ def test_offload_reload_and_fallbacks(router: RouterProcess, tmp_path: Path) -> 
         w1.stop(5.0)
 
 
-def test_full_host_tier_and_no_host_tier_fall_back(router: RouterProcess, tmp_path: Path) -> None:
+def test_full_host_tier_and_no_host_tier_fall_back(stack: Stack, tmp_path: Path) -> None:
+    router = stack.router
     # one block of host tier: a 16-block session cannot be offloaded
     w2 = start_sim_engine(tmp_path, "w2", router=router.target,
                           args=["--time-scale", "0.2", "--host-kv-capacity-tokens", str(BS)])

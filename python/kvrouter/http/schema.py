@@ -53,6 +53,11 @@ class _Sampling(_Body):
     aggregator: StrictStr = ""
     answer_regex: StrictStr = ""
     scorer: StrictStr = ""
+    # kvrouter extensions (docs/kv-offload.md): this turn ends in a tool call and the session
+    # (x-session-id, else user) comes back after about tool_pause_s seconds; the router keeps,
+    # offloads or drops its KV meanwhile (tool_kv_action overrides the decision)
+    tool_pause_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    tool_kv_action: StrictStr = ""
 
     def unsupported(self) -> list[tuple[str, str]]:
         """(field, why) for the fields set to something the router cannot do."""

@@ -265,7 +265,8 @@ class HttpFront:
         return router_pb2.RouterGenerateRequest(
             model=m.cfg.name, token_ids_le=np.asarray(ids, dtype="<u4").tobytes(),
             request_id=rid, sampling=sp, session_id=session, aggregator=body.aggregator,
-            answer_regex=body.answer_regex, scorer=body.scorer)
+            answer_regex=body.answer_regex, scorer=body.scorer,
+            tool_pause_s=body.tool_pause_s, tool_kv_action=body.tool_kv_action)
 
     # ------------------------------------------------------------------ endpoints
     async def health(self, request: web.Request) -> web.Response:

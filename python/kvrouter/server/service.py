@@ -564,9 +564,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     if turn is not None:
                         turn.observe(resp)
                     yield resp
-                if turn is not None and trace.worker:  # ends in a tool call: keep/offload/drop
-                    self.sessions.end(turn, m.state, trace.worker, len(tokens))
             finally:
+                # after the final response, also when the caller closes the stream there
+                # (the HTTP front does): a turn ending in a tool call is kept/offloaded/dropped
+                if turn is not None and turn.finished and trace.worker:
+                    self.sessions.end(turn, m.state, trace.worker, len(tokens))
                 if pin is not None and trace.worker:  # the worker that finished holds the KV
                     self.affinity.record(m.cfg.name, session, trace.worker)
                 if grant is not None:  # a request that failed before it reserved

@@ -139,10 +139,12 @@ class Turn:
     resumed: ResumeResult | None = None
     generated: int = 0
     finish_reason: str = ""
+    finished: bool = False  # a final response went out (an error mid-way: no decision)
 
     def observe(self, resp: engine_pb2.GenerateResponse) -> None:
         self.generated += len(resp.token_ids)
         if resp.finished:
+            self.finished = True
             self.finish_reason = resp.finish_reason
 
 
