@@ -288,3 +288,28 @@ def test_kv_usage_from_heartbeats_holds_and_frees_the_queue(
             stub.Release(router_pb2.ReleaseRequest(request_id=rep.request_id))
         st = _admission(stub)
         assert st.dispatched == 1 and st.admitted == 1 and _reserved(stub) == 0
+
+
+def test_http_front_answers_429_with_retry_after(router_server: Callable[..., Any]) -> None:
+    """max_queue 0: a saturated model refuses at once; over the HTTP front that is 429 with
+    Retry-After, and nothing is reserved for the refused request."""
+    import httpx
+
+    from kvrouter.testing.processes import free_port
+
+    port = free_port()
+    cfg = _config(max_queue=0)
+    cfg["router"]["http"] = f"127.0.0.1:{port}"
+    r = router_server(cfg)
+    with grpc.insecure_channel(r.target) as ch, RouterClient(r.target) as c:
+        c.register_worker("default", "w0", block_size=BS)
+        stub = router_pb2_grpc.RouterStub(ch)
+        first = stub.Route(_route(1))
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                          json={"model": "default", "prompt": prompt(5, 40), "max_tokens": 4})
+        assert resp.status_code == 429, resp.text
+        assert int(resp.headers["Retry-After"]) >= 1
+        assert resp.json()["error"]["type"] == "rate_limit_error"
+        assert _reserved(stub) == 1  # only the Route's
+        stub.Release(router_pb2.ReleaseRequest(request_id=first.request_id))
+        assert _reserved(stub) == 0 and _admission(stub).rejected == 1
