@@ -23,6 +23,7 @@ from kvrouter.server.affinity import (
     MOVED,
     NEW,
     Affinity,
+    Pin,
     SessionTable,
     check_session,
     pin_pools,
@@ -74,27 +75,34 @@ def _registry() -> tuple[Registry, Any]:
     return reg, reg.models["m"]
 
 
+def must_pin(aff: Affinity, state: Any, session: str, candidates: list[int] | None = None,
+             ) -> Pin:
+    pin = aff.pin(state, session, candidates)
+    assert pin is not None
+    return pin
+
+
 def test_pin_keeps_moves_on_overload_drain_and_candidates() -> None:
     reg, state = _registry()
     aff = Affinity({"m": AffinityConfig(overload_prefill_tokens=1000)})
     w1 = state.workers["w1"].wid
-    assert aff.pin(state, "s").outcome == NEW
+    assert must_pin(aff, state, "s").outcome == NEW
     aff.record("m", "s", "w1")
-    pin = aff.pin(state, "s")
+    pin = must_pin(aff, state, "s")
     assert (pin.outcome, pin.wid, pin.previous) == (KEPT, w1, "w1")
     # a candidate list without the session's worker moves it
     w2 = state.workers["w2"].wid
-    assert aff.pin(state, "s", [w2]).outcome == MOVED
+    assert must_pin(aff, state, "s", [w2]).outcome == MOVED
     # load past the threshold moves it
     state.scheduler.reserve(w1, "big", 1001, 1)
-    pin = aff.pin(state, "s")
+    pin = must_pin(aff, state, "s")
     assert (pin.outcome, pin.wid) == (MOVED, None) and "overload_prefill_tokens" in pin.reason
     state.scheduler.release("big")
-    assert aff.pin(state, "s").outcome == KEPT
+    assert must_pin(aff, state, "s").outcome == KEPT
     reg.set_status("m", "w1", WorkerStatus.DRAINING, "test")
-    assert aff.pin(state, "s").outcome == MOVED
+    assert must_pin(aff, state, "s").outcome == MOVED
     reg.remove_worker("m", "w1")
-    assert aff.pin(state, "s").reason == "worker gone"
+    assert must_pin(aff, state, "s").reason == "worker gone"
 
 
 def test_pin_is_off_when_disabled() -> None:
@@ -111,6 +119,31 @@ def test_pin_pools_narrows_to_the_sessions_worker() -> None:
     assert pin_pools(pools, 5) == {"disaggregated": Pool("disaggregated", prefill=(3,),
                                                          decode=(5,))}
     assert pin_pools(pools, 3) == {}  # a prefill worker does not hold a session's decode KV
+
+
+def test_a_redis_outage_degrades_to_this_replicas_table() -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from kvrouter.events.keys import Keys
+    from kvrouter.server.affinity import RedisSessions
+    from kvrouter.testing.processes import free_port
+
+    _, state = _registry()
+
+    async def run() -> Affinity:
+        down = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+        aff = Affinity({"m": AffinityConfig()}, RedisSessions(down, Keys("t")))
+        aff.record("m", "s", "w1")
+        await aff.flush()  # refused: logged and counted, not raised
+        await aff.prefetch([("m", "s")])
+        await down.aclose()
+        return aff
+
+    aff = asyncio.run(run())
+    assert aff.redis_errors == 2
+    assert must_pin(aff, state, "s").outcome == KEPT  # the local table still knows the session
 
 
 # ------------------------------------------------------------------ real routers, real Redis

@@ -358,3 +358,31 @@ def test_outcomes_are_counted_in_prometheus(picker: tuple[RouterClient, str],
             env.close()
     assert metric(picker_router, name, outcome="picked") == picked + 1
     assert metric(picker_router, name, outcome="400") == bad + 1
+
+
+def test_a_gateway_fallback_moves_the_session_to_the_endpoint_that_served(
+        picker: tuple[RouterClient, str], blocks: Any) -> None:
+    client, target = picker
+    prompt = tokens(21, 256)
+    blocks(client, "default", "w1", prompt, BS)
+
+    def turn(served: str | None) -> str:
+        env = Envoy(target)
+        try:
+            env.send(request_headers(extra={"x-session-id": "conv-fallback"}))
+            env.send(body_chunks(completion(prompt), 1 << 20)[0])
+            dest = header_value(env.recv().request_headers.response,
+                                "x-gateway-destination-endpoint")
+            assert dest is not None
+            env.send(response_headers(served=served))
+            env.recv()
+            env.send(pb.ProcessingRequest(response_body=pb.HttpBody(body=b"{}",
+                                                                    end_of_stream=True)))
+            env.recv()
+            return dest.split(",")[0]
+        finally:
+            env.close()
+
+    assert turn(served=ENDPOINTS["w3"]) == ENDPOINTS["w1"]  # w1 failed; the gateway used w3
+    assert turn(served=None) == ENDPOINTS["w3"]  # the session is on w3 now
+    wait_until(lambda: idle(client), 10, what="reservations released")

@@ -142,7 +142,9 @@ class Affinity:
         without it): another replica may have moved the session, or it may have expired."""
         if self.shared is None:
             return
-        want = list(dict.fromkeys((m, s) for m, s in pairs if s and self.enabled(m)))
+        # a session recorded here but not yet written keeps this replica's newer worker
+        want = list(dict.fromkeys((m, s) for m, s in pairs
+                                  if s and self.enabled(m) and (m, s) not in self._pending))
         if not want:
             return
         try:

@@ -173,6 +173,7 @@ class _Exchange:
     decided: bool = False
     model: str = ""
     request_id: str = ""  # the reservation, "" when none
+    session: str = ""  # the session key (x-session-id, else the body's user)
     worker: str = ""
     endpoints: list[str] = field(default_factory=list)
     prefill_done: bool = False
@@ -261,7 +262,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 out = await self._body_complete(x)
             return [*out, pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
         if phase == "response_headers":
-            self._served(x, req)
+            await self._served(x, req)
             if req.response_headers.end_of_stream:
                 self._release(x)
             return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
@@ -350,7 +351,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         session = x.headers.get(SESSION_HEADER) or body.get("user") or ""
         if not isinstance(session, str):
             raise Refusal(400, "user must be a string")
-        req.session_id = session
+        req.session_id = x.session = session
         try:
             reply = await svc.decide_async(req, explain=True)
         except Exception as e:  # RequestError (a gRPC status) from the decision path
@@ -419,7 +420,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                                        clear_route_cache=True))), x)
 
     # ------------------------------------------------------------------ response phase
-    def _served(self, x: _Exchange, req: pb.ProcessingRequest) -> None:
+    async def _served(self, x: _Exchange, req: pb.ProcessingRequest) -> None:
         """The upstream answered: its prefill is done. A gateway that fell back to another
         endpoint says which in the metadata; the session follows it."""
         if not x.request_id or x.prefill_done:
@@ -439,9 +440,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             return
         for info in list(m.state.workers.values()):
             if endpoint_of(info) == served:
-                session = x.headers.get(SESSION_HEADER, "")
-                if session:
-                    svc.affinity.record(x.model, session, info.name)
+                if x.session:
+                    svc.affinity.record(x.model, x.session, info.name)
+                    await svc.affinity.flush()  # other replicas follow the move too
                 x.worker = info.name
                 return
 
