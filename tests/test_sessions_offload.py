@@ -33,7 +33,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     cfg = {"router": {"heartbeat_timeout_s": 3.0, "event_plane": {"heartbeat_ttl_s": 3.0},
                       "http": f"127.0.0.1:{port}"},
            "models": [{"name": "default", "block_size": BS, "vocab_size": 32000}]}
-    r = start_router(tmp_path, cfg)
+    r = start_router(tmp_path, cfg, metrics=True)
     try:
         yield Stack(r, f"http://127.0.0.1:{port}")
     finally:
@@ -153,6 +153,11 @@ def test_offload_reload_and_fallbacks(stack: Stack, tmp_path: Path) -> None:
             assert "UNAVAILABLE" in r.detail
             wait_until(lambda: "w1" not in tiers(stub, p3), 30, what="w1 dropped from the index")
             assert reservations(stub) == 0
+            text = httpx.get(f"http://127.0.0.1:{router.metrics_port}/metrics", timeout=10).text
+            for line in ('kvrouter_session_kv_total{event="reloaded"} 2.0',
+                         'kvrouter_session_kv_total{event="unpinned"} 2.0',
+                         'kvrouter_session_kv_total{event="reload_failed_unavailable"} 1.0'):
+                assert line in text
     finally:
         w1.stop(5.0)
 

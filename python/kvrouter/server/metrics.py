@@ -112,6 +112,11 @@ class RouterMetrics:
         self.ext_proc = Counter(
             "kvrouter_ext_proc_requests", "Endpoint picker (Envoy ext_proc) requests by outcome: "
             "picked, or the HTTP status of the immediate response", ["outcome"], registry=r)
+        # Sessions' KV around tool calls (server/sessions.py, docs/kv-offload.md).
+        self.session_kv = Counter(
+            "kvrouter_session_kv", "Sessions' KV around tool calls: decided_<keep|offload|drop>, "
+            "<keep|offload>_ok, <keep|offload>_failed_<grpc status>, reloaded, unpinned, "
+            "reload_failed_<grpc status>, expired, no_engine_api", ["event"], registry=r)
         # Admission control (kvrouter.server.admission, docs/admission.md).
         self.admission = Counter(
             "kvrouter_admission", "Admission control outcomes: admitted (at once), queued, "

@@ -162,7 +162,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         # Session affinity (server/affinity.py); app.py gives it the Redis table when shared.
         self.affinity = affinity or Affinity({m.name: m.affinity for m in config.models})
         # Sessions' KV around tool calls: keep / offload / reload (server/sessions.py).
-        self.sessions = SessionKvManager()
+        self.sessions = SessionKvManager(
+            on_count=lambda event: metrics.session_kv.labels(event).inc())
         self.registry = registry
         self.metrics = metrics
         self.event_plane = event_plane

@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -170,8 +171,9 @@ class SessionKvManager:
     """The router's side of sessions' KV: decisions, Offload / Reload calls, resumes."""
 
     def __init__(self, ttl_s: float = SESSION_TTL_S, timeout_s: float = ENGINE_CALL_TIMEOUT_S,
-                 ) -> None:
+                 on_count: Callable[[str], None] | None = None) -> None:
         self.ttl_s = ttl_s
+        self._on_count = on_count  # e.g. the router's Prometheus counter
         self.timeout_s = timeout_s
         self._sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -179,6 +181,8 @@ class SessionKvManager:
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
+        if self._on_count is not None:
+            self._on_count(key)
 
     def get(self, model: str, session_id: str) -> Session | None:
         self._expire()
