@@ -163,11 +163,13 @@ def test_samples_spread_over_prefix_holders(fleet: tuple[Any, Engines]) -> None:
     wait_until(lambda: holders() == 2, 20, what="both engines hold the prefix")
     # 8 samples of 96 tokens: each one co-located adds its decode blocks to the holder's
     # load, until the other holder (which only lacks the prompt's last block) is cheaper
-    rep = call(router, toks, 96, MAX_N)
+    rep = call(router, toks, 96, MAX_N, seed=9)
     assert rep.code == grpc.StatusCode.OK, rep.details
     pl = placement(rep)
     assert set(pl) == {"e1", "e2"} and sum(pl.values()) == MAX_N, pl
     assert sorted(r.sample_index for r in rep.responses if r.finished) == list(range(MAX_N))
+    # a seeded request's calls get their own seeds: no two samples repeat each other
+    assert len({tuple(t) for t in by_sample(rep).values()}) == MAX_N
     wait_no_reservations(router.target)
 
 

@@ -412,6 +412,8 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
             sp = common_pb2.SamplingParams()
             sp.CopyFrom(r.sampling)
             sp.n = len(idxs)
+            if sp.HasField("seed"):  # each call its own stream: samples must not repeat
+                sp.seed = (sp.seed + idxs[0]) % (1 << 64)
             call = EngineCall(request_id=f"{r.rid}.s{idxs[0]}", token_ids=r.prompt,
                               max_tokens=r.max_tokens, sampling=sp, extra_key=r.extra_key,
                               lora_name=r.lora_name, session_id=r.session_id)
@@ -434,7 +436,7 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
             # decodes); a backend without n (the OpenAI client here) gets one call per
             # sample, the others once the first has produced output (its prompt KV is in
             # the engine's prefix cache then, so they do not compute it again)
-            if getattr(backends.for_worker(info), "supports_n", False):
+            if _supports_n(backends, info):
                 tasks.append(asyncio.create_task(pump(wid, idxs)))
             else:
                 tasks.append(asyncio.create_task(pump(wid, idxs[:1])))
@@ -519,6 +521,13 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
         for i in list(pl.reservations):
             release(i)
         trace.samples = report.metadata()
+
+
+def _supports_n(backends: Backends, info: WorkerInfo) -> bool:
+    try:
+        return bool(getattr(backends.for_worker(info), "supports_n", False))
+    except EngineFailure:
+        return False  # its call fails with the reason (unknown backend) and is reported
 
 
 async def _choose(r: RequestLike, spec: SampleSpec, samples: list[Sample],
