@@ -260,3 +260,14 @@ def test_affinity_outcomes_are_counted_in_prometheus(replicas: Any) -> None:
     assert {o: count(o) - before[o] for o in (NEW, KEPT)} == {NEW: 1, KEPT: 1}
     ca.release(first.request_id)
     ca.release(second.request_id)
+
+
+def test_cli_route_shows_what_affinity_did(replicas: Any,
+                                           kvrouter_cli: Callable[..., Any]) -> None:
+    ca, _, _, _, b_target, _ = replicas
+    first = ca.route(tokens(14, 32), session_id="conv-cli")
+    out = kvrouter_cli("route", "--target", b_target, "--tokens", "1,2,3", "--session-id",
+                       "conv-cli")
+    assert out.returncode == 0, out.stderr
+    assert "session affinity: kept" in out.stdout and f"chosen {first.worker}" in out.stdout
+    ca.release(first.request_id)

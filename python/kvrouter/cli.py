@@ -142,6 +142,8 @@ def _add_route(sub: Any) -> None:
     p.add_argument("--reserve", action="store_true",
                    help="reserve load like a real request (release it with the printed id)")
     p.add_argument("--request-id", default="", help="request id of the reservation")
+    p.add_argument("--session-id", default="", help="session key: shows what session affinity "
+                                                    "does (docs/gateway.md)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_route)
 
@@ -173,6 +175,8 @@ def format_decision(d: Any) -> str:
         f"({100 * d.overlap_ratio:.0f}%)" + (f"  request_id {rid}" if d.request_id
                                             else "  (dry run)"),
     ]
+    if getattr(d, "affinity", ""):  # session affinity: kept (it decided) / moved / new
+        lines.append(f"session affinity: {d.affinity}")
     if d.candidates:
         head = ("", "worker", "gpu", "host", "disk", "new_prefill", "decode", "queue", "cost")
         rows = [head] + [
@@ -219,7 +223,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
                              extra_key=args.extra_key, policy=args.policy, role=args.role,
                              candidates=candidates,
                              expected_output_tokens=args.expected_output_tokens, explain=True,
-                             dry_run=not args.reserve)
+                             dry_run=not args.reserve, session_id=args.session_id)
         except grpc.RpcError as e:
             return _rpc_error("route", e)
         except ValueError as e:
