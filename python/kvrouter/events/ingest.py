@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from kvrouter.counters import ApplyTotals, Counters
 from kvrouter.events import metrics as m
-from kvrouter.events.wire import Entry, Heartbeat, parse_entry, parse_stream_id
+from kvrouter.events.wire import Entry, Heartbeat, Verify, parse_entry, parse_stream_id
 from kvrouter.protocol import check_block_size
 from kvrouter.registry import Registry, Role, UnknownModel, UnknownWorkerName, WorkerStatus
 
@@ -110,6 +110,10 @@ _TALLIED: dict[str, tuple[str, str | None]] = {
 class IngestCore:
     """Applies event entries to the registry's per-model indexes, in order, per worker."""
 
+    # Checks each entry's signature (kvrouter.security.signing via the Redis plane); None:
+    # entries are not signed. Refused entries are counted like malformed ones and dropped.
+    entry_verifier: Verify | None = None
+
     def __init__(
         self,
         registry: Registry,
@@ -150,7 +154,8 @@ class IngestCore:
         # here instead of triggering a rebuild from the stream each time.
         self._tombstones: dict[tuple[str, str], WorkerTrack] = {}
         self._logged_streams: set[str] = set()
-        self._malformed_counters = {r: m.MALFORMED.labels(r) for r in ("envelope", "payload", "oversize")}
+        self._malformed_counters = {r: m.MALFORMED.labels(r) for r in (
+            "envelope", "payload", "oversize", "unsigned", "bad_signature")}
         self._applied_counters: dict[str, Any] = {}
 
     # entry points ---------------------------------------------------------------
@@ -163,7 +168,8 @@ class IngestCore:
             entries: list[Entry] = []
             for item in raw:
                 eid, fields = item[0], item[1]
-                e = parse_entry(model, stream, eid, fields, self.max_payload_bytes)
+                e = parse_entry(model, stream, eid, fields, self.max_payload_bytes,
+                                self.entry_verifier)
                 if isinstance(e, str):
                     self._count_malformed(e, None, stream, eid)
                 else:

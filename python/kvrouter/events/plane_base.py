@@ -63,6 +63,12 @@ class PlaneOptions(LayeredSettings):
     max_stream_len: int | None = Field(default=1_000_000, gt=0)
     max_submit_backlog: int = Field(default=100_000, gt=0)
     start_timeout_s: float = Field(default=5.0, gt=0)
+    # Signed events through Redis (kvrouter.security.signing, docs/security.md).
+    signing_secret_file: str | None = Field(
+        default=None, description="secret the workers' event keys derive from; None: no checks")
+    require_signed: bool = Field(
+        default=True, description="with a secret: drop unsigned entries and heartbeats "
+                                  "(false: accept them, for a rolling upgrade)")
 
     @field_validator("namespace")
     @classmethod

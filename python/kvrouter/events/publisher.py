@@ -49,6 +49,7 @@ from kvrouter.events.redis_conn import RedisClient, RedisConfig, make_client
 from kvrouter.events.sink import EventSink
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.events.wire import (
+    F_SIG,
     H_BEAT,
     H_LOAD,
     H_META,
@@ -60,9 +61,12 @@ from kvrouter.events.wire import (
     encode_load,
     encode_meta,
     entry_fields,
+    entry_signed_parts,
+    sign_heartbeat,
 )
 from kvrouter.protocol import check_name
 from kvrouter.retry import Backoff
+from kvrouter.security.signing import Signer
 
 log = logging.getLogger("kvrouter.events.publisher")
 
@@ -116,20 +120,39 @@ class PublisherTransport(ABC):
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 
+# (model, worker, signed parts) -> the worker's tag (kvrouter.security.signing)
+SignFn = Callable[[str, str, list[bytes]], bytes]
+
+
+def worker_sign_fn(signer: Signer | None) -> SignFn | None:
+    """A SignFn from one worker's key (a worker process knows only its own)."""
+    if signer is None:
+        return None
+    return lambda _model, _worker, parts: signer.sign(parts)
+
+
 class RedisTransport(PublisherTransport):
     def __init__(self, client: RedisClient, keys: Keys, num_shards: int = 1,
-                 max_stream_len: int | None = 1_000_000, owns_client: bool = False) -> None:
+                 max_stream_len: int | None = 1_000_000, owns_client: bool = False,
+                 sign: SignFn | None = None) -> None:
         self.client = client
         self.keys = keys
         self.num_shards = num_shards
         self.max_stream_len = max_stream_len
         self.owns_client = owns_client
+        self.sign = sign  # entries and heartbeat fields carry the worker's HMAC
+
+    def _fields(self, model: str, worker: str, e: OutEntry) -> dict[bytes, bytes]:
+        fields = entry_fields(worker, e.epoch, e.seq, e.payload, e.t, e.kind)
+        if self.sign is not None:
+            fields[F_SIG] = self.sign(model, worker, entry_signed_parts(model, fields))
+        return fields
 
     async def send(self, model: str, worker: str, entries: list[OutEntry]) -> None:
         stream = self.keys.stream(model, shard_of(worker, self.num_shards))
         pipe = self.client.pipeline(transaction=False)
         for e in entries:
-            pipe.xadd(stream, entry_fields(worker, e.epoch, e.seq, e.payload, e.t, e.kind),  # type: ignore[arg-type,unused-ignore]
+            pipe.xadd(stream, self._fields(model, worker, e),  # type: ignore[arg-type,unused-ignore]
                       maxlen=self.max_stream_len, approximate=True)
         try:
             await pipe.execute()
@@ -140,6 +163,9 @@ class RedisTransport(PublisherTransport):
 
     async def beat(self, model: str, worker: str, fields: dict[bytes, bytes], ttl_s: float) -> None:
         key = self.keys.heartbeat(model, worker)
+        if self.sign is not None:
+            sign = self.sign
+            fields = sign_heartbeat(fields, model, worker, lambda parts: sign(model, worker, parts))
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)  # type: ignore[arg-type,unused-ignore]
         pipe.hincrby(key, H_BEAT, 1)  # type: ignore[arg-type,unused-ignore]
@@ -609,5 +635,8 @@ def redis_publisher(
     if client is None:
         cfg = redis if isinstance(redis, RedisConfig) else RedisConfig.from_options(redis, **redis_opts)
         client = make_client(cfg)
-    transport = RedisTransport(client, Keys(namespace), num_shards, max_stream_len, owns_client=owns)
+    # The worker's event key from KVROUTER_EVENT_KEY(_FILE) unless given (signing.py).
+    signer = opts.pop("signer", None) or Signer.from_env()
+    transport = RedisTransport(client, Keys(namespace), num_shards, max_stream_len, owns_client=owns,
+                               sign=worker_sign_fn(signer))
     return EventPublisher(transport, model, worker, **opts)

@@ -24,15 +24,19 @@ from kvrouter.events.publisher import EventPublisher, RedisTransport
 from kvrouter.events.redis_conn import RedisClient, RedisConfig, make_client, raw_stream_client
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.events.wire import (
+    F_SIG,
     H_LOAD,
     DumpRequest,
     Entry,
     entry_fields,
+    entry_signed_parts,
     parse_entry,
     parse_heartbeat,
+    verify_heartbeat,
 )
 from kvrouter.registry import Registry
 from kvrouter.retry import Backoff
+from kvrouter.security.signing import SigningError, WorkerKeys
 
 log = logging.getLogger("kvrouter.events.redis_plane")
 
@@ -54,7 +58,8 @@ class _RedisRepair:
         while True:
             raw = await p.stream_client.execute_command("XRANGE", stream, start, end, "COUNT", page)
             for eid, fields in raw or ():
-                e = parse_entry(model, stream, eid, fields, p.opts.max_payload_bytes)
+                e = parse_entry(model, stream, eid, fields, p.opts.max_payload_bytes,
+                                p.core.entry_verifier)
                 if isinstance(e, Entry):
                     out.append(e)
             scanned += len(raw or ())
@@ -81,6 +86,16 @@ class RedisPlane(EventPlane):
         self.keys = Keys(opts.namespace)
         self.core.repairer = _RedisRepair(self)
         self.core.stream_for = lambda model, w: self.keys.stream(model, shard_of(w, opts.num_shards))
+        # Signed events: entries and heartbeats are checked against the worker's key; what
+        # this router writes for gRPC-authenticated workers it signs with the same key.
+        self.worker_keys: WorkerKeys | None = None
+        if opts.signing_secret_file:
+            try:
+                self.worker_keys = WorkerKeys.from_file(opts.signing_secret_file,
+                                                        require=opts.require_signed)
+            except SigningError as e:
+                raise ValueError(str(e)) from None
+            self.core.entry_verifier = self.worker_keys.check
         self.client: RedisClient = None  # type: ignore[assignment]
         self.stream_client: RedisClient = None  # type: ignore[assignment]
         self.markers: dict[str, bytes] = {}
@@ -263,6 +278,11 @@ class RedisPlane(EventPlane):
                     continue
                 self._missing_hb.pop((model, w), None)
                 try:
+                    if self.worker_keys is not None:
+                        checked = verify_heartbeat(h, model, w, self.worker_keys.check)
+                        if isinstance(checked, str):
+                            raise ValueError(f"heartbeat of worker {w!r} rejected: {checked}")
+                        h = checked
                     hb = parse_heartbeat(w, h)
                     # The registry refuses what breaks its limits (name, metadata): one such
                     # hash must not end the round for the workers after it.
@@ -353,7 +373,10 @@ class RedisPlane(EventPlane):
         if len(self._submits) >= self.opts.max_submit_backlog:
             raise ValueError("event backlog to Redis is full; retry later")
         stream = self.keys.stream(model, shard_of(worker, self.opts.num_shards))
-        self._submits.append((stream, worker, entry_fields(worker, epoch, seq, bytes(payload), t, kind)))
+        fields = entry_fields(worker, epoch, seq, bytes(payload), t, kind)
+        if self.worker_keys is not None:  # the worker authenticated over gRPC
+            fields[F_SIG] = self.worker_keys.sign(model, worker, entry_signed_parts(model, fields))
+        self._submits.append((stream, worker, fields))
         if self._submit_wake is not None:
             self._submit_wake.set()
 
@@ -406,7 +429,8 @@ class RedisPlane(EventPlane):
         task.add_done_callback(self._hb_writes.discard)
 
     async def _write_heartbeat(self, model: str, worker: str, fields: dict[bytes, bytes]) -> None:
-        transport = RedisTransport(self.client, self.keys, self.opts.num_shards)
+        transport = RedisTransport(self.client, self.keys, self.opts.num_shards,
+                                   sign=self.worker_keys.sign if self.worker_keys else None)
         try:
             await transport.beat(model, worker, fields, self.opts.heartbeat_ttl_s)
         except Exception as exc:
@@ -417,7 +441,8 @@ class RedisPlane(EventPlane):
         opts.setdefault("heartbeat_ttl_s", self.opts.heartbeat_ttl_s)
         transport = RedisTransport(self.client or make_client(self.config), self.keys,
                                    self.opts.num_shards, self.opts.max_stream_len,
-                                   owns_client=self.client is None)
+                                   owns_client=self.client is None,
+                                   sign=self.worker_keys.sign if self.worker_keys else None)
         return EventPublisher(transport, model, worker, **opts)
 
     def stats(self) -> dict[str, Any]:

@@ -6,6 +6,7 @@ requests. Described for operators in docs/event-plane.md.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,10 @@ F_SEQ = b"seq"
 F_PAYLOAD = b"payload"
 F_TIME = b"t"  # publisher wall clock when the batch's first event was published, integer microseconds
 F_KIND = b"kind"  # absent for ordinary batches; b"dump" for entries of a full dump
+F_SIG = b"sig"  # the worker's HMAC of entry_signed_parts (kvrouter.security.signing)
+
+# (kind, model, worker, signed parts, tag or None) -> None, or why the data is rejected
+Verify = Callable[[str, str, str, list[bytes], bytes | None], str | None]
 
 KIND_DUMP = "dump"
 MAX_EPOCH_LEN = 128
@@ -71,10 +76,20 @@ def entry_fields(
     return fields
 
 
+def entry_signed_parts(model: str, fields: dict[bytes, Any]) -> list[bytes]:
+    """What a stream entry's F_SIG covers: the model and every field as written (so the
+    worker, epoch, seq, time, kind and payload cannot be changed or moved to another
+    model). Missing optional fields count as empty."""
+    return [b"entry", model.encode(), *(fields.get(f) or b"" for f in (
+        F_WORKER, F_EPOCH, F_SEQ, F_TIME, F_KIND, F_PAYLOAD))]
+
+
 def parse_entry(
-    model: str, stream: str, eid: bytes, fields: Any, max_payload_bytes: int
+    model: str, stream: str, eid: bytes, fields: Any, max_payload_bytes: int,
+    verify: Verify | None = None,
 ) -> Entry | str:
-    """An Entry, or the reason it is malformed ("envelope" or "oversize")."""
+    """An Entry, or the reason it is malformed ("envelope" or "oversize"), or, with
+    `verify`, why its signature is refused ("unsigned", "bad_signature")."""
     if isinstance(fields, dict):
         d = fields
     elif isinstance(fields, list | tuple) and len(fields) % 2 == 0:
@@ -101,6 +116,12 @@ def parse_entry(
         return "envelope"
     if len(pl) > max_payload_bytes:
         return "oversize"
+    if verify is not None:
+        sig = d.get(F_SIG)
+        why = verify("entry", model, worker, entry_signed_parts(model, d),
+                     sig if isinstance(sig, bytes) else None)
+        if why is not None:
+            return why
     t = 0.0
     tb = d.get(F_TIME)
     if isinstance(tb, bytes) and tb.isdigit() and len(tb) <= 19:
@@ -118,6 +139,43 @@ H_STATE = b"state"  # b"up" or b"leaving" (graceful shutdown: routers drop the w
 
 STATE_UP = "up"
 STATE_LEAVING = "leaving"
+# Each signed heartbeat field has its tag beside it (they are written separately: a leave
+# writes the state alone, a beat the load only when it changed).
+SIGNED_HB_FIELDS = (H_META, H_STATE, H_LOAD)
+HB_SIG = {f: f + b".sig" for f in SIGNED_HB_FIELDS}
+
+
+def heartbeat_signed_parts(model: str, worker: str, field: bytes, value: bytes) -> list[bytes]:
+    return [b"heartbeat", model.encode(), worker.encode(), field, value]
+
+
+def sign_heartbeat(fields: dict[bytes, bytes], model: str, worker: str,
+                   sign: Callable[[list[bytes]], bytes]) -> dict[bytes, bytes]:
+    """`fields` with the tag of each signed field added."""
+    out = dict(fields)
+    for f in SIGNED_HB_FIELDS:
+        if f in fields:
+            out[HB_SIG[f]] = sign(heartbeat_signed_parts(model, worker, f, fields[f]))
+    return out
+
+
+def verify_heartbeat(h: dict[bytes, bytes], model: str, worker: str,
+                     verify: Verify) -> dict[bytes, bytes] | str:
+    """The heartbeat hash with what failed verification removed: a bad meta or state
+    rejects the whole heartbeat (returns why), a bad load drops the load alone."""
+    out = dict(h)
+    for f in SIGNED_HB_FIELDS:
+        # meta is checked even when absent: a hash without it (only a beat counter) must not
+        # make a routable worker.
+        if f in h or f == H_META:
+            why = verify("heartbeat", model, worker,
+                         heartbeat_signed_parts(model, worker, f, h.get(f, b"")),
+                         h.get(HB_SIG[f]))
+            if why is not None:
+                if f != H_LOAD:
+                    return why
+                del out[f]
+    return out
 
 
 @dataclass(slots=True)
