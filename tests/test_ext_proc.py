@@ -386,3 +386,38 @@ def test_a_gateway_fallback_moves_the_session_to_the_endpoint_that_served(
     assert turn(served=ENDPOINTS["w3"]) == ENDPOINTS["w1"]  # w1 failed; the gateway used w3
     assert turn(served=None) == ENDPOINTS["w3"]  # the session is on w3 now
     wait_until(lambda: idle(client), 10, what="reservations released")
+
+
+def test_without_protocol_config_the_configured_mode_applies(
+        picker: tuple[RouterClient, str]) -> None:
+    client, target = picker
+    body = completion(tokens(23, 64))
+    env = Envoy(target)
+    try:
+        env.send(request_headers(mode=None))  # an Envoy that does not say: full duplex (default)
+        for chunk in body_chunks(body, 50):
+            env.send(chunk)
+        kinds = [env.recv().WhichOneof("response")]
+        while kinds[-1] != "request_body" or len(kinds) < 2:
+            kinds.append(env.recv().WhichOneof("response"))
+        assert kinds == ["request_headers", "request_body"]
+    finally:
+        env.close()
+    wait_until(lambda: idle(client), 10, what="reservation released")
+
+
+def test_streamed_mode_routes_on_load_before_the_body(picker: tuple[RouterClient, str]) -> None:
+    client, target = picker
+    env = Envoy(target)
+    try:
+        env.send(request_headers(mode=PM.STREAMED))
+        r = env.recv()  # Envoy streams the body only after this: the choice cannot wait for it
+        dest = header_value(r.request_headers.response, "x-gateway-destination-endpoint")
+        assert dest in ENDPOINTS.values()
+        env.send(body_chunks(completion(tokens(24, 64)), 1 << 20)[0])
+        b = env.recv()
+        assert b.WhichOneof("response") == "request_body"
+        assert not b.request_body.response.HasField("body_mutation")  # passed through
+        assert idle(client)  # nothing to reserve without a prompt
+    finally:
+        env.close()
