@@ -78,6 +78,7 @@ UNARY_RPCS = [
     (ROUTER + "ListWorkers", router_pb2.ListWorkersRequest),
     (ROUTER + "RegisterWorker", router_pb2.RegisterWorkerRequest),
     (ROUTER + "PublishEvents", router_pb2.PublishEventsRequest),
+    (ROUTER + "ResumeSession", router_pb2.ResumeSessionRequest),
 ]
 
 

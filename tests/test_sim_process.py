@@ -159,8 +159,8 @@ def test_bad_requests_get_clear_errors(fleet: dict[str, Any]) -> None:
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as e:
             stub.Offload(engine_pb2.OffloadRequest(session_id="s"), timeout=10)
-        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "tier" in e.value.details()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND  # a session it never served
+        assert "unknown session" in e.value.details()
         # nothing above reached the engine core
         assert stub.Stats(engine_pb2.StatsRequest(), timeout=10).load.running == 0
 
