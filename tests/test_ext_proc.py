@@ -53,6 +53,8 @@ from tests.ext_proc_helpers import (
     tokens,
 )
 
+MAX_BODY = 256 * 1024
+
 
 @pytest.fixture(scope="module")
 def blocks(block_store_class: type) -> Any:
@@ -62,7 +64,8 @@ def blocks(block_store_class: type) -> Any:
 
 @pytest.fixture(scope="module")
 def picker_router(module_router_server: Callable[..., Any]) -> Any:
-    cfg = {"router": {"heartbeat_timeout_s": 0},
+    # bodies over max_message_bytes are refused (413): small here, to test it cheaply
+    cfg = {"router": {"heartbeat_timeout_s": 0, "max_message_bytes": MAX_BODY},
            "models": [{"name": "default", "block_size": BS, "vocab_size": 32000}]}
     return module_router_server(cfg, args=("--ext-proc", f"127.0.0.1:{free_port()}"),
                                 metrics=True)
@@ -421,3 +424,27 @@ def test_streamed_mode_routes_on_load_before_the_body(picker: tuple[RouterClient
         assert idle(client)  # nothing to reserve without a prompt
     finally:
         env.close()
+
+
+def test_a_body_over_the_limit_is_413_and_a_message_without_phase_400(
+        picker: tuple[RouterClient, str]) -> None:
+    client, target = picker
+    env = Envoy(target)
+    try:
+        env.send(request_headers())
+        for chunk in body_chunks(b"x" * (MAX_BODY + 1), 32 * 1024, last_eos=False):
+            env.send(chunk)
+        r = env.recv()
+        assert r.immediate_response.status.code == 413
+        assert env.rest() == []
+    finally:
+        env.close()
+    env = Envoy(target)
+    try:
+        env.send(pb.ProcessingRequest())  # no phase set
+        r = env.recv()
+        assert r.immediate_response.status.code == 400
+        assert env.rest() == []
+    finally:
+        env.close()
+    assert idle(client)
