@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from kvrouter.engines.sim.host_tier import HostFull, SessionKv, UnknownSession
@@ -24,7 +26,7 @@ def make(gpu: int = 8, host: int = 6) -> tuple[PagedKvCache, SessionKv]:
                             h2d_bytes_per_s=1e6, ttl_s=100.0)
 
 
-def tiers(events: list[object]) -> list[tuple[str, Tier, tuple[int, ...]]]:
+def tiers(events: Sequence[object]) -> list[tuple[str, Tier, tuple[int, ...]]]:
     out = []
     for e in events:
         if isinstance(e, BlockStored):

@@ -10,12 +10,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
 import pytest
 
-from kvrouter._proto.v1 import engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
+from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2, router_pb2_grpc
 from kvrouter.server.sessions import KvAction, decide, pause_costs
 from kvrouter.testing.processes import RouterProcess, free_port, start_router, start_sim_engine
 from kvrouter.testing.wait import wait_until
@@ -45,7 +46,7 @@ def prompt(seed: int, n: int = 256) -> list[int]:
     return [rng.randrange(32000) for _ in range(n)]
 
 
-def turn(stub: router_pb2_grpc.RouterStub, session: str, tokens: list[int], **kw: object) -> str:
+def turn(stub: router_pb2_grpc.RouterStub, session: str, tokens: list[int], **kw: Any) -> str:
     req = router_pb2.RouterGenerateRequest(token_ids=tokens, session_id=session,
                                            request_id=uuid.uuid4().hex, **kw)
     req.sampling.max_tokens = 2
@@ -73,7 +74,7 @@ def reservations(stub: router_pb2_grpc.RouterStub) -> int:
 
 
 def test_decision_is_a_cost_comparison() -> None:
-    kw = dict(context_tokens=8192, kv_bytes_per_token=131072, h2d_bytes_per_s=54e9,
+    kw: dict[str, Any] = dict(context_tokens=8192, kv_bytes_per_token=131072, h2d_bytes_per_s=54e9,
               prefill_s=0.234, total_blocks=7000, block_size=64)
     idle = pause_costs(pause_s=20.0, used_blocks=100, host_free_blocks=10**6, **kw)
     assert decide(idle) is KvAction.KEEP  # nobody needs the blocks
@@ -186,7 +187,7 @@ def test_full_host_tier_and_no_host_tier_fall_back(stack: Stack, tmp_path: Path)
                     e.Reload(engine_pb2.ReloadRequest(session_id="nope"))
                 assert err.value.code() is grpc.StatusCode.NOT_FOUND
                 with pytest.raises(grpc.RpcError) as err:
-                    e.Offload(engine_pb2.OffloadRequest(session_id="s4", target=3))
+                    e.Offload(engine_pb2.OffloadRequest(session_id="s4", target=common_pb2.TIER_DISK))
                 assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
             assert reservations(stub) == 0
     finally:
