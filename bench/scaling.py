@@ -434,7 +434,9 @@ def run_vllm(quick: bool) -> dict[str, Any]:
     if why is not None:
         print(f"vLLM part skipped: {why}", file=sys.stderr)
         return {"skipped": why}
-    with VllmFleet(VllmFleetConfig()) as fleet:
+    # room for 4 samples of a question on one server (the harness default, 12 blocks,
+    # is sized to force evictions in bench/real_vllm)
+    with VllmFleet(VllmFleetConfig(num_gpu_blocks=64)) as fleet:
         return asyncio.run(_vllm_ways(fleet, 4 if quick else 12))
 
 
@@ -447,8 +449,10 @@ async def _vllm_ways(fleet: Any, questions: int) -> dict[str, Any]:
     from kvrouter.testing.wait import wait_stable
 
     rng = random.Random(0)
+    # 64 shared + 80 unique tokens: 4 full blocks of 32, so a sample that follows another
+    # of its question can hit 128 tokens (vLLM never serves the block of the last token)
     system = [rng.randrange(4, VOCAB_SIZE) for _ in range(64)]
-    prompts = [system + [rng.randrange(4, VOCAB_SIZE) for _ in range(32)]
+    prompts = [system + [rng.randrange(4, VOCAB_SIZE) for _ in range(80)]
                for _ in range(questions)]
     max_tokens = 16
     out: dict[str, Any] = {"questions": questions, "prompt_tokens": len(prompts[0]),
