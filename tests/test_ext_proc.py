@@ -448,3 +448,14 @@ def test_a_body_over_the_limit_is_413_and_a_message_without_phase_400(
     finally:
         env.close()
     assert idle(client)
+
+
+def test_serve_refuses_a_bad_or_taken_ext_proc_address(picker: tuple[RouterClient, str],
+                                                       kvrouter_cli: Callable[..., Any]) -> None:
+    _, taken = picker  # the module's picker holds this port
+    out = kvrouter_cli("serve", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+                       "--ext-proc", "no-port")
+    assert out.returncode == 2 and "--ext-proc" in out.stderr
+    out = kvrouter_cli("serve", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+                       "--ext-proc", taken)
+    assert out.returncode == 1 and f"cannot listen on {taken}" in out.stderr
