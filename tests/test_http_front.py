@@ -221,6 +221,7 @@ def test_unknown_model_404_and_no_worker_503(front: Front) -> None:
     r = _post(front, "/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 1,
                                          "some_future_field": {"x": 1}})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+    assert r.headers["x-kvrouter-worker"] in {"sim-0", "sim-1"}  # what the proxy did
 
 
 def _engine_stats(address: str) -> engine_pb2.StatsResponse:

@@ -354,7 +354,7 @@ class HttpFront:
                 raise HttpError.from_exception(e) from None
             if body.stream:
                 return await self._stream(request, m, body, chat, rid, created, choices, gen,
-                                          first, len(ids))
+                                          first, len(ids), trace)
             resp = first
             try:
                 while resp is not None:
@@ -366,7 +366,8 @@ class HttpFront:
         whole = self._whole(m, body, chat, rid, created, choices, len(ids))
         if trace.samples:  # what the n samples did (the gRPC reply's trailing metadata)
             whole["kvrouter"] = {k.removeprefix("kvrouter-"): v for k, v in trace.samples}
-        return web.Response(body=_dumps(whole), content_type="application/json")
+        return web.Response(body=_dumps(whole), content_type="application/json",
+                            headers=_trace_headers(trace))
 
     @staticmethod
     def _apply(choices: list[_Choice], resp: engine_pb2.GenerateResponse) -> bool:
@@ -416,8 +417,8 @@ class HttpFront:
                       rid: str, created: int, choices: list[_Choice],
                       gen: AsyncGenerator[engine_pb2.GenerateResponse, None],
                       first: engine_pb2.GenerateResponse | None, prompt_len: int,
-                      ) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                      trace: GenerateTrace) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_trace_headers(trace)})
         await resp.prepare(request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -469,6 +470,13 @@ class HttpFront:
         if with_ids:
             item["token_ids"] = list(ids)
         await resp.write(_sse({**head, "choices": [item], **tail}))
+
+
+def _trace_headers(trace: GenerateTrace) -> dict[str, str]:
+    """What the proxy did, as Router.Generate's trailing metadata says it (x-kvrouter-path,
+    x-kvrouter-worker, ...); a stream's headers go out with its first tokens, when the
+    worker is known."""
+    return {f"x-{k}": v for k, v in trace.metadata()}
 
 
 def model_ready(service: Any) -> Callable[[str], bool]:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrouter import shared_data
+from kvrouter.http.tokenizer import SIMPLE_CHAT_TEMPLATE
 from kvrouter.testing.processes import ChildProcess, free_port, kvrouter_cmd, start_redis_server
 from kvrouter.testing.wait import wait_until
 
@@ -58,7 +59,7 @@ REPO = Path(__file__).resolve().parents[3]
 MODEL_NAME = "tiny"
 ENGINE_BLOCK_SIZE = 32  # the CPU backend refuses 16 (multiple of 32 required)
 VOCAB_SIZE = 2048
-MODEL_STAMP = "kvrouter-tiny-llama-v1"
+MODEL_STAMP = "kvrouter-tiny-llama-v2"  # v2: a chat template
 
 
 def engine_dir(shared: Path) -> Path:
@@ -160,6 +161,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 config_path, out, vocab_size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+chat_template = sys.argv[4]
 cfg = json.loads(config_path.read_text())
 cfg.pop("transformers_version", None)
 config = LlamaConfig(**cfg)
@@ -190,6 +192,7 @@ for i, s in enumerate(specials):
 fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                                eos_token="</s>", pad_token="<pad>")
 fast.model_max_length = int(cfg.get("max_position_embeddings", 2048))
+fast.chat_template = chat_template
 fast.save_pretrained(out)
 print("ok")
 '''
@@ -211,7 +214,7 @@ def ensure_model(python: Path, repo: Path = REPO) -> Path:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run([str(python), "-c", _BUILD_MODEL, str(config), str(out),
-                               str(VOCAB_SIZE)], capture_output=True, text=True, env=env,
+                               str(VOCAB_SIZE), SIMPLE_CHAT_TEMPLATE], capture_output=True, text=True, env=env,
                               timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"building the tiny model failed:\n{proc.stderr[-3000:]}")
@@ -308,6 +311,7 @@ class VllmFleet:
         self.router: ChildProcess | None = None
         self.router_port = 0
         self.router_metrics_port = 0
+        self.router_http_port = 0  # the router's OpenAI-compatible HTTP front
         self.workers: list[Worker] = []
         self._procs: list[ChildProcess] = []
 
@@ -319,6 +323,10 @@ class VllmFleet:
     @property
     def router_target(self) -> str:
         return f"127.0.0.1:{self.router_port}"
+
+    @property
+    def router_http_url(self) -> str:
+        return f"http://127.0.0.1:{self.router_http_port}"
 
     @property
     def router_metrics_url(self) -> str:
@@ -399,12 +407,16 @@ class VllmFleet:
         c = self.config
         self.router_port = free_port()
         self.router_metrics_port = free_port()
+        self.router_http_port = free_port()
+        assert self.model_dir is not None
         model: dict[str, Any] = {"name": MODEL_NAME, "block_size": c.router_block_size,
-                                 "vocab_size": VOCAB_SIZE, "policy": c.router_policy}
+                                 "vocab_size": VOCAB_SIZE, "policy": c.router_policy,
+                                 "tokenizer": str(self.model_dir)}
         if c.router_seed is not None:
             model["seed"] = c.router_seed
         cfg = {"router": {"listen": f"127.0.0.1:{self.router_port}",
                           "metrics_port": self.router_metrics_port,
+                          "http": f"127.0.0.1:{self.router_http_port}",
                           "redis_url": self.redis_url,
                           "heartbeat_timeout_s": c.heartbeat_ttl_s,
                           "log_level": c.log_level,

@@ -1,0 +1,135 @@
+"""Pure pieces of the HTTP front: stop strings over streamed tokens, the status table, the
+sandboxed chat template, the simulated models' tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from kvrouter.http.errors import STATUS_TABLE, HttpError
+from kvrouter.http.server import _Choice
+from kvrouter.http.tokenizer import (
+    SIMPLE_CHAT_TEMPLATE,
+    ModelTokenizer,
+    TemplateError,
+    TokenizerError,
+    build_sim_tokenizer,
+)
+
+VOCAB = 600  # small: trains in a fraction of a second
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_sim_tokenizer(tmp_path_factory.mktemp("tok"), VOCAB, 64)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir: Path) -> ModelTokenizer:
+    return ModelTokenizer.load(tok_dir)
+
+
+def test_sim_tokenizer_is_deterministic_and_fills_the_vocabulary(
+        tmp_path: Path, tok_dir: Path, tok: ModelTokenizer) -> None:
+    again = build_sim_tokenizer(tmp_path / "again", VOCAB)
+    assert (again / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
+    assert tok.vocab_size == VOCAB and tok.model_max_length == 64 and tok.eos_token_id == 2
+    text = "hello there general"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def _feed(c: _Choice, tok: ModelTokenizer, text: str) -> list[str]:
+    """Feed text token by token as an engine streams it; what the client receives."""
+    sent = []
+    for t in tok.encode(text):
+        c.feed([t])
+        piece = c.take(c.finish_reason is not None)
+        if piece:
+            sent.append(piece)
+        if c.finish_reason:
+            break
+    if c.finish_reason is None:
+        sent.append(c.take(True))
+    return sent
+
+
+def test_stop_string_spanning_tokens_ends_the_choice(tok: ModelTokenizer) -> None:
+    c = _Choice(0, tok.decoder(), ["xyz qq"])
+    sent = _feed(c, tok, "abc def xyz qq ghi jkl")
+    assert "".join(sent) == "abc def " == c.text
+    assert c.finish_reason == "stop"
+    assert c.tokens < len(tok.encode("abc def xyz qq ghi jkl"))  # nothing counted after it
+
+
+def test_held_back_text_is_released_when_no_stop_matches(tok: ModelTokenizer) -> None:
+    c = _Choice(0, tok.decoder(), ["xyzzy"])
+    sent = _feed(c, tok, "abc xyz abc")  # "xyz" looks like the stop's start, then is not
+    assert "".join(sent) == "abc xyz abc" and c.finish_reason is None
+
+
+def test_without_a_tokenizer_tokens_are_counted_only() -> None:
+    c = _Choice(0, None, [])
+    c.feed([1, 2, 3])
+    assert c.tokens == 3 and c.text == "" and c.token_ids == [1, 2, 3]
+
+
+def test_chat_template_renders_like_engines(tok: ModelTokenizer) -> None:
+    out = tok.render_chat([{"role": "user", "content": "hi"}])
+    assert out == "<s><|user|>\nhi</s>\n<|assistant|>\n"
+    assert tok.render_chat([{"role": "user", "content": "hi"}],
+                           add_generation_prompt=False).endswith("</s>\n")
+    # the template wrote BOS: encoding adds no second one
+    ids = tok.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids.count(1) == 1 and ids[0] == 1
+
+
+def test_template_errors_and_the_sandbox(tmp_path: Path, tok: ModelTokenizer) -> None:
+    with pytest.raises(TemplateError, match="unknown role tool"):
+        tok.render_chat([{"role": "tool", "content": "x"}])
+    evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    sandboxed = ModelTokenizer(tokenizer=tok.tokenizer, chat_template=evil, source="t")
+    with pytest.raises(TemplateError):
+        sandboxed.render_chat([{"role": "user", "content": "x"}])
+    mutating = ModelTokenizer(tokenizer=tok.tokenizer,
+                              chat_template="{{ messages.append(1) }}", source="t")
+    with pytest.raises(TemplateError):  # immutable: a template cannot change the request
+        mutating.render_chat([{"role": "user", "content": "x"}])
+    with pytest.raises(TokenizerError, match="does not compile"):
+        ModelTokenizer(tokenizer=tok.tokenizer, chat_template="{% for %}", source="t")
+
+
+def test_tokenizer_config_forms(tmp_path: Path, tok: ModelTokenizer) -> None:
+    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>",
+        "model_max_length": int(1e30),  # transformers' "unknown"
+        "chat_template": [{"name": "tool_use", "template": "T"},
+                          {"name": "default", "template": SIMPLE_CHAT_TEMPLATE}]}))
+    t = ModelTokenizer.load(tmp_path)
+    assert t.model_max_length is None and t.special_tokens == {"bos_token": "<s>",
+                                                               "eos_token": "</s>"}
+    assert t.render_chat([{"role": "user", "content": "a"}]).startswith("<s><|user|>")
+    with pytest.raises(TokenizerError, match="cannot load"):
+        ModelTokenizer.load(tmp_path / "missing")
+
+
+def test_status_table() -> None:
+    want = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.NOT_FOUND: 404,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.UNAVAILABLE: 503}
+    for code, status in want.items():
+        assert STATUS_TABLE[code].status == status
+    e = HttpError.from_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+    assert e.headers()["Retry-After"] == "1" and e.body()["error"]["type"] == "rate_limit_error"
+
+    class Shed(Exception):  # admission control's error carries a retry hint
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = "queue full"
+        retry_after_s = 2.2
+
+    e = HttpError.from_exception(Shed())
+    assert (e.status, e.headers()["Retry-After"], e.message) == (429, "3", "queue full")
+    assert HttpError.from_exception(RuntimeError("x")).status == 500
+    assert "Retry-After" not in HttpError.from_status(grpc.StatusCode.UNAVAILABLE, "x").headers()
