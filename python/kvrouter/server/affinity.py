@@ -50,7 +50,9 @@ def check_session(session: str) -> str:
     n = len(session.encode())
     if not 0 < n <= MAX_SESSION_BYTES:
         raise ProtocolError(f"session_id must be 1-{MAX_SESSION_BYTES} bytes, got {n}")
-    if any(c.isspace() or not c.isprintable() for c in session):
+    # isprintable() is False for control characters and every Unicode separator but the
+    # ASCII space, which is refused on its own
+    if not session.isprintable() or " " in session:
         raise ProtocolError(f"session_id {excerpt(session)} contains whitespace or control "
                             "characters")
     return session
