@@ -171,8 +171,9 @@ class _PerSampleBackend:
 
     supports_disaggregation = False
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: tuple[int, int, int] = (1, 2, 3)) -> None:
         self.log: list[str] = []
+        self.tokens = tokens
 
     async def generate(self, worker: Any, model: str, call: EngineCall,
                        ) -> AsyncIterator[EngineChunk]:
@@ -180,9 +181,9 @@ class _PerSampleBackend:
         self.log.append(f"start {call.request_id}")
         await asyncio.sleep(0.01)
         self.log.append(f"output {call.request_id}")
-        yield EngineChunk([1, 2])
+        yield EngineChunk(list(self.tokens[:2]))
         await asyncio.sleep(0.01)
-        yield EngineChunk([3], finished=True, finish_reason="length")
+        yield EngineChunk([self.tokens[2]], finished=True, finish_reason="length")
 
     async def close(self) -> None:
         pass
@@ -236,3 +237,31 @@ def test_backend_without_n_starts_the_other_samples_after_the_first_output() -> 
     assert dict(trace.samples)["kvrouter-samples"] == "n=3,finished=3,cancelled=0,failed=0"
     assert planner.scheduler.load(1).reserved_requests == 0
     assert planner.scheduler.load(2).reserved_requests == 0
+
+
+def test_vote_runs_on_text_when_the_model_has_a_tokenizer(tmp_path: Any) -> None:
+    from kvrouter.http.tokenizer import ModelTokenizer, build_sim_tokenizer
+
+    path = build_sim_tokenizer(tmp_path / "tok", 1000)
+    cfg = ModelConfig(name="m", tokenizer=str(path))
+    text = ModelTokenizer.load(path).decode([301, 402, 503])
+    want = re.findall(r"(\w+)\W*$", text)[-1]
+    planner, prompt, _ = _planner([])
+    state = ModelState("m", BS, PrefixIndex(BS), planner.scheduler)
+    state.workers["w1"] = WorkerInfo("w1", 1, "m", metadata={"backend": "plain"})
+    r = _Req("v", state, cfg, np.asarray(prompt.tokens, dtype=np.uint32))
+    spec = SampleSpec.parse(3, "vote", r"(\w+)\W*$", "", cfg.nsample)
+    trace = _Trace()
+
+    async def run() -> list[Any]:
+        gen = run_samples(r, spec, planner, {"aggregated": Pool("aggregated", (1,))},
+                          Backends({"plain": _PerSampleBackend((301, 402, 503))}), trace, lambda _i, _s: None)
+        return [resp async for resp in gen]
+
+    out = asyncio.run(run())
+    assert len(out) == 1 and list(out[0].token_ids) == [301, 402, 503]
+    md = dict(trace.samples)
+    assert md["kvrouter-answer"] == want != "503"
+    # 2 of 3 agree: decided, the third is cancelled
+    assert md["kvrouter-votes"] == "2/2" and md["kvrouter-early-stop"] == "after=2/3"
+    assert planner.scheduler.load(1).reserved_requests == 0

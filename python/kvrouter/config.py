@@ -127,8 +127,8 @@ class NSampleConfig(_Strict):
     answer_regex: str = Field(
         default=r"(\d+)\D*$",
         description="vote: the answer is the last match (group 1 if any) of this regex on a "
-                    "sample's token ids written as space-separated decimals (default: the "
-                    "last number)")
+                    "sample's text (decoded with the model's tokenizer; without one, its "
+                    "token ids as space-separated decimals); default: the last number")
     early_stop: bool = Field(default=True,
                              description="vote: cancel the outstanding samples once the "
                                          "majority cannot change")

@@ -28,16 +28,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
 import numpy as np
+from tokenizers import Tokenizer
 
 from kvrouter._core import NoRoutableWorker
 from kvrouter._proto.v1 import common_pb2, engine_pb2, scorer_pb2, scorer_pb2_grpc
@@ -211,8 +214,14 @@ class Sample:
     cached_tokens: int = 0
     state: str = "running"  # running | done | cancelled | failed
     order: int = -1  # finishing order
+    answer: str | None = None  # vote: set once the sample finished (answered = True)
+    answered: bool = False
 
-    def text(self) -> str:
+    def text(self, decode: Decoder | None = None) -> str:
+        """The sample's text when the model has a tokenizer, else its token ids as
+        space-separated decimals (what answer_regex runs on)."""
+        if decode is not None:
+            return decode(self.tokens)
         return " ".join(map(str, self.tokens))
 
     def mean_logprob(self) -> float | None:
@@ -221,10 +230,36 @@ class Sample:
         return sum(self.logprobs) / len(self.logprobs)
 
 
-def answer_of(sample: Sample, answer_re: re.Pattern[str]) -> str | None:
-    """The last match of the regex (its group 1 when it has groups), or None."""
+Decoder = Callable[[list[int]], str]
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str) -> Tokenizer | None:
+    p = Path(path)
+    try:
+        return Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
+    except Exception as e:  # tokenizers raises plain Exception for unreadable files
+        log.warning("no tokenizer for votes, token ids are voted on",
+                    extra={"path": path, "error": str(e)})
+        return None
+
+
+def decoder(cfg: ModelConfig) -> Decoder | None:
+    """Token ids -> text with the model's tokenizer (models[].tokenizer), or None."""
+    tok = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tok is None:
+        return None
+    return lambda ids: str(tok.decode(ids, skip_special_tokens=True))
+
+
+def answer_of(sample: Sample, answer_re: re.Pattern[str],
+              decode: Decoder | None = None) -> str | None:
+    """The last match of the regex (its group 1 when it has groups), or None; the answer
+    noted when the sample finished, if it was."""
+    if sample.answered:
+        return sample.answer
     last = None
-    for m in answer_re.finditer(sample.text()):
+    for m in answer_re.finditer(sample.text(decode)):
         last = m
     if last is None:
         return None
@@ -400,6 +435,7 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
     tasks: list[asyncio.Task[None]] = []
     deferred: dict[int, list[list[int]]] = {}  # worker id -> calls started after its lead
     finished_order = 0
+    decode = decoder(r.cfg) if spec.aggregator != "all" else None
 
     def release(idx: int) -> None:
         res = pl.reservations.pop(idx, None)
@@ -492,6 +528,7 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
             finished_order += 1
             report.finished += 1
             release(s.index)
+            s.answer, s.answered = answer_of(s, spec.answer_re, decode), True
             if (spec.aggregator == "vote" and spec.early_stop
                     and vote_decided(samples, spec.answer_re)):
                 running = [x for x in samples if x.state == "running"]
