@@ -323,3 +323,21 @@ def _http_base(router: Any) -> str:
 
     cfg = yaml.safe_load(Path(router.config_path).read_text())
     return f"http://{cfg['router']['http']}"
+
+
+def test_client_cancel_stops_the_samples_and_frees_everything(
+        fleet: tuple[Any, Engines]) -> None:
+    from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
+
+    router, engines = fleet
+    with grpc.insecure_channel(router.target) as ch:
+        call = router_pb2_grpc.RouterStub(ch).Generate(router_pb2.RouterGenerateRequest(
+            token_ids=prompt(1001, 8 * BS), request_id=uuid.uuid4().hex,
+            sampling=common_pb2.SamplingParams(max_tokens=2000, n=4)), timeout=60)
+        first = next(call)  # the samples are decoding
+        assert not first.finished
+        call.cancel()
+    wait_no_reservations(router.target)
+    # the engines aborted the samples: nothing keeps decoding its 2000 tokens
+    for e in engines.procs.values():
+        wait_until(lambda e=e: running(e.address) == 0, 10, what=f"{e.name} idle")

@@ -16,7 +16,7 @@ import pytest
 
 from kvrouter._core import PrefixIndex, Scheduler
 from kvrouter._proto.v1 import common_pb2
-from kvrouter.backends.base import EngineCall, EngineChunk
+from kvrouter.backends.base import EngineCall, EngineChunk, EngineFailure, FailureKind
 from kvrouter.backends.dispatch import Backends
 from kvrouter.config import ModelConfig, NSampleConfig
 from kvrouter.engines.sim.engine import EngineConfig, SimEngine, SimRequest
@@ -265,3 +265,56 @@ def test_vote_runs_on_text_when_the_model_has_a_tokenizer(tmp_path: Any) -> None
     # 2 of 3 agree: decided, the third is cancelled
     assert md["kvrouter-votes"] == "2/2" and md["kvrouter-early-stop"] == "after=2/3"
     assert planner.scheduler.load(1).reserved_requests == 0
+
+
+class _FailingBackend(_PerSampleBackend):
+    """Calls whose request id is in `fail` die after their first output (worker lost)."""
+
+    supports_n = True
+
+    def __init__(self, fail: set[str]) -> None:
+        super().__init__()
+        self.fail = fail
+
+    async def generate(self, worker: Any, model: str, call: EngineCall,
+                       ) -> AsyncIterator[EngineChunk]:
+        for i in range(call.sampling.n):
+            yield EngineChunk([7], sample_index=i)
+        if call.request_id in self.fail:
+            raise EngineFailure(FailureKind.WORKER, worker.name, "connection reset")
+        for i in range(call.sampling.n):
+            yield EngineChunk([8], finished=True, finish_reason="length", sample_index=i)
+
+
+def test_a_failed_worker_loses_its_samples_only() -> None:
+    planner, prompt, _ = _planner([1, 2])  # both hold the prefix: the samples spread
+    state = ModelState("m", BS, PrefixIndex(BS), planner.scheduler)
+    for w in (1, 2):
+        state.workers[f"w{w}"] = WorkerInfo(f"w{w}", w, "m", metadata={"backend": "plain"})
+    r = _Req("f", state, ModelConfig(name="m"), np.asarray(prompt.tokens, dtype=np.uint32),
+             max_tokens=256, expected_output=256,
+             sampling=common_pb2.SamplingParams(n=8))
+    spec = SampleSpec.parse(8, "vote", "", "", NSampleConfig(early_stop=False))
+    trace = _Trace()
+    suspects: list[str] = []
+    pl = place_samples(planner, Prompt.from_tokens(r.prompt), "probe", 8, 256, [1, 2],
+                       r.cfg)
+    for res in pl.reservations.values():
+        planner.scheduler.release(res)
+    first_call = {w: f"f.s{idxs[0]}" for w, idxs in pl.groups.items()}
+    assert len(first_call) == 2  # the same placement as the run below (same loads)
+    backend = _FailingBackend({first_call[2]})
+
+    async def run() -> list[Any]:
+        gen = run_samples(r, spec, planner, {"aggregated": Pool("aggregated", (1, 2))},
+                          Backends({"plain": backend}), trace,
+                          lambda info, _s: suspects.append(info.name))
+        return [resp async for resp in gen]
+
+    out = asyncio.run(run())
+    md = dict(trace.samples)
+    lost = len(pl.groups[2])
+    assert md["kvrouter-samples"] == f"n=8,finished={8 - lost},cancelled=0,failed={lost}"
+    assert suspects == ["w2"]
+    assert len(out) == 1 and list(out[0].token_ids) == [7, 8]
+    assert all(planner.scheduler.load(w).reserved_requests == 0 for w in (1, 2))
