@@ -97,10 +97,14 @@ def test_pin_keeps_moves_on_overload_drain_and_candidates() -> None:
     state.scheduler.reserve(w1, "big", 1001, 1)
     pin = must_pin(aff, state, "s")
     assert (pin.outcome, pin.wid) == (MOVED, None) and "overload_prefill_tokens" in pin.reason
+    # ...to another worker: the decision scores the others (not w1, whatever it caches)
+    assert Affinity.narrow(state, pin, None) == [w2]
+    assert Affinity.narrow(state, pin, [w1]) == [w1]  # no other allowed: overloaded beats none
     state.scheduler.release("big")
     assert must_pin(aff, state, "s").outcome == KEPT
     reg.set_status("m", "w1", WorkerStatus.DRAINING, "test")
-    assert must_pin(aff, state, "s").outcome == MOVED
+    pin = must_pin(aff, state, "s")
+    assert pin.outcome == MOVED and Affinity.narrow(state, pin, None) is None  # w1 not routable
     reg.remove_worker("m", "w1")
     assert must_pin(aff, state, "s").reason == "worker gone"
 
@@ -271,3 +275,20 @@ def test_cli_route_shows_what_affinity_did(replicas: Any,
     assert out.returncode == 0, out.stderr
     assert "session affinity: kept" in out.stdout and f"chosen {first.worker}" in out.stdout
     ca.release(first.request_id)
+
+
+def test_an_overloaded_worker_loses_the_session_even_with_its_cache(
+        replicas: Any, block_store_class: type) -> None:
+    ca, cb, _, _, _, _ = replicas
+    first = ca.route(tokens(30, 64), session_id="conv-cached")
+    home = first.worker
+    other = ({"w1", "w2"} - {home}).pop()
+    turn = tokens(31, 1024)
+    block_store_class()(cb, "default", home, turn, BS)  # the next turn is cached on home
+    wait_until(lambda: ca.explain(turn).worker == home, 20,
+               what="replica A routes the cached turn to its holder")
+    held = ca.route(tokens(32, 4096), candidates=[home])  # past overload_prefill_tokens
+    moved = ca.route(turn, session_id="conv-cached")
+    assert (moved.worker, moved.affinity) == (other, MOVED)
+    for r in (first, held, moved):
+        ca.release(r.request_id)

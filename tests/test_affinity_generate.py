@@ -103,3 +103,22 @@ def router_http(router: Any) -> str:
     import yaml
 
     return str(yaml.safe_load(router.config_path.read_text())["router"]["http"])
+
+
+def test_generate_moves_a_session_off_an_overloaded_worker(fleet: tuple[Any, Engines]) -> None:
+    router, engines = fleet
+    first = generate(router.target, prompt(41, 256), 2, session_id="gen-overload")
+    home = first.workers[-1]
+    other = ({"a1", "a2"} - {home}).pop()
+    turn = prompt(42, 512)
+    warm(router, engines, home, turn)  # cached on home: the cache alone would keep it there
+    with RouterClient(router.target) as rc:
+        # more prompt tokens waiting on home than overload_prefill_tokens (32768 by default)
+        held = rc.route(prompt(43, 40_000), candidates=[home])
+        try:
+            moved = generate(router.target, turn, 2, session_id="gen-overload")
+        finally:
+            rc.release(held.request_id)
+    assert moved.code == grpc.StatusCode.OK, moved.details
+    assert (moved.metadata["kvrouter-affinity"], moved.workers) == ("moved", [other])
+    wait_no_reservations(router.target)

@@ -66,6 +66,7 @@ class Pin:
     wid: int | None = None  # KEPT: the only candidate
     previous: str = ""  # the worker the session had (MOVED, KEPT)
     reason: str = ""  # MOVED: why
+    avoid: int | None = None  # MOVED off an overloaded worker: decide among the others
 
 
 class SessionTable:
@@ -213,8 +214,25 @@ class Affinity:
             return Pin(MOVED, previous=name, reason="not among the request's candidates")
         why = self.overloaded(state, cfg, info.wid)
         if why:
-            return Pin(MOVED, previous=name, reason=why)
+            return Pin(MOVED, previous=name, reason=why, avoid=info.wid)
         return Pin(KEPT, wid=info.wid, previous=name)
+
+    @staticmethod
+    def narrow(state: ModelState, pin: Pin | None, candidates: list[int] | None,
+               ) -> list[int] | None:
+        """The candidates the decision scores given affinity's say: the session's worker
+        alone (KEPT); the routable others when it moves off an overloaded worker (unless
+        there is none: an overloaded worker still beats no worker); else unchanged."""
+        if pin is None:
+            return candidates
+        if pin.wid is not None:
+            return [pin.wid]
+        if pin.avoid is None:
+            return candidates
+        allowed = None if candidates is None else set(candidates)
+        others = [w.wid for w in list(state.workers.values())
+                  if w.routable and w.wid != pin.avoid and (allowed is None or w.wid in allowed)]
+        return others or candidates
 
     def record(self, model: str, session: str, worker: str) -> None:
         """The session went to `worker`: remember it for the TTL (written to Redis by the

@@ -127,6 +127,7 @@ class _Request:
     tool_pause_s: float = 0.0  # checked by the service (server/sessions.py)
     tool_kv_action: str = ""
     pin: int | None = None  # session affinity: plan on this worker first (server/affinity.py)
+    avoid: int | None = None  # session affinity: the session's overloaded worker, plan elsewhere
     generated: list[int] = field(default_factory=list)
     excluded: set[int] = field(default_factory=set)
     cached_tokens: int = -1  # from the first engine that computed the prompt
@@ -194,6 +195,7 @@ class GenerateProxy:
     # -- entry point ------------------------------------------------------------------------
     async def run(self, state: ModelState, cfg: ModelConfig, req: Any, tokens: np.ndarray,
                   rid: str, mode: str, trace: GenerateTrace, pin: int | None = None,
+                  avoid: int | None = None,
                   ) -> AsyncGenerator[engine_pb2.GenerateResponse, None]:
         sp = req.sampling
         max_tokens = sp.max_tokens or DEFAULT_MAX_TOKENS
@@ -211,7 +213,7 @@ class GenerateProxy:
                      expected_output=req.expected_output_tokens or max_tokens,
                      sampling=sp, extra_key=extra_key_for(req.extra_key, req.lora_name) or b"",
                      lora_name=req.lora_name,
-                     session_id=req.session_id, trace=trace, pin=pin,
+                     session_id=req.session_id, trace=trace, pin=pin, avoid=avoid,
                      tool_pause_s=req.tool_pause_s, tool_kv_action=req.tool_kv_action)
         planner = self.planner(state, cfg)
         if sp.n > 1:  # router-side n samples: placement, fan-out, aggregation (nsample.py)
@@ -248,6 +250,10 @@ class GenerateProxy:
         if r.pin is not None:  # the session's worker first; it was checked for overload
             pin = r.pin
             choices.insert(0, lambda: pin_pools(self.pools(r, False), pin))
+        elif r.avoid is not None:  # moving off an overloaded worker: the others first
+            avoid = r.avoid
+            choices.insert(0, lambda: {n: p.without([avoid])
+                                       for n, p in self.pools(r, True).items()})
         for pools in choices:  # suspects are a preference, not a ban
             try:
                 plan = planner.plan(prompt, r.rid, r.expected_output, pools(), mode)

@@ -381,7 +381,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 d: Decision = sched.route(
                     tokens, extra_key=extra_key_for(req.extra_key), request_id=rid,
                     expected_output_tokens=expected,
-                    candidates=[pin.wid] if pin is not None and pin.wid is not None else candidates,
+                    candidates=self.affinity.narrow(m.state, pin, candidates),
                     policy=cast(PolicyName | None, policy), explain=explain, reserve=not dry_run)
             except NoRoutableWorker:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE,
@@ -561,7 +561,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 gate.settle_on_reserve(grant[1], rid)
         turn = await self._session_turn(m, request)
         async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace,
-                                           pin=pin.wid if pin is not None else None)) as out:
+                                           pin=pin.wid if pin is not None else None,
+                                           avoid=pin.avoid if pin is not None else None)) as out:
             try:
                 async for resp in out:
                     if turn is not None:
