@@ -81,7 +81,7 @@ def test_http_front_keeps_a_session_by_its_header(fleet: tuple[Any, Engines]) ->
     def served() -> dict[str, float]:
         return {n: engine_stats(e.address)["requests"] for n, e in engines.procs.items()}
 
-    def complete(tokens: list[int]) -> str:
+    def complete(tokens: list[int], affinity: str) -> str:
         before = served()
         r = httpx.post(base + "/v1/completions", timeout=60,
                        json={"model": "default", "prompt": tokens, "max_tokens": 2},
@@ -89,13 +89,16 @@ def test_http_front_keeps_a_session_by_its_header(fleet: tuple[Any, Engines]) ->
         assert r.status_code == 200, r.text
         grew = [n for n, v in served().items() if v > before[n]]
         assert len(grew) == 1
+        # the front says what the proxy did, affinity included
+        assert r.headers["x-kvrouter-affinity"] == affinity
+        assert r.headers["x-kvrouter-worker"] == grew[0]
         return grew[0]
 
-    home = complete(prompt(21, 256))
+    home = complete(prompt(21, 256), "new")
     other = ({"a1", "a2"} - {home}).pop()
     turn = prompt(22, 512)
     warm(router, engines, other, turn)
-    assert complete(turn) == home
+    assert complete(turn, "kept") == home
     wait_no_reservations(router.target)
 
 
