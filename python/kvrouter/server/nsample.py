@@ -12,9 +12,11 @@ the contract is docs/inference-scaling.md. In short:
   prompt and decode blocks; a co-located sample: its decode blocks; the first
   sample on another worker: that worker's own prefill and blocks).
 * Fan-out: one Engine.Generate per worker with ``n`` = its samples (engines
-  fork the sequence after one prefill), read concurrently.
+  fork the sequence after one prefill), read concurrently; a backend without n gets
+  one call per sample, the worker's later ones once its first produced output.
 * Aggregation: ``all`` streams every sample; ``vote`` returns the first sample
-  with the majority answer (regex over the token ids written as decimals) and,
+  with the majority answer (regex over the sample's text, or its token ids written
+  as decimals when the model has no tokenizer) and,
   once the majority cannot change, cancels the outstanding samples at the
   engines (their calls are closed) and releases their load; ``best_logprob``
   the sample with the highest mean token logprob; ``scorer`` asks a Scorer
