@@ -282,6 +282,10 @@ class RouterConfig(_Strict):
         default="full_duplex_streamed",
         description="the gateway's request body mode when its first message does not say "
                     "(Envoy before protocol_config)")
+    ext_proc_tls: bool = Field(
+        default=False,
+        description="serve the endpoint picker over TLS with tls_cert/tls_key (no client "
+                    "certificate asked: gateways connect without one)")
     # Security (kvrouter.security, docs/security.md). The TLS fields' environment names
     # (KVROUTER_TLS_CERT ...) are the ones every kvrouter client and engine reads too.
     tls_cert: Path | None = Field(default=None, description="TLS certificate (PEM) of the listeners")

@@ -5,6 +5,7 @@ metrics snapshot); worker liveness belongs to the event plane."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -112,7 +113,7 @@ class RouterApp:
         self._snapshot_metrics()
         self._tasks.append(asyncio.create_task(self._maintenance(), name="kvrouter-maintenance"))
         if r.ext_proc:  # the Gateway API endpoint picker (server/ext_proc.py)
-            await self._start_ext_proc(r.ext_proc)
+            await self._start_ext_proc(r.ext_proc, security.tls if r.ext_proc_tls else None)
         await server.set_serving()
         if self.admin_grpc is not None:
             await self.admin_grpc.set_serving()
@@ -137,15 +138,19 @@ class RouterApp:
                 await self.grpc.stop(None)
             raise
 
-    async def _start_ext_proc(self, listen: str) -> None:
+    async def _start_ext_proc(self, listen: str, tls: Any) -> None:
         """The Gateway API Inference Extension endpoint picker (Envoy ext_proc) on its own
-        port, over the service's decision path."""
+        port, over the service's decision path; `tls`: the router's TlsFiles when
+        router.ext_proc_tls (served without asking for client certificates)."""
         from kvrouter.server.ext_proc import ExtProcServer, make_picker
 
         assert self.service is not None
         try:
-            self.ext_proc = ExtProcServer(listen, make_picker(self.service, self.config),
-                                          options=self.grpc_options())
+            if self.config.router.ext_proc_tls and tls is None:
+                raise RuntimeError("router.ext_proc_tls needs tls_cert and tls_key")
+            self.ext_proc = ExtProcServer(
+                listen, make_picker(self.service, self.config), options=self.grpc_options(),
+                tls=dataclasses.replace(tls, client_auth=False) if tls is not None else None)
             await self.ext_proc.start()
         except RuntimeError:  # ListenError, a tokenizer that does not load
             await self.stop(None)

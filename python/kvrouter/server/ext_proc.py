@@ -550,9 +550,10 @@ class ExtProcServer:
     health for "", liveness, readiness and the ext_proc service."""
 
     def __init__(self, listen: str, picker: EndpointPicker,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), tls: Any = None) -> None:
         self.picker = picker
-        self.grpc = GrpcServer(listen, [EXT_PROC_SERVICE], options=options, reflect=False)
+        self.grpc = GrpcServer(listen, [EXT_PROC_SERVICE], options=options, reflect=False,
+                               tls=tls)
         pb_grpc.add_ExternalProcessorServicer_to_server(picker, self.grpc.server)
         self.port = self.grpc.port
 
