@@ -23,8 +23,9 @@ import hmac
 import os
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from kvrouter.security.metrics import EVENTS_REJECTED
 
@@ -43,12 +44,20 @@ class SigningError(ValueError):
     """A key or secret that cannot be used (missing, too short, unreadable)."""
 
 
-def _parts_mac(key: bytes, parts: Iterable[bytes]) -> bytes:
-    h = hmac.new(key, digestmod=hashlib.sha256)
-    for p in parts:
-        h.update(_LEN.pack(len(p)))
-        h.update(p)
-    return h.digest()[:SIG_LEN]
+def _keyed(key: bytes) -> Any:
+    """An HMAC-SHA256 state with the key absorbed: each message copies it (saves the key
+    set-up per entry)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _parts_mac(keyed: Any, parts: Sequence[bytes]) -> bytes:
+    h = keyed.copy()
+    pack = _LEN.pack
+    # The small parts in one update, the last (the payload, the big one) without a copy.
+    h.update(b"".join([pack(len(p)) + p for p in parts[:-1]]))
+    h.update(pack(len(parts[-1])))
+    h.update(parts[-1])
+    return bytes(h.digest()[:SIG_LEN])
 
 
 def derive_worker_key(secret: bytes, model: str, worker: str) -> bytes:
@@ -79,15 +88,16 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
 class Signer:
     """One worker's key: tags what the worker writes."""
 
-    __slots__ = ("key",)
+    __slots__ = ("_keyed", "key")
 
     def __init__(self, key: bytes) -> None:
         if len(key) < MIN_SECRET_LEN:
             raise SigningError(f"a worker event key has at least {MIN_SECRET_LEN} bytes")
         self.key = key
+        self._keyed = _keyed(key)
 
     def sign(self, parts: Sequence[bytes]) -> bytes:
-        return _parts_mac(self.key, parts)
+        return _parts_mac(self._keyed, parts)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Signer | None:
@@ -114,7 +124,7 @@ class WorkerKeys:
             raise SigningError(f"the event signing secret has at least {MIN_SECRET_LEN} bytes")
         self.secret = secret
         self.require = require
-        self._keys: dict[tuple[str, str], bytes] = {}
+        self._keys: dict[tuple[str, str], Any] = {}  # (model, worker) -> keyed HMAC state
         self._max = max_cached
         self._rejected = {(kind, why): EVENTS_REJECTED.labels(kind, why)
                           for kind in ("entry", "heartbeat") for why in (UNSIGNED, BAD_SIGNATURE)}
@@ -124,18 +134,21 @@ class WorkerKeys:
         return cls(read_secret(path), require=require)
 
     def key(self, model: str, worker: str) -> bytes:
+        return derive_worker_key(self.secret, model, worker)
+
+    def _state(self, model: str, worker: str) -> Any:
         k = self._keys.get((model, worker))
         if k is None:
             if len(self._keys) >= self._max:  # names come from Redis: bound the cache
                 self._keys.clear()
-            k = self._keys[(model, worker)] = derive_worker_key(self.secret, model, worker)
+            k = self._keys[(model, worker)] = _keyed(self.key(model, worker))
         return k
 
     def signer(self, model: str, worker: str) -> Signer:
         return Signer(self.key(model, worker))
 
     def sign(self, model: str, worker: str, parts: Sequence[bytes]) -> bytes:
-        return _parts_mac(self.key(model, worker), parts)
+        return _parts_mac(self._state(model, worker), parts)
 
     def check(self, kind: str, model: str, worker: str, parts: Sequence[bytes],
               sig: bytes | None) -> str | None:
