@@ -229,10 +229,14 @@ class RouterGenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., disaggregated: _Optional[bool] = ..., session_id: _Optional[str] = ..., lora_name: _Optional[str] = ..., mode: _Optional[_Union[GenerateMode, str]] = ..., expected_output_tokens: _Optional[int] = ..., aggregator: _Optional[str] = ..., answer_regex: _Optional[str] = ..., scorer: _Optional[str] = ..., priority: _Optional[str] = ..., tenant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., tool_pause_s: _Optional[float] = ..., tool_kv_action: _Optional[str] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
-    __slots__ = ("model",)
+    __slots__ = ("model", "page_size", "page_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
-    def __init__(self, model: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("reserved_prefill_tokens", "reserved_decode_blocks", "reserved_requests", "waiting_requests", "reported", "prefill_tokens", "decode_blocks", "queue")
@@ -290,12 +294,14 @@ class WorkerInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., address: _Optional[str] = ..., status: _Optional[str] = ..., status_reason: _Optional[str] = ..., last_seen_age_s: _Optional[float] = ..., cached_blocks: _Optional[int] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., routable: _Optional[bool] = ..., kv_mode: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "admission")
+    __slots__ = ("workers", "admission", "next_page_token")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ADMISSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     admission: _containers.RepeatedCompositeFieldContainer[AdmissionState]
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., admission: _Optional[_Iterable[_Union[AdmissionState, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., admission: _Optional[_Iterable[_Union[AdmissionState, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AdmissionClassState(_message.Message):
     __slots__ = ("name", "queued", "oldest_wait_s")
