@@ -11,6 +11,11 @@ next to ours. Absolute latencies are not comparable between the two simulators
 were tuned on the synthetic trace (bench.tune_weights): conversation is the trace
 reported, synthetic the one tuned on.
 
+Besides the policies, three kv variants run side by side: `kv_no_pressure` (the cost
+without its cache-pressure term, pressure weight 0: what the term costs or gains),
+`kv_approx` (every worker in approximate mode: the router predicts the caches from its
+own decisions, no KV events) and `kv_mixed` (half the workers approximate).
+
     python -m bench.routing --quick --json bench/results/routing-quick.json
     python -m bench.routing --json bench/results/routing.json          # whole traces
 """
@@ -51,13 +56,27 @@ DYNAMO_CAPACITY_TOKENS = 1_048_576  # Dynamo mocker default: 16384 blocks of 64 
 # conversation figures are not fitted to the trace they are reported on.
 TUNING_TRACE = "synthetic"
 QUICK_LIMITS = {"conversation": 1500, "synthetic": 600}
+# kv variants: name -> (pressure weight override, share of workers in approximate mode)
+VARIANTS: dict[str, tuple[float | None, float]] = {
+    "kv_no_pressure": (0.0, 0.0),
+    "kv_approx": (None, 1.0),
+    "kv_mixed": (None, 0.5),
+}
+RUNS = (*POLICIES, *VARIANTS)
 
 
 def run_ours(trace: Trace, hashes: list[list[int]], profile: EngineProfile, workers: int,
              speedup: float, capacity_tokens: int, policy: str, block_size: int,
              seed: int) -> FleetResult:
-    cfg = FleetConfig(num_workers=workers, policy=policy,
-                      weights=SchedulerWeights(),
+    weights, approx = SchedulerWeights(), 0
+    if policy in VARIANTS:
+        pressure, share = VARIANTS[policy]
+        policy = "kv"
+        if pressure is not None:
+            weights.pressure_weight = pressure
+        approx = round(workers * share)
+    cfg = FleetConfig(num_workers=workers, policy=policy, approx_workers=approx,
+                      weights=weights,
                       engine=EngineConfig(block_size=block_size,
                                           kv_capacity_tokens=capacity_tokens),
                       seed=seed)
@@ -168,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traces", default="conversation,synthetic")
     ap.add_argument("--workers", default="8,16")
     ap.add_argument("--speedups", default="1,4,8")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(RUNS),
+                    help="policies and kv variants (kv_no_pressure, kv_approx, kv_mixed)")
     ap.add_argument("--scale-sizes", default="4,8,16,32",
                     help="fleet sizes for the hit-rate-vs-scale plot (conversation, 1x)")
     ap.add_argument("--limit", type=int, default=None, help="requests per trace (overrides)")
@@ -186,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     speedups = [float(x) for x in args.speedups.split(",") if x]
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
-        if p not in POLICIES:
+        if p not in RUNS:
             ap.error(f"unknown policy {p!r}")
     paths = {"conversation": args.conversation, "synthetic": args.synthetic}
     trace_names = [t for t in args.traces.split(",") if t]
@@ -240,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                                                      "policy", "mean_ttft_ms", "p99_ttft_ms",
                                                      "hit", "oracle", "imbalance", "wall_s"]
                                         ).splitlines()[-1], file=sys.stderr, flush=True)
-                        if "kv" in pol_out and "round_robin" in pol_out:
-                            kv, rr = pol_out["kv"], pol_out["round_robin"]
-                            pol_out["kv_ttft_gain"] = rr["mean_ttft_ms"] / kv["mean_ttft_ms"]
+                        if "round_robin" in pol_out:
+                            rr = pol_out["round_robin"]
+                            for k in ("kv", *VARIANTS):
+                                if k in pol_out:
+                                    pol_out[f"{k}_ttft_gain"] = (rr["mean_ttft_ms"]
+                                                                 / pol_out[k]["mean_ttft_ms"])
                         cell[cname] = pol_out
                     if not args.no_dynamo:
                         d = run_dynamo(sliced, nw, sp)

@@ -65,13 +65,14 @@ def test_vllm_one_engine_by_label() -> None:
     load = parse_load(VLLM, BridgedEngine.VLLM, labels={"engine": "0"})
     assert load == EngineLoad(running=3, queued=5, kv_usage=0.25, total_blocks=12)
     assert load.to_load_report() == LoadReport(running=3, queued=5, kv_used_blocks=3,
-                                               kv_free_blocks=9)
+                                               kv_free_blocks=9, kv_capacity_blocks=12)
 
 
 def test_vllm_all_engines_add_up() -> None:
     report = scrape_to_load_report(VLLM, "vllm")
     # 4 running, 5 waiting; usage averaged (0.5) over 24 blocks in all.
-    assert report == LoadReport(running=4, queued=5, kv_used_blocks=12, kv_free_blocks=12)
+    assert report == LoadReport(running=4, queued=5, kv_used_blocks=12, kv_free_blocks=12,
+                                kv_capacity_blocks=24)
 
 
 def test_vllm_older_usage_name_and_unknown_total() -> None:
@@ -80,14 +81,14 @@ def test_vllm_older_usage_name_and_unknown_total() -> None:
     # No total: block counts unknown (0), never guessed.
     assert load.to_load_report() == LoadReport(running=2, queued=1)
     assert scrape_to_load_report(VLLM_OLD, BridgedEngine.VLLM, total_blocks=100) == LoadReport(
-        running=2, queued=1, kv_used_blocks=50, kv_free_blocks=50)
+        running=2, queued=1, kv_used_blocks=50, kv_free_blocks=50, kv_capacity_blocks=100)
 
 
 def test_sglang() -> None:
     load = parse_load(SGLANG, BridgedEngine.SGLANG, block_size=16)
     assert load == EngineLoad(running=7, queued=2, kv_usage=0.5, total_blocks=512)
     assert load.to_load_report() == LoadReport(running=7, queued=2, kv_used_blocks=256,
-                                               kv_free_blocks=256)
+                                               kv_free_blocks=256, kv_capacity_blocks=512)
     # Without the block size the total is unknown.
     assert parse_load(SGLANG, BridgedEngine.SGLANG).total_blocks is None
 

@@ -52,11 +52,13 @@ class _DefaultWeights(TypedDict):
     decode_weight: float
     queue_weight: float
     queued_prefill_weight: float
+    pressure_weight: float
     temperature: float
     host_credit: float
     disk_credit: float
     lease_s: float
     report_ttl_s: float
+    approx_ttl_s: float
 
 DEFAULT_WEIGHTS: _DefaultWeights
 """The default of every numeric Scheduler setting, by its keyword, from the core
@@ -225,6 +227,12 @@ class Candidate:
     @property
     def queue(self) -> int: ...
     @property
+    def evicted_blocks(self) -> int:
+        """Cached blocks the request would evict on the worker (0: no capacity or room left)."""
+    @property
+    def pressure_cost(self) -> float:
+        """What those evictions add to cost (kv policy only)."""
+    @property
     def cost(self) -> float: ...
 
 @final
@@ -281,6 +289,18 @@ class WorkerLoad:
     @property
     def external_decode_blocks(self) -> int: ...
     @property
+    def reported_kv_cached_blocks(self) -> int: ...
+    @property
+    def kv_capacity_blocks(self) -> int:
+        """The capacity the cache-pressure term uses (0: off for this worker)."""
+    @property
+    def approx(self) -> bool:
+        """Approximate mode: the cache is predicted from this scheduler's decisions."""
+    @property
+    def reuse(self) -> float:
+        """Reuse likelihood of the worker's cached blocks (share of recently routed prompt
+        blocks it held already), in [0, 1]."""
+    @property
     def external_requests(self) -> int: ...
     @property
     def prefill_tokens(self) -> int:
@@ -312,6 +332,8 @@ class Scheduler:
         lease_s: float | None = None,
         report_ttl_s: float | None = None,
         seed: int | None = None,
+        pressure_weight: float | None = None,
+        approx_ttl_s: float | None = None,
     ) -> Self:
         """A setting left out (None) takes its DEFAULT_POLICY / DEFAULT_WEIGHTS value.
         Raises UnknownPolicy or InvalidArgument."""
@@ -329,10 +351,22 @@ class Scheduler:
         disk_credit: float | None = None,
         lease_s: float | None = None,
         report_ttl_s: float | None = None,
+        pressure_weight: float | None = None,
+        approx_ttl_s: float | None = None,
     ) -> None: ...
     def add_worker(self, worker: int) -> None: ...
     def remove_worker(self, worker: int) -> list[str]:
-        """Forget the worker and its reservations (returned request ids); the index is left to the caller."""
+        """Forget the worker, its reservations (returned request ids) and its predicted cache;
+        the index is left to the caller."""
+    def set_approx(self, worker: int, approx: bool) -> None:
+        """Approximate mode for the worker (True): its cache is predicted from this
+        scheduler's decisions (routed prompts' blocks, approx_ttl_s expiry, LRU within its
+        reported capacity). Switching either way starts it empty. UnknownWorker if not added."""
+    def is_approx(self, worker: int) -> bool: ...
+    def approx_blocks(self, worker: int) -> int:
+        """Blocks predicted on an approximate worker (0 for exact workers)."""
+    def capacity_reports(self) -> dict[str, int]:
+        """Load reports whose KV capacity was ignored: {"missing": n, "absurd": n}."""
 
     def set_routable(self, worker: int, routable: bool) -> None: ...
     def workers(self) -> list[int]: ...
@@ -390,7 +424,12 @@ class Scheduler:
         kv_free_blocks: int,
         queued_prefill_tokens: int = 0,
         now: float | None = None,
-    ) -> None: ...
+        kv_capacity_blocks: int = 0,
+        kv_cached_blocks: int = 0,
+    ) -> None:
+        """A worker's own load. kv_capacity_blocks turns the cache-pressure term on for it;
+        0 (missing), above 2^36 or below kv_used_blocks (absurd) turns it off and is counted
+        (capacity_reports)."""
     def set_external_load(
         self, worker: int, prefill_tokens: int, decode_blocks: int, requests: int
     ) -> None:

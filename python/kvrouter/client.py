@@ -65,6 +65,8 @@ class Candidate:
     queue: int
     cost: float
     chosen: bool
+    evicted_blocks: int = 0  # cached blocks the request would evict (cache pressure)
+    pressure_cost: float = 0.0  # what they add to cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,8 @@ class WorkerState:
     reported_running: int
     reported_queued: int
     metadata: Mapping[str, str] = field(default_factory=dict)
+    kv_mode: str = "exact"  # exact (KV events) | approx (predicted from routing decisions)
+    kv_capacity_blocks: int = 0  # the capacity the cache-pressure term uses (0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +171,8 @@ def to_result(r: router_pb2.RouteResponse) -> RouteResult:
             Candidate(worker=c.worker, gpu_blocks=c.gpu_blocks, host_blocks=c.host_blocks,
                       disk_blocks=c.disk_blocks, new_prefill_tokens=c.new_prefill_tokens,
                       decode_blocks=c.decode_blocks, queue=c.queue, cost=c.cost,
-                      chosen=c.chosen)
+                      chosen=c.chosen, evicted_blocks=c.evicted_blocks,
+                      pressure_cost=c.pressure_cost)
             for c in r.candidates),
         affinity=r.affinity)
 
@@ -184,7 +189,8 @@ def to_workers(resp: router_pb2.ListWorkersResponse) -> list[WorkerState]:
             reserved_requests=w.load.reserved_requests, prefill_tokens=w.load.prefill_tokens,
             decode_blocks=w.load.decode_blocks, queue=w.load.queue,
             reported_running=w.load.reported.running, reported_queued=w.load.reported.queued,
-            metadata=dict(w.metadata))
+            metadata=dict(w.metadata), kv_mode=w.kv_mode or "exact",
+            kv_capacity_blocks=w.load.reported.kv_capacity_blocks)
         for w in resp.workers
     ]
 
@@ -197,10 +203,13 @@ def to_models(resp: router_pb2.ListModelsResponse) -> list[ModelSummary]:
 
 def load_report(running: int = 0, queued: int = 0, kv_used_blocks: int = 0,
                 kv_free_blocks: int = 0, queued_prefill_tokens: int = 0,
+                kv_capacity_blocks: int = 0, kv_cached_blocks: int = 0,
                 ) -> common_pb2.LoadReport:
     return common_pb2.LoadReport(running=running, queued=queued, kv_used_blocks=kv_used_blocks,
                                  kv_free_blocks=kv_free_blocks,
-                                 queued_prefill_tokens=queued_prefill_tokens)
+                                 queued_prefill_tokens=queued_prefill_tokens,
+                                 kv_capacity_blocks=kv_capacity_blocks,
+                                 kv_cached_blocks=kv_cached_blocks)
 
 
 def _register_request(model: str, worker: str, role: str, address: str, block_size: int,
@@ -218,6 +227,16 @@ def _heartbeat_request(model: str, worker: str, load: common_pb2.LoadReport | No
     if last_seq is not None:
         req.last_seq = last_seq
     return req
+
+
+def _merge_page(merged: router_pb2.ListWorkersResponse, page: router_pb2.ListWorkersResponse,
+                token: str) -> str:
+    """Add one ListWorkers page to `merged`; the next page's token ("" when done)."""
+    merged.workers.extend(page.workers)
+    merged.admission.extend(page.admission)
+    if page.next_page_token == token:  # a router that would page forever
+        raise RuntimeError("ListWorkers returned the same page token twice")
+    return page.next_page_token
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -269,9 +288,15 @@ class RouterClient:
         req = router_pb2.MarkPrefillDoneRequest(model=model, request_id=request_id, worker=worker)
         return bool(self.stub.MarkPrefillDone(req, timeout=self.timeout).found)
 
-    def list_workers(self, model: str = "") -> list[WorkerState]:
-        return to_workers(self.stub.ListWorkers(router_pb2.ListWorkersRequest(model=model),
-                                                timeout=self.timeout))
+    def list_workers(self, model: str = "", page_size: int = 0) -> list[WorkerState]:
+        """Every worker (of `model`), fetched page by page (page_size 0: the router's)."""
+        merged, token = router_pb2.ListWorkersResponse(), ""
+        while True:
+            resp = self.stub.ListWorkers(router_pb2.ListWorkersRequest(
+                model=model, page_size=page_size, page_token=token), timeout=self.timeout)
+            token = _merge_page(merged, resp, token)
+            if not token:
+                return to_workers(merged)
 
     def list_models(self) -> list[ModelSummary]:
         return to_models(self.stub.ListModels(router_pb2.ListModelsRequest(),
@@ -348,9 +373,14 @@ class AsyncRouterClient:
         req = router_pb2.MarkPrefillDoneRequest(model=model, request_id=request_id, worker=worker)
         return bool((await self.stub.MarkPrefillDone(req, timeout=self.timeout)).found)
 
-    async def list_workers(self, model: str = "") -> list[WorkerState]:
-        return to_workers(await self.stub.ListWorkers(
-            router_pb2.ListWorkersRequest(model=model), timeout=self.timeout))
+    async def list_workers(self, model: str = "", page_size: int = 0) -> list[WorkerState]:
+        merged, token = router_pb2.ListWorkersResponse(), ""
+        while True:
+            resp = await self.stub.ListWorkers(router_pb2.ListWorkersRequest(
+                model=model, page_size=page_size, page_token=token), timeout=self.timeout)
+            token = _merge_page(merged, resp, token)
+            if not token:
+                return to_workers(merged)
 
     async def list_models(self) -> list[ModelSummary]:
         return to_models(await self.stub.ListModels(router_pb2.ListModelsRequest(),

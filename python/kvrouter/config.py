@@ -76,6 +76,10 @@ class Weights(_Strict):
     queue: float = Field(default=_D["queue_weight"], ge=0, description="per queued request")
     queued_prefill: float = Field(default=_D["queued_prefill_weight"], ge=0,
                                   description="per block already queued for prefill on the worker")
+    pressure: float = Field(default=_D["pressure_weight"], ge=0,
+                            description="per cached block the request would evict on a full "
+                                        "worker, times its reuse likelihood (off for a worker "
+                                        "reporting no KV capacity)")
 
 
 class SpecialisationConfig(_Strict):
@@ -227,6 +231,9 @@ class ModelConfig(_Strict):
                                description="credit of a host-tier cache hit")
     disk_credit: float = Field(default=_D["disk_credit"], ge=0, le=1,
                                description="credit of a disk-tier cache hit")
+    approx_ttl_s: float = Field(default=_D["approx_ttl_s"], ge=0,
+                                description="approximate mode: seconds a block routed to a "
+                                            "worker that publishes no KV events is assumed held")
     seed: int | None = Field(default=None, ge=0,
                              description="seed of random choices (tests, benches)")
     nsample: NSampleConfig = Field(default_factory=lambda: NSampleConfig())
@@ -241,6 +248,8 @@ class ModelConfig(_Strict):
             "decode_weight": self.weights.decode,
             "queue_weight": self.weights.queue,
             "queued_prefill_weight": self.weights.queued_prefill,
+            "pressure_weight": self.weights.pressure,
+            "approx_ttl_s": self.approx_ttl_s,
             "temperature": self.temperature,
             "host_credit": self.host_credit,
             "disk_credit": self.disk_credit,

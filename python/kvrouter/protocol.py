@@ -46,6 +46,10 @@ if TYPE_CHECKING:  # the event model is a layer above; only its type is needed h
 # or "openai" for an OpenAI-compatible HTTP server) and the model name that server serves.
 BACKEND_METADATA_KEY = "backend"
 SERVED_MODEL_METADATA_KEY = "served_model"
+# How the router knows the worker's cache: "exact" (the default; from its KV events) or
+# "approx" (an engine that publishes no KV events: predicted from the router's decisions).
+KV_MODE_METADATA_KEY = "kv_mode"
+KV_MODES = ("exact", "approx")
 
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
@@ -117,7 +121,17 @@ def check_worker_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
         total += kb + vb
     if total > MAX_METADATA_BYTES:
         raise ProtocolError(f"metadata has {total} bytes, more than {MAX_METADATA_BYTES}")
+    kv_mode_of(metadata)
     return dict(metadata)
+
+
+def kv_mode_of(metadata: Mapping[str, str]) -> str:
+    """The worker's KV mode from its metadata ("exact" when absent); ProtocolError if unknown."""
+    mode = metadata.get(KV_MODE_METADATA_KEY, "exact")
+    if mode not in KV_MODES:
+        raise ProtocolError(f"metadata {KV_MODE_METADATA_KEY} must be one of {', '.join(KV_MODES)}, "
+                            f"got {excerpt(mode)}")
+    return mode
 
 
 def check_expected_output_tokens(value: int) -> int:
@@ -252,4 +266,5 @@ def load_report_pb(load: LoadReport) -> common_pb2.LoadReport:
     """An engine's load report as common.v1 LoadReport (Heartbeat, Engine.Stats)."""
     return common_pb2.LoadReport(
         running=load.running, queued=load.queued, kv_used_blocks=load.kv_used_blocks,
-        kv_free_blocks=load.kv_free_blocks, queued_prefill_tokens=load.queued_prefill_tokens)
+        kv_free_blocks=load.kv_free_blocks, queued_prefill_tokens=load.queued_prefill_tokens,
+        kv_capacity_blocks=load.kv_capacity_blocks, kv_cached_blocks=load.kv_cached_blocks)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kvrouter._core import PrefixIndex, Scheduler, UnknownWorker
-from kvrouter.protocol import check_address, check_name, check_worker_metadata
+from kvrouter.protocol import check_address, check_name, check_worker_metadata, kv_mode_of
 
 
 class Role(StrEnum):
@@ -145,6 +145,8 @@ class Registry:
                 info.status = WorkerStatus.UP
                 info.status_reason = ""  # the reason it was down no longer holds
             state.scheduler.set_routable(info.wid, info.routable)
+            # Approximate mode (engines without KV events); a switch starts the cache empty.
+            state.scheduler.set_approx(info.wid, kv_mode_of(info.metadata) == "approx")
             return info
 
     def worker(self, model: str, name: str) -> WorkerInfo:

@@ -2,6 +2,7 @@
 //! accounting. Pure Rust; the PyO3 binding layer lives in `python/` behind the
 //! `python` feature so that `cargo test` needs no Python.
 
+pub mod approx;
 pub mod error;
 pub mod hashing;
 pub mod index;

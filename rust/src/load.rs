@@ -28,6 +28,10 @@ pub struct Report {
     pub kv_used_blocks: u64,
     pub kv_free_blocks: u64,
     pub queued_prefill_tokens: u64,
+    /// GPU KV capacity in blocks (0: not reported).
+    pub kv_capacity_blocks: u64,
+    /// Blocks holding reusable prefix cache no running request uses (0: not reported).
+    pub kv_cached_blocks: u64,
     pub at: f64,
     /// This router's reservations on the worker when the report arrived.
     pub reserved_prefill_tokens: u64,
@@ -42,10 +46,49 @@ pub struct External {
     pub requests: u64,
 }
 
+/// Largest KV capacity a report may carry (2^36 blocks: far beyond any GPU); above it the
+/// report's capacity is absurd and ignored.
+pub const MAX_CAPACITY_BLOCKS: u64 = 1 << 36;
+
+/// How many routed prompt blocks the reuse estimate remembers (exponential decay per block).
+const REUSE_HORIZON_BLOCKS: f64 = 4096.0;
+
+/// A worker's reuse estimate: of the prompt blocks routed to it lately, the share it held
+/// already (decayed counts). The cache-pressure term weights evicted blocks by it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Reuse {
+    hit_blocks: f64,
+    routed_blocks: f64,
+}
+
+impl Reuse {
+    /// Records `hit` cached blocks out of `routed` prompt blocks sent to the worker.
+    pub fn record(&mut self, hit: u64, routed: u64) {
+        if routed == 0 {
+            return;
+        }
+        let keep = (1.0 - 1.0 / REUSE_HORIZON_BLOCKS).powf(routed as f64);
+        self.hit_blocks = self.hit_blocks * keep + hit.min(routed) as f64;
+        self.routed_blocks = self.routed_blocks * keep + routed as f64;
+    }
+
+    /// Likelihood that a cached block of the worker is reused, in [0, 1]; 1/2 with no history
+    /// (one pseudo-hit in two pseudo-blocks, so a few requests move it gradually).
+    pub fn likelihood(&self) -> f64 {
+        (self.hit_blocks + 1.0) / (self.routed_blocks + 2.0)
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 /// One worker's accounting state.
 pub struct LoadState {
     pub routable: bool,
+    /// GPU KV capacity in blocks from the last report that carried a valid one (0: unknown,
+    /// the cache-pressure term is off for this worker).
+    pub capacity_blocks: u64,
+    /// The router predicts this worker's cache from its own decisions (approximate mode).
+    pub approx: bool,
+    pub reuse: Reuse,
     pub reserved_prefill_tokens: u64,
     pub reserved_decode_blocks: u64,
     pub reserved_requests: u64,
@@ -76,7 +119,7 @@ impl LoadState {
 
 /// What a worker's load looks like at one instant: its state flattened, plus the
 /// view the scorer uses. The Python `WorkerLoad` class is this struct.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[cfg_attr(
     feature = "python",
     pyo3::pyclass(module = "kvrouter._core", frozen, get_all)
@@ -92,6 +135,13 @@ pub struct WorkerLoad {
     pub reported_queued: u64,
     pub reported_kv_used_blocks: u64,
     pub reported_kv_free_blocks: u64,
+    pub reported_kv_cached_blocks: u64,
+    /// The capacity the cache-pressure term uses (0: off for this worker).
+    pub kv_capacity_blocks: u64,
+    /// Approximate mode: the router predicts the cache from its own routing decisions.
+    pub approx: bool,
+    /// Reuse likelihood of the worker's cached blocks (see [`Reuse`]).
+    pub reuse: f64,
     pub external_prefill_tokens: u64,
     pub external_decode_blocks: u64,
     pub external_requests: u64,
@@ -116,6 +166,10 @@ impl LoadState {
             reported_queued: r.queued,
             reported_kv_used_blocks: r.kv_used_blocks,
             reported_kv_free_blocks: r.kv_free_blocks,
+            reported_kv_cached_blocks: r.kv_cached_blocks,
+            kv_capacity_blocks: self.capacity_blocks,
+            approx: self.approx,
+            reuse: self.reuse.likelihood(),
             external_prefill_tokens: self.external.prefill_tokens,
             external_decode_blocks: self.external.decode_blocks,
             external_requests: self.external.requests,
@@ -319,6 +373,21 @@ mod tests {
         });
         assert_eq!(w.view(2.0, 5.0).decode_blocks, 50);
         assert_eq!(w.view(7.0, 5.0).decode_blocks, 0, "stale report ignored");
+    }
+
+    #[test]
+    fn reuse_tracks_recent_hits() {
+        let mut r = Reuse::default();
+        assert!((r.likelihood() - 0.5).abs() < 1e-12);
+        r.record(0, 1000);
+        assert!(r.likelihood() < 0.01);
+        for _ in 0..20 {
+            r.record(900, 1000);
+        }
+        assert!((r.likelihood() - 0.9).abs() < 0.05, "{}", r.likelihood());
+        r.record(5, 0);
+        r.record(10, 5);
+        assert!(r.likelihood() <= 1.0);
     }
 
     #[test]

@@ -3,11 +3,14 @@
 
 use std::time::Instant;
 
+use crate::approx::ApproxCaches;
 use crate::error::{Error, Result};
 use crate::hashing::BlockHashes;
 use crate::index::{Overlap, PrefixIndex};
-use crate::load::{External, LoadTable, Report, Reservation};
-use crate::scoring::{choose, cost_all, Candidate, LoadView, Policy, Rng, Weights};
+use crate::load::{External, LoadTable, Report, Reservation, MAX_CAPACITY_BLOCKS};
+use crate::scoring::{
+    choose, cost_all, CacheView, Candidate, LoadView, Policy, Rng, Scored, Weights,
+};
 
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -26,6 +29,8 @@ pub struct Config {
     pub weights: Weights,
     pub lease_s: f64,
     pub report_ttl_s: f64,
+    /// Approximate mode: how long a block routed to an approximate worker is assumed held.
+    pub approx_ttl_s: f64,
 }
 
 impl Default for Config {
@@ -35,8 +40,18 @@ impl Default for Config {
             weights: Weights::default(),
             lease_s: 300.0,
             report_ttl_s: 5.0,
+            approx_ttl_s: 120.0,
         }
     }
+}
+
+/// Load reports whose KV capacity was left out (or 0), or absurd (above
+/// [`MAX_CAPACITY_BLOCKS`] or below the blocks the report says are used): the report's
+/// load still counts, the cache-pressure term is off for the worker until a valid one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapacityCounts {
+    pub missing: u64,
+    pub absurd: u64,
 }
 
 /// A finite, non-negative setting (lease, TTL, weight override).
@@ -54,6 +69,7 @@ impl Config {
         self.weights.validate()?;
         non_negative(self.lease_s, "lease_s")?;
         non_negative(self.report_ttl_s, "report_ttl_s")?;
+        non_negative(self.approx_ttl_s, "approx_ttl_s")?;
         Ok(())
     }
 }
@@ -82,6 +98,8 @@ pub struct RouteRequest<'a> {
 pub struct Scheduler {
     pub config: Config,
     pub load: LoadTable,
+    pub approx: ApproxCaches,
+    pub capacity_reports: CapacityCounts,
     rng: Rng,
     rr: u64,
     epoch: Instant,
@@ -91,6 +109,8 @@ impl Scheduler {
     pub fn new(config: Config, seed: u64) -> Result<Scheduler> {
         config.validate()?;
         Ok(Scheduler {
+            approx: ApproxCaches::new(config.approx_ttl_s),
+            capacity_reports: CapacityCounts::default(),
             config,
             load: LoadTable::default(),
             rng: Rng::new(seed),
@@ -135,44 +155,90 @@ impl Scheduler {
             return Err(Error::NoRoutableWorker);
         }
         let mut overlaps = Vec::new();
-        let prompt_blocks = if matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain
-        {
-            match req.prompt {
-                Prompt::Hashes(h) => h.len() as u64,
-                Prompt::Tokens { tokens, .. } => (tokens.len() / block_size as usize) as u64,
+        let skip_match = matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain;
+        let bs = block_size as usize;
+        // With approximate workers the prompt's full hashes are needed (to match the predicted
+        // caches and to record the decision), so they are computed once up front.
+        let owned_hashes: Vec<u64>;
+        let prompt = match req.prompt {
+            Prompt::Tokens { tokens, root } if !self.approx.is_empty() => {
+                owned_hashes = BlockHashes::new(tokens, bs, root).collect();
+                Prompt::Hashes(&owned_hashes)
             }
-        } else {
-            match req.prompt {
-                Prompt::Hashes(h) => {
-                    index.find_matches_into(h, &mut overlaps);
-                    h.len() as u64
-                }
-                Prompt::Tokens { tokens, root } => {
-                    let bs = block_size as usize;
-                    index.find_matches_iter(BlockHashes::new(tokens, bs, root), &mut overlaps);
-                    (tokens.len() / bs) as u64
-                }
-            }
+            p => p,
         };
-        let mut cands: Vec<(Candidate, LoadView)> = pool
+        let prompt_blocks = match prompt {
+            Prompt::Hashes(h) => h.len() as u64,
+            Prompt::Tokens { tokens, .. } => (tokens.len() / bs) as u64,
+        };
+        if !skip_match {
+            match prompt {
+                Prompt::Hashes(h) => index.find_matches_into(h, &mut overlaps),
+                Prompt::Tokens { tokens, root } => {
+                    index.find_matches_iter(BlockHashes::new(tokens, bs, root), &mut overlaps);
+                }
+            }
+        }
+        if !self.approx.is_empty() {
+            self.approx.expire(req.now);
+            // Approximate workers publish nothing: their overlap is the prediction alone.
+            overlaps.retain(|(w, _)| !self.approx.contains(*w));
+            if let (Some(ai), Prompt::Hashes(h), false) = (self.approx.index(), prompt, skip_match)
+            {
+                overlaps.extend(ai.find_matches(h));
+            }
+        }
+        let ttl = self.config.report_ttl_s;
+        let mut cands: Vec<Scored> = pool
             .iter()
             .map(|&w| {
-                (
-                    Candidate {
+                let (load, cache) = self
+                    .load
+                    .workers
+                    .get(&w)
+                    .map_or_else(Default::default, |st| {
+                        let load = st.view(req.now, ttl);
+                        let held = if st.approx {
+                            self.approx.blocks(w)
+                        } else {
+                            index.worker_blocks(w)
+                        };
+                        let reported_cached = st
+                            .report
+                            .filter(|r| req.now - r.at <= ttl)
+                            .map_or(0, |r| r.kv_cached_blocks);
+                        let cache = CacheView {
+                            capacity: st.capacity_blocks,
+                            occupied: held.max(load.decode_blocks + reported_cached),
+                            cached: held.max(reported_cached),
+                            reuse: st.reuse.likelihood(),
+                        };
+                        (load, cache)
+                    });
+                Scored {
+                    cand: Candidate {
                         worker: w,
                         ..Candidate::default()
                     },
-                    self.view(w, req.now),
-                )
+                    load,
+                    cache,
+                }
             })
             .collect();
         for (w, ov) in overlaps {
             if let Ok(i) = pool.binary_search(&w) {
-                cands[i].0.overlap = ov;
+                cands[i].cand.overlap = ov;
             }
         }
-        cost_all(policy, &weights, req.prompt_tokens, block_size, &mut cands);
-        let scored: Vec<Candidate> = cands.iter().map(|(c, _)| *c).collect();
+        cost_all(
+            policy,
+            &weights,
+            req.prompt_tokens,
+            req.expected_output_tokens,
+            block_size,
+            &mut cands,
+        );
+        let scored: Vec<Candidate> = cands.iter().map(|c| c.cand).collect();
         let pick = choose(
             policy,
             &weights,
@@ -184,7 +250,7 @@ impl Scheduler {
         let chosen = scored[pick];
         if req.reserve {
             if let Some(id) = req.request_id {
-                let load_prefill = cands[pick].1.prefill_tokens;
+                let load_prefill = cands[pick].load.prefill_tokens;
                 let bs = u64::from(block_size);
                 self.load.reserve(
                     id,
@@ -197,6 +263,19 @@ impl Scheduler {
                         expires_at: req.now + self.config.lease_s,
                     },
                 )?;
+            }
+        }
+        if req.reserve {
+            if let Some(st) = self.load.workers.get_mut(&chosen.worker) {
+                st.reuse
+                    .record(u64::from(chosen.overlap.gpu), prompt_blocks);
+                if st.approx {
+                    if let Prompt::Hashes(h) = prompt {
+                        let cap = st.capacity_blocks;
+                        self.approx
+                            .record(chosen.worker, h, req.now, cap, block_size);
+                    }
+                }
             }
         }
         Ok(Decision {
@@ -236,6 +315,16 @@ impl Scheduler {
 
     pub fn report_load(&mut self, worker: u64, report: Report) -> Result<()> {
         let w = self.load.worker_mut(worker)?;
+        let cap = report.kv_capacity_blocks;
+        w.capacity_blocks = if cap == 0 {
+            self.capacity_reports.missing += 1;
+            0
+        } else if cap > MAX_CAPACITY_BLOCKS || cap < report.kv_used_blocks {
+            self.capacity_reports.absurd += 1;
+            0
+        } else {
+            cap
+        };
         // Remember what this router had reserved, so the report's drift can be separated out.
         w.report = Some(Report {
             reserved_prefill_tokens: w.reserved_prefill_tokens,
@@ -244,6 +333,28 @@ impl Scheduler {
             ..report
         });
         Ok(())
+    }
+
+    /// Switches `worker` between exact mode (its index entries come from its KV events) and
+    /// approximate mode (predicted from this scheduler's decisions); a switch starts empty.
+    pub fn set_approx(&mut self, worker: u64, approx: bool) -> Result<()> {
+        let st = self.load.worker_mut(worker)?;
+        if st.approx != approx {
+            st.approx = approx;
+            if approx {
+                self.approx.add(worker);
+            } else {
+                self.approx.remove(worker);
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a worker: its load, reservations and predicted cache; returns the dropped
+    /// request ids.
+    pub fn remove_worker(&mut self, worker: u64) -> Vec<String> {
+        self.approx.remove(worker);
+        self.load.remove_worker(worker)
     }
 
     pub fn set_external(&mut self, worker: u64, ext: External) -> Result<()> {
@@ -298,5 +409,131 @@ mod tests {
             ..req
         };
         assert_eq!(s.route(&idx, &req2).unwrap().worker, 1);
+    }
+
+    fn hashes_req<'a>(h: &'a [u64], id: Option<&'a str>, now: f64) -> RouteRequest<'a> {
+        RouteRequest {
+            prompt: Prompt::Hashes(h),
+            prompt_tokens: h.len() as u64,
+            request_id: id,
+            expected_output_tokens: 0,
+            candidates: None,
+            policy: None,
+            explain: true,
+            reserve: id.is_some(),
+            now,
+            prefill_weight: None,
+        }
+    }
+
+    fn report(cap: u64, used: u64) -> Report {
+        Report {
+            kv_capacity_blocks: cap,
+            kv_used_blocks: used,
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn capacity_reports_turn_the_pressure_term_on_and_bad_ones_off() {
+        let mut s = Scheduler::new(Config::default(), 1).unwrap();
+        s.load.add_worker(1);
+        s.report_load(1, report(100, 10)).unwrap();
+        assert_eq!(s.load.workers[&1].capacity_blocks, 100);
+        for (cap, used) in [(0, 0), (1 << 40, 0), (5, 10)] {
+            s.report_load(1, report(cap, used)).unwrap();
+            assert_eq!(
+                s.load.workers[&1].capacity_blocks, 0,
+                "cap {cap} used {used}"
+            );
+        }
+        assert_eq!(
+            s.capacity_reports,
+            CapacityCounts {
+                missing: 1,
+                absurd: 2
+            }
+        );
+    }
+
+    #[test]
+    fn pressure_moves_a_cold_prompt_off_a_full_worker() {
+        // Worker 1 holds a 4-block prefix and a cache full of blocks it reuses; worker 2
+        // is empty. A prompt sharing 1 block goes to worker 2 once capacity is known.
+        let mut idx = PrefixIndex::new(1).unwrap();
+        let held: Vec<u64> = (1..=4).collect();
+        idx.apply_stored(
+            1,
+            &Stored {
+                hashes: held.clone(),
+                router_hashes: Some(held),
+                ..Stored::default()
+            },
+        );
+        let mut s = Scheduler::new(Config::default(), 3).unwrap();
+        s.load.add_worker(1);
+        s.load.add_worker(2);
+        for _ in 0..50 {
+            s.load.workers.get_mut(&1).unwrap().reuse.record(4, 4);
+        }
+        let prompt = [1, 50, 51, 52, 53];
+        assert_eq!(
+            s.route(&idx, &hashes_req(&prompt, None, 0.0))
+                .unwrap()
+                .worker,
+            1
+        );
+        s.report_load(1, report(4, 0)).unwrap();
+        s.report_load(2, report(4, 0)).unwrap();
+        let d = s.route(&idx, &hashes_req(&prompt, None, 0.0)).unwrap();
+        assert_eq!(d.worker, 2);
+        let c1 = d.candidates.iter().find(|c| c.worker == 1).unwrap();
+        assert_eq!(c1.evicted_blocks, 4);
+        assert!(c1.pressure_cost > 3.0);
+        // The whole prefix held: the hit outweighs the evictions.
+        let d = s
+            .route(&idx, &hashes_req(&[1, 2, 3, 4, 60], None, 0.0))
+            .unwrap();
+        assert_eq!(d.worker, 1);
+    }
+
+    #[test]
+    fn approximate_workers_are_predicted_from_decisions() {
+        let idx = PrefixIndex::new(1).unwrap();
+        let mut s = Scheduler::new(
+            Config {
+                approx_ttl_s: 10.0,
+                ..Config::default()
+            },
+            5,
+        )
+        .unwrap();
+        for w in [1, 2] {
+            s.load.add_worker(w);
+            s.set_approx(w, true).unwrap();
+        }
+        let first = s
+            .route(&idx, &hashes_req(&[7, 8, 9], Some("a"), 0.0))
+            .unwrap();
+        assert_eq!(first.overlap.total(), 0);
+        let w = first.worker;
+        // The same prefix follows the prediction.
+        let again = s
+            .route(&idx, &hashes_req(&[7, 8, 10], Some("b"), 1.0))
+            .unwrap();
+        assert_eq!((again.worker, again.overlap.gpu), (w, 2));
+        assert_eq!(s.approx.blocks(w), 4);
+        // After the TTL nothing is predicted any more.
+        let late = s.route(&idx, &hashes_req(&[7, 8], None, 30.0)).unwrap();
+        assert_eq!(late.overlap.total(), 0);
+        assert_eq!(s.approx.blocks(w), 0);
+        // Back to exact mode: the prediction is forgotten, the index decides.
+        s.route(&idx, &hashes_req(&[7], Some("c"), 31.0)).unwrap();
+        s.set_approx(w, false).unwrap();
+        assert_eq!(s.approx.blocks(w), 0);
+        s.set_approx(w, true).unwrap();
+        s.remove_worker(w);
+        assert!(!s.approx.contains(w));
+        assert!(s.set_approx(w, true).is_err(), "unknown worker");
     }
 }

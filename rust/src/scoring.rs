@@ -2,7 +2,14 @@
 //!
 //! ```text
 //! cost(w) = a * new_prefill_tokens(w) / block_size + b * decode_blocks(w) + c * queue(w)
+//!         + p * evicted_blocks(w) * reuse(w)
 //! ```
+//!
+//! The last term is cache pressure: on a worker whose cache is full, the request's new
+//! blocks (uncached prompt plus expected output) push cached blocks out; each costs the
+//! likelihood it would have been reused (`reuse`, the share of recently routed prompt blocks
+//! the worker already held) times a block of prefill. It is off (0) for a worker without a
+//! valid reported capacity.
 //!
 //! new_prefill_tokens = prompt tokens - cached overlap on w (host and disk hits
 //! earn partial credit) + tokens already queued for prefill on w; the queued part
@@ -67,6 +74,8 @@ pub struct Weights {
     pub queued_prefill: f64,
     pub decode: f64,
     pub queue: f64,
+    /// Weight of a cached block the request would evict, per unit of reuse likelihood.
+    pub pressure: f64,
     pub temperature: f64,
     pub host_credit: f64,
     pub disk_credit: f64,
@@ -84,6 +93,7 @@ impl Default for Weights {
             queued_prefill: 0.25,
             decode: 0.1,
             queue: 0.0,
+            pressure: 1.0,
             temperature: 0.0,
             host_credit: 0.5,
             disk_credit: 0.25,
@@ -98,6 +108,7 @@ impl Weights {
             ("queued_prefill_weight", self.queued_prefill),
             ("decode_weight", self.decode),
             ("queue_weight", self.queue),
+            ("pressure_weight", self.pressure),
             ("temperature", self.temperature),
         ] {
             if !v.is_finite() || v < 0.0 {
@@ -128,6 +139,38 @@ pub struct LoadView {
     pub queue: u64,
 }
 
+/// What a scorer knows of one worker's cache for the pressure term.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CacheView {
+    /// GPU capacity in blocks; 0 turns the term off.
+    pub capacity: u64,
+    /// Blocks in use or holding cache (free space is `capacity - occupied`).
+    pub occupied: u64,
+    /// Cached blocks that could be evicted.
+    pub cached: u64,
+    /// Likelihood an evicted block would have been reused, in [0, 1].
+    pub reuse: f64,
+}
+
+impl CacheView {
+    /// Cached blocks pushed out when `new_blocks` more are allocated.
+    pub fn evicted(&self, new_blocks: u64) -> u64 {
+        if self.capacity == 0 {
+            return 0;
+        }
+        let free = self.capacity.saturating_sub(self.occupied);
+        new_blocks.saturating_sub(free).min(self.cached)
+    }
+}
+
+/// A candidate being scored: its breakdown (filled in by [`cost_all`]) and its inputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scored {
+    pub cand: Candidate,
+    pub load: LoadView,
+    pub cache: CacheView,
+}
+
 /// One scored worker; the per-candidate breakdown that Explain returns.
 #[derive(Debug, Clone, Copy, Default)]
 #[cfg_attr(
@@ -140,6 +183,10 @@ pub struct Candidate {
     pub new_prefill_tokens: u64,
     pub decode_blocks: u64,
     pub queue: u64,
+    /// Cached blocks the request would evict on the worker (0: term off or room left).
+    pub evicted_blocks: u64,
+    /// What those evictions add to `cost` (pressure weight x evicted x reuse; kv policy only).
+    pub pressure_cost: f64,
     pub cost: f64,
 }
 
@@ -174,27 +221,47 @@ pub fn effective_cached_tokens(ov: &Overlap, block_size: u32, w: &Weights) -> f6
         + w.disk_credit * f64::from(ov.disk))
 }
 
-/// Fills in each candidate's breakdown and cost.
+/// Fills in each candidate's breakdown and cost. `output_tokens` is the request's expected
+/// output (0: unknown), which allocates blocks too.
 pub fn cost_all(
     policy: Policy,
     w: &Weights,
     prompt_tokens: u64,
+    output_tokens: u64,
     block_size: u32,
-    cands: &mut [(Candidate, LoadView)],
+    cands: &mut [Scored],
 ) {
     let bs = f64::from(block_size);
-    for (c, load) in cands.iter_mut() {
+    let bs_u = u64::from(block_size);
+    for Scored {
+        cand: c,
+        load,
+        cache,
+    } in cands.iter_mut()
+    {
         let cached = effective_cached_tokens(&c.overlap, block_size, w).min(prompt_tokens as f64);
         let new_tokens = (prompt_tokens as f64 - cached).max(0.0).round() as u64;
         c.new_prefill_tokens = new_tokens + load.prefill_tokens;
         c.decode_blocks = load.decode_blocks;
         c.queue = load.queue;
+        // Blocks the request allocates: its uncached prompt blocks (GPU hits are reused in
+        // place; host/disk hits are loaded into new GPU blocks) and its output.
+        let gpu_cached = u64::from(c.overlap.gpu) * bs_u;
+        let new_blocks =
+            prompt_tokens.saturating_sub(gpu_cached).div_ceil(bs_u) + output_tokens.div_ceil(bs_u);
+        c.evicted_blocks = cache.evicted(new_blocks);
+        c.pressure_cost = if policy == Policy::Kv {
+            w.pressure * c.evicted_blocks as f64 * cache.reuse.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         c.cost = match policy {
             Policy::Kv => {
                 w.prefill * new_tokens as f64 / bs
                     + w.queued_prefill * load.prefill_tokens as f64 / bs
                     + w.decode * c.decode_blocks as f64
                     + w.queue * c.queue as f64
+                    + c.pressure_cost
             }
             Policy::PrefixOnly => -cached / bs,
             Policy::LeastLoaded => load_of(c, bs) + c.queue as f64,
@@ -282,9 +349,9 @@ fn sample_softmax(cands: &[Candidate], temperature: f64, rng: &mut Rng) -> usize
 mod tests {
     use super::*;
 
-    fn cand(worker: u64, gpu: u32) -> (Candidate, LoadView) {
-        (
-            Candidate {
+    fn cand(worker: u64, gpu: u32) -> Scored {
+        Scored {
+            cand: Candidate {
                 worker,
                 overlap: Overlap {
                     gpu,
@@ -293,36 +360,94 @@ mod tests {
                 },
                 ..Candidate::default()
             },
-            LoadView::default(),
-        )
+            ..Scored::default()
+        }
+    }
+
+    fn pick(w: &Weights, c: &[Scored]) -> usize {
+        let cs: Vec<Candidate> = c.iter().map(|x| x.cand).collect();
+        choose(Policy::Kv, w, 16, &cs, &mut Rng::new(1), &mut 0)
+    }
+
+    #[test]
+    fn evictions_count_only_past_free_space_and_cached_blocks() {
+        let full = CacheView {
+            capacity: 100,
+            occupied: 95,
+            cached: 30,
+            reuse: 0.5,
+        };
+        assert_eq!(full.evicted(3), 0);
+        assert_eq!(full.evicted(10), 5);
+        assert_eq!(full.evicted(1000), 30, "only cached blocks can be evicted");
+        let off = CacheView {
+            capacity: 0,
+            ..full
+        };
+        assert_eq!(off.evicted(1000), 0);
+    }
+
+    #[test]
+    fn a_full_cache_with_reused_blocks_loses_a_cold_request() {
+        let w = Weights::default();
+        // Worker 1 holds 4 of the 10 prompt blocks but its cache is full of reused blocks;
+        // worker 2 holds nothing and has room.
+        let mut c = vec![cand(1, 4), cand(2, 0)];
+        c[0].cache = CacheView {
+            capacity: 100,
+            occupied: 100,
+            cached: 100,
+            reuse: 0.9,
+        };
+        c[1].cache = CacheView {
+            capacity: 100,
+            occupied: 10,
+            cached: 10,
+            reuse: 0.9,
+        };
+        cost_all(Policy::Kv, &w, 160, 64, 16, &mut c);
+        assert_eq!(c[0].cand.evicted_blocks, 6 + 4);
+        assert!((c[0].cand.pressure_cost - 9.0).abs() < 1e-9);
+        assert_eq!(c[1].cand.evicted_blocks, 0);
+        assert_eq!(pick(&w, &c), 1);
+        // Without the term (no capacity reported) the cached prefix wins.
+        c[0].cache.capacity = 0;
+        cost_all(Policy::Kv, &w, 160, 64, 16, &mut c);
+        assert_eq!(c[0].cand.pressure_cost, 0.0);
+        assert_eq!(pick(&w, &c), 0);
+        // Other policies report the evictions but do not pay for them.
+        c[0].cache.capacity = 100;
+        cost_all(Policy::PrefixOnly, &w, 160, 64, 16, &mut c);
+        assert_eq!(
+            (c[0].cand.evicted_blocks, c[0].cand.pressure_cost),
+            (10, 0.0)
+        );
     }
 
     #[test]
     fn longest_prefix_wins_at_equal_load() {
         let w = Weights::default();
         let mut c = vec![cand(1, 2), cand(2, 8), cand(3, 0)];
-        cost_all(Policy::Kv, &w, 160, 16, &mut c);
-        let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
-        assert_eq!(choose(Policy::Kv, &w, 16, &cs, &mut Rng::new(1), &mut 0), 1);
-        assert_eq!(cs[1].new_prefill_tokens, 160 - 128);
+        cost_all(Policy::Kv, &w, 160, 0, 16, &mut c);
+        assert_eq!(pick(&w, &c), 1);
+        assert_eq!(c[1].cand.new_prefill_tokens, 160 - 128);
     }
 
     #[test]
     fn loaded_worker_loses() {
         let w = Weights::default();
         let mut c = vec![cand(1, 8), cand(2, 0)];
-        c[0].1.decode_blocks = 1000;
-        cost_all(Policy::Kv, &w, 160, 16, &mut c);
-        let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
-        assert_eq!(choose(Policy::Kv, &w, 16, &cs, &mut Rng::new(1), &mut 0), 1);
+        c[0].load.decode_blocks = 1000;
+        cost_all(Policy::Kv, &w, 160, 0, 16, &mut c);
+        assert_eq!(pick(&w, &c), 1);
     }
 
     #[test]
     fn ties_are_seeded() {
         let w = Weights::default();
         let mut c = vec![cand(1, 0), cand(2, 0), cand(3, 0)];
-        cost_all(Policy::Kv, &w, 64, 16, &mut c);
-        let cs: Vec<Candidate> = c.iter().map(|x| x.0).collect();
+        cost_all(Policy::Kv, &w, 64, 0, 16, &mut c);
+        let cs: Vec<Candidate> = c.iter().map(|x| x.cand).collect();
         let pick = |seed| {
             (0..20)
                 .map(|_| 0)

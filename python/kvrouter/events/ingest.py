@@ -465,7 +465,9 @@ class IngestCore:
             tr.load_t = hb.load_t
             ld = hb.load
             state.scheduler.report_load(tr.wid, ld.running, ld.queued, ld.kv_used_blocks,
-                                        ld.kv_free_blocks, ld.queued_prefill_tokens)
+                                        ld.kv_free_blocks, ld.queued_prefill_tokens,
+                                        kv_capacity_blocks=ld.kv_capacity_blocks,
+                                        kv_cached_blocks=ld.kv_cached_blocks)
         await self._check_tail(tr, hb, state.index)
         return tr
 

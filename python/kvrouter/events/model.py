@@ -104,4 +104,6 @@ class LoadReport:
     kv_used_blocks: int = 0
     kv_free_blocks: int = 0
     queued_prefill_tokens: int = 0
+    kv_capacity_blocks: int = 0  # GPU KV capacity (0: not reported; the pressure term is off)
+    kv_cached_blocks: int = 0  # reusable cached blocks no running request uses (0: unknown)
 

@@ -420,7 +420,9 @@ class RedisPlane(EventPlane):
                 if hb.load is not None:
                     self.registry.model(model).scheduler.report_load(
                         info.wid, hb.load.running, hb.load.queued, hb.load.kv_used_blocks,
-                        hb.load.kv_free_blocks, hb.load.queued_prefill_tokens)
+                        hb.load.kv_free_blocks, hb.load.queued_prefill_tokens,
+                        kv_capacity_blocks=hb.load.kv_capacity_blocks,
+                        kv_cached_blocks=hb.load.kv_cached_blocks)
                 self.core.touch(model, worker)
             except ValueError as exc:
                 raise ValueError(f"bad load report: {exc}") from exc

@@ -201,9 +201,12 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
 
 
 def encode_load(report: LoadReport, t: float | None = None) -> bytes:
+    # KV capacity and cached blocks go after the time, so a reader that knows only the first
+    # six elements still reads the rest of the report.
     packed = msgpack.packb(
         [report.running, report.queued, report.kv_used_blocks, report.kv_free_blocks,
-         report.queued_prefill_tokens, time.time() if t is None else t]
+         report.queued_prefill_tokens, time.time() if t is None else t,
+         report.kv_capacity_blocks, report.kv_cached_blocks]
     )
     assert isinstance(packed, bytes)
     return packed
@@ -236,7 +239,8 @@ def parse_heartbeat(worker: str, h: dict[bytes, bytes]) -> Heartbeat:
             load = msgpack.unpackb(h[H_LOAD], raw=False)
             if not isinstance(load, list) or len(load) < 6:
                 raise ValueError("load is not a 6-element array")
-            hb.load = LoadReport(*(_nonneg_int(x) for x in load[:5]))
+            # Elements 7-8 (capacity, cached blocks) are optional: older writers send six.
+            hb.load = LoadReport(*(_nonneg_int(x) for x in load[:5] + load[6:8]))
             hb.load_t = float(load[5])
         return hb
     except (KeyError, TypeError, UnicodeDecodeError, msgpack.UnpackException, ValueError) as exc:

@@ -85,6 +85,8 @@ class SchedulerWeights:
     host_credit: float = _D["host_credit"]
     disk_credit: float = _D["disk_credit"]
     queued_prefill_weight: float = _D["queued_prefill_weight"]
+    pressure_weight: float = _D["pressure_weight"]
+    approx_ttl_s: float = _D["approx_ttl_s"]
 
     def as_kwargs(self) -> dict[str, float | None]:
         """The Scheduler keyword arguments (the field names are the Scheduler's)."""
@@ -100,10 +102,15 @@ class FleetConfig:
     seed: int = 0
     load_reports: bool = True  # engines report load whenever they are advanced
     expected_output: bool = False  # tell the router each request's output length (an oracle)
+    # Approximate mode (docs/design.md §3.3) for the first `approx_workers` workers: their KV
+    # events are dropped and the scheduler predicts their caches from its own decisions.
+    approx_workers: int = 0
 
     def validate(self) -> None:
         if self.num_workers <= 0:
             raise ValueError("num_workers must be > 0")
+        if not 0 <= self.approx_workers <= self.num_workers:
+            raise ValueError(f"approx_workers must be in 0..{self.num_workers}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r} (expected one of {POLICIES})")
 
@@ -157,17 +164,15 @@ class FleetSimulator:
         self.profile = profile
         bs = self.config.engine.block_size
         self.index = PrefixIndex(bs)
-        sw = self.config.weights
         self.scheduler = Scheduler(self.index, policy=self.config.policy,  # type: ignore[arg-type]
                                    seed=self.config.seed, lease_s=1e12,
-                                   prefill_weight=sw.prefill_weight, decode_weight=sw.decode_weight,
-                                   queue_weight=sw.queue_weight, queued_prefill_weight=sw.queued_prefill_weight,
-                                   temperature=sw.temperature, host_credit=sw.host_credit,
-                                   disk_credit=sw.disk_credit)
+                                   **self.config.weights.as_kwargs())
         self.engines = [SimEngine(profile, self.config.engine, name=f"w{i}")
                         for i in range(self.config.num_workers)]
         for w in range(self.config.num_workers):
             self.scheduler.add_worker(w)
+            if w < self.config.approx_workers:
+                self.scheduler.set_approx(w, True)
         self.apply_totals = ApplyTotals()
         self._records: list[RequestRecord] = []
         self._meta: dict[str, tuple[int, int]] = {}  # request id -> (worker, routed overlap)
@@ -214,12 +219,16 @@ class FleetSimulator:
 
     def _sync(self, w: int, now: float) -> None:
         eng = self.engines[w]
-        self._apply_events(w, eng.drain_kv_events())
+        events = eng.drain_kv_events()
+        if w >= self.config.approx_workers:  # an approximate worker publishes no KV events
+            self._apply_events(w, events)
         self._apply_updates(w, eng.drain_updates())
         if self.config.load_reports:
             rep = eng.load_report()
             self.scheduler.report_load(w, rep.running, rep.queued, rep.kv_used_blocks,
-                                       rep.kv_free_blocks, rep.queued_prefill_tokens, now=now)
+                                       rep.kv_free_blocks, rep.queued_prefill_tokens, now=now,
+                                       kv_capacity_blocks=rep.kv_capacity_blocks,
+                                       kv_cached_blocks=rep.kv_cached_blocks)
 
     # -- main loop ---------------------------------------------------------------------
     def run(self, requests: Sequence[FleetRequest], gate: ArrivalGate | None = None,

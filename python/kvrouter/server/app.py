@@ -179,8 +179,14 @@ class RouterApp:
                     reserved_prefill_tokens=ld.reserved_prefill_tokens if ld else 0,
                     reserved_decode_blocks=ld.reserved_decode_blocks if ld else 0,
                     reserved_requests=ld.reserved_requests if ld else 0,
-                    cached_blocks=state.index.worker_blocks(info.wid)))
-        self.metrics.workers.set(samples, list(self.registry.models))
+                    cached_blocks=(state.scheduler.approx_blocks(info.wid) if ld and ld.approx
+                                   else state.index.worker_blocks(info.wid)),
+                    approx=bool(ld and ld.approx),
+                    kv_capacity_blocks=ld.kv_capacity_blocks if ld else 0))
+        self.metrics.workers.set(
+            samples, list(self.registry.models),
+            {name: state.scheduler.capacity_reports()
+             for name, state in self.registry.models.items()})
 
     async def stop(self, grace: float | None = 2.0) -> None:
         if self.http is not None:

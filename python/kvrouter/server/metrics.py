@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvrouter.events import metrics as event_metrics
@@ -38,6 +38,8 @@ class WorkerSample:
     reserved_decode_blocks: int
     reserved_requests: int
     cached_blocks: int
+    approx: bool = False  # approximate mode: cache predicted from the router's decisions
+    kv_capacity_blocks: int = 0  # what the cache-pressure term uses (0: off for the worker)
 
 
 class _WorkerCollector(Collector):
@@ -45,17 +47,21 @@ class _WorkerCollector(Collector):
         self._lock = threading.Lock()
         self._samples: list[WorkerSample] = []
         self._models: list[str] = []
+        self._capacity_reports: dict[str, dict[str, int]] = {}
         self._statuses: tuple[str, ...] = ("up", "draining", "down", "mismatch")
 
-    def set(self, samples: Iterable[WorkerSample], models: Iterable[str]) -> None:
+    def set(self, samples: Iterable[WorkerSample], models: Iterable[str],
+            capacity_reports: dict[str, dict[str, int]] | None = None) -> None:
         with self._lock:
             self._samples = list(samples)
             self._models = list(models)
+            self._capacity_reports = dict(capacity_reports or {})
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             samples = list(self._samples)
             models = list(self._models)
+            capacity_reports = dict(self._capacity_reports)
         per_worker = [
             ("kvrouter_worker_reserved_prefill_tokens",
              "Prompt tokens reserved by the router on the worker", "reserved_prefill_tokens"),
@@ -65,7 +71,14 @@ class _WorkerCollector(Collector):
             ("kvrouter_worker_reserved_requests",
              "Requests with an open reservation on the worker", "reserved_requests"),
             ("kvrouter_worker_cached_blocks",
-             "Blocks of the worker in the router's prefix index", "cached_blocks"),
+             "Blocks of the worker in the router's prefix index (approx: predicted)",
+             "cached_blocks"),
+            ("kvrouter_worker_approx",
+             "1: approximate mode (cache predicted from routing decisions), 0: exact (KV events)",
+             "approx"),
+            ("kvrouter_worker_kv_capacity_blocks",
+             "KV capacity the cache-pressure term uses (0: none reported, term off)",
+             "kv_capacity_blocks"),
         ]
         for name, doc, attr in per_worker:
             fam = GaugeMetricFamily(name, doc, labels=["model", "worker"])
@@ -79,6 +92,14 @@ class _WorkerCollector(Collector):
                 n = sum(1 for s in samples if s.model == model and s.status == status)
                 up.add_metric([model, status], n)
         yield up
+        ignored = CounterMetricFamily(
+            "kvrouter_capacity_reports_ignored",
+            "Load reports whose KV capacity was missing/0 or absurd (pressure term off)",
+            labels=["model", "reason"])
+        for model, counts in capacity_reports.items():
+            for reason, n in sorted(counts.items()):
+                ignored.add_metric([model, reason], n)
+        yield ignored
 
 
 class RouterMetrics:

@@ -414,7 +414,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     host_blocks=c.host_blocks, disk_blocks=c.disk_blocks,
                     new_prefill_tokens=clamp_i64(c.new_prefill_tokens),
                     decode_blocks=clamp_i64(c.decode_blocks),
-                    queue=clamp_i64(c.queue), cost=c.cost, chosen=c.worker == d.worker)
+                    queue=clamp_i64(c.queue), cost=c.cost, chosen=c.worker == d.worker,
+                    evicted_blocks=clamp_i64(c.evicted_blocks), pressure_cost=c.pressure_cost)
                 for c in d.candidates)
         ratio = d.overlap_blocks / d.prompt_blocks if d.prompt_blocks else 0.0
         self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio)
@@ -634,8 +635,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             name=info.name, model=m.cfg.name, role=ROLE_TO_PB[info.role], address=info.address,
             status=info.status.value, status_reason=info.status_reason,
             last_seen_age_s=max(0.0, now - info.last_seen),
-            cached_blocks=m.state.index.worker_blocks(info.wid),
+            cached_blocks=(m.state.scheduler.approx_blocks(info.wid) if load.approx
+                           else m.state.index.worker_blocks(info.wid)),
             routable=info.routable, metadata=info.metadata,
+            kv_mode="approx" if load.approx else "exact",
             load=router_pb2.WorkerLoad(
                 reserved_prefill_tokens=c(load.reserved_prefill_tokens),
                 reserved_decode_blocks=c(load.reserved_decode_blocks),
@@ -644,7 +647,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 reported=common_pb2.LoadReport(
                     running=c(load.reported_running), queued=c(load.reported_queued),
                     kv_used_blocks=c(load.reported_kv_used_blocks),
-                    kv_free_blocks=c(load.reported_kv_free_blocks)),
+                    kv_free_blocks=c(load.reported_kv_free_blocks),
+                    kv_capacity_blocks=c(load.kv_capacity_blocks),
+                    kv_cached_blocks=c(load.reported_kv_cached_blocks)),
                 prefill_tokens=c(load.prefill_tokens), decode_blocks=c(load.decode_blocks),
                 queue=c(load.queue)))
 
@@ -740,7 +745,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     kv_free_blocks=clamp_load(_non_negative(lr.kv_free_blocks,
                                                             "load.kv_free_blocks")),
                     queued_prefill_tokens=clamp_load(_non_negative(
-                        lr.queued_prefill_tokens, "load.queued_prefill_tokens")))
+                        lr.queued_prefill_tokens, "load.queued_prefill_tokens")),
+                    # Not clamped: an absurd capacity is ignored (and counted) by the scheduler.
+                    kv_capacity_blocks=_non_negative(lr.kv_capacity_blocks,
+                                                     "load.kv_capacity_blocks"),
+                    kv_cached_blocks=clamp_load(_non_negative(lr.kv_cached_blocks,
+                                                              "load.kv_cached_blocks")))
         info.last_seen = time.monotonic()
         try:
             self.event_plane.submit_heartbeat(

@@ -24,11 +24,13 @@ fn default_weights(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("decode_weight", w.decode)?;
     d.set_item("queue_weight", w.queue)?;
     d.set_item("queued_prefill_weight", w.queued_prefill)?;
+    d.set_item("pressure_weight", w.pressure)?;
     d.set_item("temperature", w.temperature)?;
     d.set_item("host_credit", w.host_credit)?;
     d.set_item("disk_credit", w.disk_credit)?;
     d.set_item("lease_s", c.lease_s)?;
     d.set_item("report_ttl_s", c.report_ttl_s)?;
+    d.set_item("approx_ttl_s", c.approx_ttl_s)?;
     Ok(d)
 }
 

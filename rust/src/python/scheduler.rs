@@ -30,8 +30,8 @@ impl Candidate {
     }
     fn __repr__(&self) -> String {
         format!(
-            "Candidate(worker={}, gpu={}, host={}, disk={}, new_prefill_tokens={}, decode_blocks={}, queue={}, cost={:.3})",
-            self.worker, self.overlap.gpu, self.overlap.host, self.overlap.disk, self.new_prefill_tokens, self.decode_blocks, self.queue, self.cost
+            "Candidate(worker={}, gpu={}, host={}, disk={}, new_prefill_tokens={}, decode_blocks={}, queue={}, evicted_blocks={}, pressure_cost={:.3}, cost={:.3})",
+            self.worker, self.overlap.gpu, self.overlap.host, self.overlap.disk, self.new_prefill_tokens, self.decode_blocks, self.queue, self.evicted_blocks, self.pressure_cost, self.cost
         )
     }
 }
@@ -96,8 +96,8 @@ impl PyDecision {
 impl WorkerLoad {
     fn __repr__(&self) -> String {
         format!(
-            "WorkerLoad(worker={}, routable={}, prefill_tokens={}, decode_blocks={}, queue={}, reserved_requests={})",
-            self.worker, self.routable, self.prefill_tokens, self.decode_blocks, self.queue, self.reserved_requests
+            "WorkerLoad(worker={}, routable={}, prefill_tokens={}, decode_blocks={}, queue={}, reserved_requests={}, kv_capacity_blocks={}, approx={})",
+            self.worker, self.routable, self.prefill_tokens, self.decode_blocks, self.queue, self.reserved_requests, self.kv_capacity_blocks, self.approx
         )
     }
 }
@@ -113,11 +113,13 @@ struct Settings<'a> {
     decode_weight: Option<f64>,
     queue_weight: Option<f64>,
     queued_prefill_weight: Option<f64>,
+    pressure_weight: Option<f64>,
     temperature: Option<f64>,
     host_credit: Option<f64>,
     disk_credit: Option<f64>,
     lease_s: Option<f64>,
     report_ttl_s: Option<f64>,
+    approx_ttl_s: Option<f64>,
 }
 
 /// `c` with the given settings applied and validated.
@@ -130,11 +132,13 @@ fn configured(mut c: Config, s: Settings<'_>) -> crate::Result<Config> {
     w.decode = s.decode_weight.unwrap_or(w.decode);
     w.queue = s.queue_weight.unwrap_or(w.queue);
     w.queued_prefill = s.queued_prefill_weight.unwrap_or(w.queued_prefill);
+    w.pressure = s.pressure_weight.unwrap_or(w.pressure);
     w.temperature = s.temperature.unwrap_or(w.temperature);
     w.host_credit = s.host_credit.unwrap_or(w.host_credit);
     w.disk_credit = s.disk_credit.unwrap_or(w.disk_credit);
     c.lease_s = s.lease_s.unwrap_or(c.lease_s);
     c.report_ttl_s = s.report_ttl_s.unwrap_or(c.report_ttl_s);
+    c.approx_ttl_s = s.approx_ttl_s.unwrap_or(c.approx_ttl_s);
     c.validate()?;
     Ok(c)
 }
@@ -218,7 +222,7 @@ impl PyScheduler {
 impl PyScheduler {
     /// Every setting left out (or None) takes the core's default (`Config::default()`).
     #[new]
-    #[pyo3(signature = (index, policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, seed=None))]
+    #[pyo3(signature = (index, policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, seed=None, pressure_weight=None, approx_ttl_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         index: &PyPrefixIndex,
@@ -233,6 +237,8 @@ impl PyScheduler {
         lease_s: Option<f64>,
         report_ttl_s: Option<f64>,
         seed: Option<u64>,
+        pressure_weight: Option<f64>,
+        approx_ttl_s: Option<f64>,
     ) -> PyResult<Self> {
         let defaults = Config::default();
         let config = configured(
@@ -243,11 +249,13 @@ impl PyScheduler {
                 decode_weight,
                 queue_weight,
                 queued_prefill_weight,
+                pressure_weight,
                 temperature,
                 host_credit,
                 disk_credit,
                 lease_s,
                 report_ttl_s,
+                approx_ttl_s,
             },
         )?;
         let seed = seed.unwrap_or_else(|| {
@@ -268,7 +276,7 @@ impl PyScheduler {
     }
 
     /// Changes the given settings; the others keep their current values.
-    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None))]
+    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, pressure_weight=None, approx_ttl_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn configure(
         &self,
@@ -282,6 +290,8 @@ impl PyScheduler {
         disk_credit: Option<f64>,
         lease_s: Option<f64>,
         report_ttl_s: Option<f64>,
+        pressure_weight: Option<f64>,
+        approx_ttl_s: Option<f64>,
     ) -> PyResult<()> {
         let mut s = self.inner.lock();
         s.config = configured(
@@ -292,13 +302,16 @@ impl PyScheduler {
                 decode_weight,
                 queue_weight,
                 queued_prefill_weight,
+                pressure_weight,
                 temperature,
                 host_credit,
                 disk_credit,
                 lease_s,
                 report_ttl_s,
+                approx_ttl_s,
             },
         )?;
+        s.approx.ttl_s = s.config.approx_ttl_s;
         Ok(())
     }
 
@@ -307,7 +320,29 @@ impl PyScheduler {
     }
 
     fn remove_worker(&self, worker: u64) -> Vec<String> {
-        self.inner.lock().load.remove_worker(worker)
+        self.inner.lock().remove_worker(worker)
+    }
+
+    /// Approximate mode for `worker` (True): its cache is predicted from this scheduler's
+    /// routing decisions instead of KV events. Switching either way starts it empty.
+    fn set_approx(&self, worker: u64, approx: bool) -> PyResult<()> {
+        Ok(self.inner.lock().set_approx(worker, approx)?)
+    }
+
+    fn is_approx(&self, worker: u64) -> bool {
+        self.inner.lock().approx.contains(worker)
+    }
+
+    /// Blocks predicted on an approximate worker (0 for exact workers).
+    fn approx_blocks(&self, worker: u64) -> u64 {
+        self.inner.lock().approx.blocks(worker)
+    }
+
+    /// Load reports whose KV capacity was missing/0 or absurd (the pressure term was off
+    /// for the worker until a valid one): {"missing": n, "absurd": n}.
+    fn capacity_reports(&self) -> std::collections::HashMap<&'static str, u64> {
+        let c = self.inner.lock().capacity_reports;
+        std::collections::HashMap::from([("missing", c.missing), ("absurd", c.absurd)])
     }
 
     fn set_routable(&self, worker: u64, routable: bool) -> PyResult<()> {
@@ -434,7 +469,7 @@ impl PyScheduler {
         s.load.expire(now)
     }
 
-    #[pyo3(signature = (worker, running, queued, kv_used_blocks, kv_free_blocks, queued_prefill_tokens=0, now=None))]
+    #[pyo3(signature = (worker, running, queued, kv_used_blocks, kv_free_blocks, queued_prefill_tokens=0, now=None, kv_capacity_blocks=0, kv_cached_blocks=0))]
     #[allow(clippy::too_many_arguments)]
     fn report_load(
         &self,
@@ -445,6 +480,8 @@ impl PyScheduler {
         kv_free_blocks: i64,
         queued_prefill_tokens: i64,
         now: Option<f64>,
+        kv_capacity_blocks: i64,
+        kv_cached_blocks: i64,
     ) -> PyResult<()> {
         let report = Report {
             running: convert::non_negative(running, "running")?,
@@ -455,6 +492,8 @@ impl PyScheduler {
                 queued_prefill_tokens,
                 "queued_prefill_tokens",
             )?,
+            kv_capacity_blocks: convert::non_negative(kv_capacity_blocks, "kv_capacity_blocks")?,
+            kv_cached_blocks: convert::non_negative(kv_cached_blocks, "kv_cached_blocks")?,
             ..Report::default()
         };
         let mut s = self.inner.lock();

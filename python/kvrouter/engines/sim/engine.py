@@ -288,7 +288,9 @@ class SimEngine:
         return LoadReport(running=len(self.running), queued=len(self.waiting),
                           kv_used_blocks=self.cache.used_blocks,
                           kv_free_blocks=self.cache.available_blocks,
-                          queued_prefill_tokens=queued_tokens)
+                          queued_prefill_tokens=queued_tokens,
+                          kv_capacity_blocks=self.cache.num_blocks,
+                          kv_cached_blocks=self.cache.evictable_blocks)
 
     @property
     def busy(self) -> bool:

@@ -133,9 +133,11 @@ def load_from_stats(stats: Any) -> LoadReport | None:
     used = count(kv, "usedNumBlocks")
     free = count(kv, "freeNumBlocks") if "freeNumBlocks" in kv else max(
         0, count(kv, "maxNumBlocks") - used)
+    # maxNumBlocks is the GPU pool's capacity (used + free when the stats lack it).
+    capacity = count(kv, "maxNumBlocks") or used + free
     return LoadReport(running=count(stats, "numActiveRequests"),
                       queued=count(stats, "numQueuedRequests"), kv_used_blocks=used,
-                      kv_free_blocks=free)
+                      kv_free_blocks=free, kv_capacity_blocks=capacity)
 
 
 @dataclass

@@ -78,8 +78,10 @@ class EngineLoad:
         if self.kv_usage is not None and self.total_blocks is not None:
             used = min(self.total_blocks, round(self.kv_usage * self.total_blocks))
             free = self.total_blocks - used
+        # vLLM's usage counts blocks running requests hold; freed blocks keep their cached
+        # prefix until reused, which the router's index knows (no metric for them).
         return LoadReport(running=self.running, queued=self.queued, kv_used_blocks=used,
-                          kv_free_blocks=free)
+                          kv_free_blocks=free, kv_capacity_blocks=self.total_blocks or 0)
 
 
 def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
