@@ -253,3 +253,18 @@ def test_disconnect_mid_stream_cancels_and_releases(front: Front) -> None:
                what="engines no longer running the abandoned request")
     assert sum(_engine_stats(a).extra["abandoned"] for a in addrs) == abandoned + 1
     assert httpx.get(front.base + "/health").status_code == 200
+
+
+def test_admission_headers_reach_the_router(front: Front) -> None:
+    """x-kvrouter-tenant / x-kvrouter-priority are the gRPC metadata names admission
+    control reads; over HTTP they fill the same request fields (a bad tenant is a 400)."""
+    r = httpx.post(front.base + "/v1/completions", timeout=30,
+                   json={"model": "default", "prompt": [1, 2, 3], "max_tokens": 1},
+                   headers={"x-kvrouter-tenant": "no spaces {allowed}",
+                            "x-kvrouter-priority": "high"})
+    err = _error(r, 400)
+    assert "tenant" in err["message"]
+    ok = httpx.post(front.base + "/v1/completions", timeout=30,
+                    json={"model": "default", "prompt": [1, 2, 3], "max_tokens": 1},
+                    headers={"x-kvrouter-tenant": "team-a", "x-kvrouter-priority": "high"})
+    assert ok.status_code == 200, ok.text

@@ -33,6 +33,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from kvrouter._proto.v1 import common_pb2, engine_pb2, router_pb2
+from kvrouter.admission import PRIORITY_HEADER, TENANT_HEADER
 from kvrouter.config import DEFAULT_MODEL, Config, ModelConfig
 from kvrouter.http.errors import HttpError
 from kvrouter.http.schema import ChatRequest, CompletionRequest, _Sampling
@@ -87,6 +88,10 @@ class _Choice:
     finish_reason: str | None = None
     usage: common_pb2.Usage | None = None
     closed: bool = False  # its last chunk went out
+    hold: int = 0  # characters held back: a stop string may be starting there
+
+    def __post_init__(self) -> None:
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
 
     def feed(self, ids: Sequence[int]) -> None:
         """Decode `ids`; a stop string ends the choice at the token that completed it."""
@@ -100,7 +105,7 @@ class _Choice:
             piece = self.detok.step(t)
             if not piece:
                 continue
-            start = max(0, len(self.text) - self._hold())
+            start = max(0, len(self.text) - self.hold)
             self.text += piece
             if self.stops:
                 cut = min((p for s in self.stops if (p := self.text.find(s, start)) >= 0),
@@ -109,13 +114,10 @@ class _Choice:
                     self.text = self.text[:cut]
                     self.finish_reason = "stop"
 
-    def _hold(self) -> int:
-        return max((len(s) for s in self.stops), default=1) - 1
-
     def take(self, final: bool) -> str:
         """Text ready to send: all of it at the end, else all but what could still turn
         out to be the start of a stop string."""
-        end = len(self.text) if final or self.finish_reason else len(self.text) - self._hold()
+        end = len(self.text) if final or self.finish_reason else len(self.text) - self.hold
         if end <= self.sent:
             return ""
         out = self.text[self.sent:end]
@@ -266,7 +268,10 @@ class HttpFront:
             model=m.cfg.name, token_ids_le=np.asarray(ids, dtype="<u4").tobytes(),
             request_id=rid, sampling=sp, session_id=session, aggregator=body.aggregator,
             answer_regex=body.answer_regex, scorer=body.scorer,
-            tool_pause_s=body.tool_pause_s, tool_kv_action=body.tool_kv_action)
+            tool_pause_s=body.tool_pause_s, tool_kv_action=body.tool_kv_action,
+            # admission control reads the same names gRPC clients send as metadata
+            priority=request.headers.get(PRIORITY_HEADER, ""),
+            tenant=request.headers.get(TENANT_HEADER, ""))
 
     # ------------------------------------------------------------------ endpoints
     async def health(self, request: web.Request) -> web.Response:
@@ -424,6 +429,8 @@ class HttpFront:
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": m.cfg.name}
         tail: dict[str, Any] = {"usage": None} if include_usage else {}
+        frame = (b"data: " + _dumps(head)[:-1] + b',"choices":[',
+                 b"]" + (b',"usage":null' if include_usage else b"") + b"}\n\n")
         if chat:  # OpenAI opens each choice with the assistant role
             for c in choices:
                 await resp.write(_sse({**head, "choices": [
@@ -435,7 +442,7 @@ class HttpFront:
                 done = self._apply(choices, item)
                 idx = item.sample_index if len(choices) > 1 else 0
                 if idx < len(choices):
-                    await self._send(resp, head, tail, choices[idx], chat, body.return_token_ids,
+                    await self._send(resp, frame, choices[idx], chat, body.return_token_ids,
                                      item.token_ids)
                 if done:
                     break
@@ -452,7 +459,7 @@ class HttpFront:
         return resp
 
     @staticmethod
-    async def _send(resp: web.StreamResponse, head: dict[str, Any], tail: dict[str, Any],
+    async def _send(resp: web.StreamResponse, frame: tuple[bytes, bytes],
                     c: _Choice, chat: bool, with_ids: bool, ids: Sequence[int]) -> None:
         if c.closed:
             return
@@ -469,7 +476,8 @@ class HttpFront:
                     "finish_reason": c.finish_reason}
         if with_ids:
             item["token_ids"] = list(ids)
-        await resp.write(_sse({**head, "choices": [item], **tail}))
+        # one chunk = the request's constant fields around this choice (pre-encoded)
+        await resp.write(frame[0] + _dumps(item) + frame[1])
 
 
 def _trace_headers(trace: GenerateTrace) -> dict[str, str]:
