@@ -265,6 +265,8 @@ async def run_policy(fleet: VllmFleet, spec: WorkloadSpec, policy: str, concurre
                 sys.stderr.flush()
 
         await asyncio.gather(*(lane() for _ in range(concurrency)))
+        # What the cache-pressure term saw: the capacity each bridge reported (router blocks).
+        capacity = {w.name: w.kv_capacity_blocks for w in await router.list_workers()}
     wall = time.perf_counter() - t0
     sys.stderr.write("\n")
     # The engines update their counters in their output loops, after the last response:
@@ -273,8 +275,9 @@ async def run_policy(fleet: VllmFleet, spec: WorkloadSpec, policy: str, concurre
         wait_stable, lambda: {w.name: scrape_prefix_cache(w) for w in fleet.workers}, 0.5, 30,
         what="the engines' prefix-cache counters")
     delta = {n: after[n] - before[n] for n in after}
-    return summarise(policy, records, delta, wall, ideal_hit_rate(state.prompts,
-                                                                   ENGINE_BLOCK_SIZE))
+    out = summarise(policy, records, delta, wall, ideal_hit_rate(state.prompts, ENGINE_BLOCK_SIZE))
+    out["kv_capacity_blocks"] = capacity
+    return out
 
 
 def _rate(num: float, den: float) -> float:
@@ -443,6 +446,14 @@ def main(argv: list[str] | None = None) -> int:
             "prefix_only_over_round_robin_shared_prefix_engine_hit_rate": _rate(
                 results["prefix_only"]["parts"]["shared_prefix"]["engine_hit_rate"],
                 rr["parts"]["shared_prefix"]["engine_hit_rate"]),
+            # issue 14 item 1: kv at least prefix_only's hit rate, and the best mean TTFT
+            "kv_engine_hit_rate_at_least_prefix_only": (
+                kv["engine_hit_rate"] >= results["prefix_only"]["engine_hit_rate"]),
+            "kv_shared_prefix_hit_rate_at_least_prefix_only": (
+                kv["parts"]["shared_prefix"]["engine_hit_rate"]
+                >= results["prefix_only"]["parts"]["shared_prefix"]["engine_hit_rate"]),
+            "kv_mean_ttft_at_most_best_other": kv["mean_ttft_ms"] <= min(
+                results[p]["mean_ttft_ms"] for p in POLICIES if p != "kv"),
         },
     }
     rows = [(p, results[p]["engine_hit_rate"], results[p]["predicted_hit_rate"],

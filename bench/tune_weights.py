@@ -10,8 +10,11 @@ simulator (the service's own scoring path) replays the tuning trace at 8 workers
 at two arrival speedups and at both per-worker capacities bench.routing uses; a
 pair's score is the geometric mean over those cells of its mean TTFT relative to
 the current defaults (lower is better), reported with its hit rate and p99.
+`--grid pressure` sweeps the cache-pressure weight instead, the other weights at their
+defaults.
 
     python -m bench.tune_weights --json bench/results/tune_weights.json
+    python -m bench.tune_weights --grid pressure --json bench/results/tune_pressure.json
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from kvrouter.fleet.traces import MOONCAKE_SYNTHETIC
 
 DECODE = (0.05, 0.1, 0.25, 0.5, 1.0)
 QUEUED_PREFILL = (0.1, 0.25, 0.5, 1.0)
+PRESSURE = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedups", default="1,4")
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--profile", type=Path, default=DEFAULT_CALIBRATION)
+    ap.add_argument("--grid", choices=("decode_queued", "pressure"), default="decode_queued")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -53,41 +58,48 @@ def main(argv: list[str] | None = None) -> int:
     trace = load_mooncake(args.trace, limit=args.limit or None, name=args.trace.stem)
     hashes = trace_hashes(trace, args.block_size)
     cells = [(sp, cname, cap) for sp in speedups for cname, cap in capacities.items()]
-    default = (DEFAULT_WEIGHTS["decode_weight"], DEFAULT_WEIGHTS["queued_prefill_weight"])
-    grid = sorted(set(itertools.product(DECODE, QUEUED_PREFILL)) | {default})
+    # Each grid point: the SchedulerWeights fields it sets (the rest keep their defaults).
+    names = (("pressure_weight",) if args.grid == "pressure"
+             else ("decode_weight", "queued_prefill_weight"))
+    default = tuple(DEFAULT_WEIGHTS[n] for n in names)
+    values = (PRESSURE,) if args.grid == "pressure" else (DECODE, QUEUED_PREFILL)
+    grid = sorted(set(itertools.product(*values)) | {default})
 
     t0 = time.perf_counter()
     runs: dict[str, dict[str, Any]] = {}
     total = len(grid) * len(cells)
     done = 0
-    for dw, qw in grid:
+    def key(point: tuple[float, ...]) -> str:
+        return "/".join(f"{v:g}" for v in point)
+
+    for point in grid:
         per_cell: dict[str, Any] = {}
+        setting = dict(zip(names, point, strict=True))
         for sp, cname, cap in cells:
             cfg = FleetConfig(num_workers=args.workers, policy="kv",
-                              weights=SchedulerWeights(decode_weight=dw, queued_prefill_weight=qw),
+                              weights=SchedulerWeights(**setting),
                               engine=EngineConfig(block_size=args.block_size, kv_capacity_tokens=cap))
             rep = FleetSimulator(profile, cfg).run(prepare(trace, args.block_size, sp, hashes)).report
             per_cell[f"{sp:g}x/{cname}"] = {"mean_ttft_ms": rep.ttft_ms["mean"],
                                             "p99_ttft_ms": rep.ttft_ms["p99"], "hit_rate": rep.hit_rate}
             done += 1
             progress(done, total, "tune_weights")
-        runs[f"{dw:g}/{qw:g}"] = {"decode_weight": dw, "queued_prefill_weight": qw, "cells": per_cell}
+        runs[key(point)] = {**setting, "cells": per_cell}
 
-    base = runs[f"{default[0]:g}/{default[1]:g}"]["cells"]
+    base = runs[key(default)]["cells"]
     for r in runs.values():
         ratios = [c["mean_ttft_ms"] / base[k]["mean_ttft_ms"] for k, c in r["cells"].items()]
         r["ttft_vs_default_geomean"] = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
         r["mean_hit_rate"] = sum(c["hit_rate"] for c in r["cells"].values()) / len(r["cells"])
     ranked = sorted(runs.values(), key=lambda r: r["ttft_vs_default_geomean"])
-    print(table([[r["decode_weight"], r["queued_prefill_weight"], r["ttft_vs_default_geomean"],
-                  r["mean_hit_rate"]] for r in ranked],
-                ["decode_w", "queued_prefill_w", "ttft/default (geomean)", "hit"]))
+    print(table([[*(r[n] for n in names), r["ttft_vs_default_geomean"], r["mean_hit_rate"]]
+                 for r in ranked], [*names, "ttft/default (geomean)", "hit"]))
     write_json(args.json, {
         "benchmark": "tune_weights", "machine": machine(), "trace": str(args.trace.name),
         "requests": len(trace), "workers": args.workers, "speedups": speedups,
         "capacities_tokens": capacities, "defaults_at_run": dict(DEFAULT_WEIGHTS),
-        "best": {k: ranked[0][k] for k in ("decode_weight", "queued_prefill_weight",
-                                            "ttft_vs_default_geomean", "mean_hit_rate")},
+        "grid": args.grid,
+        "best": {k: ranked[0][k] for k in (*names, "ttft_vs_default_geomean", "mean_hit_rate")},
         "runs": runs, "wall_s": time.perf_counter() - t0,
     })
     return 0

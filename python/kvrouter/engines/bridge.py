@@ -44,6 +44,7 @@ so a dump taken by the publisher always matches the events published before it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -72,7 +73,7 @@ from kvrouter.engines.vllm.wire import (
     parse_replay_reply,
     replay_request,
 )
-from kvrouter.events.model import BlockStored
+from kvrouter.events.model import BlockStored, LoadReport
 from kvrouter.events.publisher import EventPublisher
 from kvrouter.events.tasks import cancel_and_wait
 from kvrouter.protocol import BACKEND_METADATA_KEY, SERVED_MODEL_METADATA_KEY, check_block_size
@@ -606,6 +607,20 @@ class EngineBridge:
         return resp.text
 
     # load ------------------------------------------------------------------------
+    def _in_router_blocks(self, report: LoadReport) -> LoadReport:
+        """Block counts in the router's blocks (the unit of its index and reservations:
+        the cache-pressure term compares the capacity with indexed blocks); unchanged when
+        the router's block size is not known or does not divide the engine's."""
+        ebs, rbs = self.engine_block_size, self.config.router_block_size
+        if not ebs or not rbs or ebs % rbs or ebs == rbs:
+            return report
+        k = ebs // rbs
+        return dataclasses.replace(
+            report, kv_used_blocks=report.kv_used_blocks * k,
+            kv_free_blocks=report.kv_free_blocks * k,
+            kv_capacity_blocks=report.kv_capacity_blocks * k,
+            kv_cached_blocks=report.kv_cached_blocks * k)
+
     async def _scrape_loop(self) -> None:
         assert self.config.metrics_url is not None
         failing = False
@@ -616,7 +631,7 @@ class EngineBridge:
                 report = scrape_to_load_report(
                     text, self.config.engine, self.config.metrics_labels,
                     total_blocks=self.config.total_blocks, block_size=self.engine_block_size)
-                self.publisher.report_load(report)
+                self.publisher.report_load(self._in_router_blocks(report))
                 self.stats.scrapes += 1
                 if failing:
                     log.info("engine metrics scrape recovered: worker=%s", self.worker)
