@@ -249,13 +249,11 @@ def _add_workers(sub: Any) -> None:
 def _cmd_workers(args: argparse.Namespace) -> int:
     import grpc
 
-    from kvrouter._proto.v1 import router_pb2
     from kvrouter.client import RouterClient, to_workers
 
     with RouterClient(args.target, timeout=args.timeout) as client:
         try:
-            resp = client.stub.ListWorkers(router_pb2.ListWorkersRequest(model=args.model),
-                                           timeout=args.timeout)
+            resp = client.list_workers_pb(args.model)  # every page
             workers = to_workers(resp)
         except grpc.RpcError as e:
             return _rpc_error("workers", e)

@@ -290,13 +290,18 @@ class RouterClient:
 
     def list_workers(self, model: str = "", page_size: int = 0) -> list[WorkerState]:
         """Every worker (of `model`), fetched page by page (page_size 0: the router's)."""
+        return to_workers(self.list_workers_pb(model, page_size))
+
+    def list_workers_pb(self, model: str = "", page_size: int = 0,
+                        ) -> router_pb2.ListWorkersResponse:
+        """Every page of ListWorkers merged into one reply (workers and admission states)."""
         merged, token = router_pb2.ListWorkersResponse(), ""
         while True:
             resp = self.stub.ListWorkers(router_pb2.ListWorkersRequest(
                 model=model, page_size=page_size, page_token=token), timeout=self.timeout)
             token = _merge_page(merged, resp, token)
             if not token:
-                return to_workers(merged)
+                return merged
 
     def list_models(self) -> list[ModelSummary]:
         return to_models(self.stub.ListModels(router_pb2.ListModelsRequest(),
@@ -374,13 +379,17 @@ class AsyncRouterClient:
         return bool((await self.stub.MarkPrefillDone(req, timeout=self.timeout)).found)
 
     async def list_workers(self, model: str = "", page_size: int = 0) -> list[WorkerState]:
+        return to_workers(await self.list_workers_pb(model, page_size))
+
+    async def list_workers_pb(self, model: str = "", page_size: int = 0,
+                              ) -> router_pb2.ListWorkersResponse:
         merged, token = router_pb2.ListWorkersResponse(), ""
         while True:
             resp = await self.stub.ListWorkers(router_pb2.ListWorkersRequest(
                 model=model, page_size=page_size, page_token=token), timeout=self.timeout)
             token = _merge_page(merged, resp, token)
             if not token:
-                return to_workers(merged)
+                return merged
 
     async def list_models(self) -> list[ModelSummary]:
         return to_models(await self.stub.ListModels(router_pb2.ListModelsRequest(),

@@ -8,7 +8,9 @@ is logged per request; metrics are pre-bound counters.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import json
 import logging
 import os
 import time
@@ -135,6 +137,26 @@ def _non_negative(value: int, name: str) -> int:
 
 # RouteStream items decided per event-loop turn (a few ms at most; see RouteStream).
 STREAM_SLICE_ITEMS = 256
+# ListWorkers page sizes (page_size 0: the default).
+LIST_PAGE_DEFAULT = 1000
+LIST_PAGE_MAX = 10000
+
+
+def _page_token(model: str, worker: str) -> str:
+    """ListWorkers' opaque page token: where the next page starts after."""
+    return base64.urlsafe_b64encode(json.dumps([model, worker]).encode()).decode()
+
+
+def _page_after(token: str) -> tuple[str, str] | None:
+    if not token:
+        return None
+    try:
+        v = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v):
+            return v[0], v[1]
+    except (ValueError, UnicodeError):
+        pass
+    _invalid(f"page_token {excerpt(token)} is not one this router gave")
 
 _OUTCOME = {
     grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
@@ -421,19 +443,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio)
         return reply
 
+    def _check_holder(self, m: ModelRuntime, request_id: str, worker: str, what: str) -> None:
+        """The worker a Release / MarkPrefillDone names must be the one holding the
+        reservation (FAILED_PRECONDITION, nothing changed, otherwise)."""
+        given = self._worker(m, worker)
+        holder = m.state.scheduler.reservation_worker(request_id)
+        if holder is not None and holder != given.wid:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"request_id {request_id!r} is reserved on worker "
+                f"{self.registry.by_wid(holder).name!r}, not {worker!r}; {what}")
+
     def release(self, req: router_pb2.ReleaseRequest) -> router_pb2.ReleaseResponse:
         m = self._model(req.model)
         if not req.request_id:
             _invalid("request_id is empty")
         if req.worker:
-            given = self._worker(m, req.worker)
-            holder = m.state.scheduler.reservation_worker(req.request_id)
-            if holder is not None and holder != given.wid:
-                raise RequestError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"request_id {req.request_id!r} is reserved on worker "
-                    f"{self.registry.by_wid(holder).name!r}, not {req.worker!r}; "
-                    "nothing released")
+            self._check_holder(m, req.request_id, req.worker, "nothing released")
         released = m.state.scheduler.release(req.request_id)
         self.metrics.released.labels(m.cfg.name, "released" if released else "unknown").inc()
         if released:
@@ -446,7 +472,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if not req.request_id:
             _invalid("request_id is empty")
         if req.worker:
-            self._worker(m, req.worker)
+            self._check_holder(m, req.request_id, req.worker, "nothing marked")
         found = m.state.scheduler.mark_prefill_done(req.request_id)
         if found:
             self.admission[m.cfg.name].kick()
@@ -656,12 +682,31 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def ListWorkers(self, request: router_pb2.ListWorkersRequest,
                           context: grpc.aio.ServicerContext) -> router_pb2.ListWorkersResponse:
         async with _aborting(context):
-            models = [self._model(request.model)] if request.model else list(self.models.values())
+            models = ([self._model(request.model)] if request.model
+                      else [self.models[n] for n in sorted(self.models)])
+            if request.page_size < 0:
+                _invalid(f"page_size must be >= 0, got {request.page_size}")
+            size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
+            after = _page_after(request.page_token)
         now = time.monotonic()
         out = router_pb2.ListWorkersResponse()
+        # A page also ends before the reply would outgrow half the message limit, so that
+        # workers with large metadata cannot make ListWorkers fail (issue 13 finding 7).
+        budget, used = self.config.router.max_message_bytes // 2, 0
         for m in models:
+            if after is not None and m.cfg.name < after[0]:
+                continue
             for info in sorted(m.state.workers.values(), key=lambda w: w.name):
-                out.workers.append(self._worker_pb(m, info, now))
+                if after is not None and (m.cfg.name, info.name) <= after:
+                    continue
+                pb = self._worker_pb(m, info, now)
+                n = pb.ByteSize()
+                if len(out.workers) >= size or (out.workers and used + n > budget):
+                    last = out.workers[-1]
+                    out.next_page_token = _page_token(last.model, last.name)
+                    return out
+                out.workers.append(pb)
+                used += n
             out.admission.append(admission_pb(m.cfg.name, self.admission[m.cfg.name].state()))
         return out
 
