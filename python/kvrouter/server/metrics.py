@@ -151,6 +151,9 @@ class RouterMetrics:
         self.admission_queued = Gauge(
             "kvrouter_admission_queued", "Requests waiting in the admission queue",
             ["model", "class"], registry=r)
+        self.routed_tokens = Counter(
+            "kvrouter_routed_tokens", "Prompt and expected output tokens of routed requests",
+            ["model", "kind"], registry=r)
         self.workers = _WorkerCollector()
         r.register(self.workers)
         for collector in (*event_metrics.ALL, *security_metrics.ALL):
@@ -161,7 +164,11 @@ class RouterMetrics:
         self._http: object | None = None
 
     # hot path ------------------------------------------------------------
-    def decided(self, model: str, policy: str, seconds: float, overlap_ratio: float) -> None:
+    def decided(self, model: str, policy: str, seconds: float, overlap_ratio: float,
+                prompt_tokens: int = 0, expected_output_tokens: int = 0) -> None:
+        if prompt_tokens or expected_output_tokens:  # the autoscaler's lengths (docs/autoscale.md)
+            self.routed_tokens.labels(model, "prompt").inc(prompt_tokens)
+            self.routed_tokens.labels(model, "expected_output").inc(expected_output_tokens)
         key = (model, policy, "routed")
         c = self._decision_children.get(key)
         if c is None:

@@ -440,7 +440,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     evicted_blocks=clamp_i64(c.evicted_blocks), pressure_cost=c.pressure_cost)
                 for c in d.candidates)
         ratio = d.overlap_blocks / d.prompt_blocks if d.prompt_blocks else 0.0
-        self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio)
+        self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio,
+                             d.prompt_tokens, expected)
         return reply
 
     def _check_holder(self, m: ModelRuntime, request_id: str, worker: str, what: str) -> None:
