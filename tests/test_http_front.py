@@ -268,3 +268,38 @@ def test_admission_headers_reach_the_router(front: Front) -> None:
                     json={"model": "default", "prompt": [1, 2, 3], "max_tokens": 1},
                     headers={"x-kvrouter-tenant": "team-a", "x-kvrouter-priority": "high"})
     assert ok.status_code == 200, ok.text
+
+
+def test_overloaded_is_429_with_retry_after(tmp_path: Path) -> None:
+    """Admission control sheds (RESOURCE_EXHAUSTED): the SDK sees RateLimitError and the
+    reply carries Retry-After. One worker, saturated by one request in flight, no queue."""
+    http_port = free_port()
+    cfg = {"router": {"heartbeat_timeout_s": 30.0, "http": f"127.0.0.1:{http_port}"},
+           "models": [{"name": "default", "block_size": 16, "vocab_size": 32000,
+                       "admission": {"enabled": True, "max_running_requests": 1,
+                                     "max_queue": 0}}]}
+    router = start_router(tmp_path / "r", cfg)
+    engines = Engines(tmp_path / "engines", router.target)
+    engines.workdir.mkdir(parents=True)
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        engines.start("aggregated", name="sim-0")
+        wait_routable(router.target, {"sim-0"})
+        sdk = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        long = sdk.completions.create(model="default", prompt=[7] * 32, max_tokens=6000,
+                                      stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(long))  # in flight: the worker is at max_running_requests
+        assert first.choices[0].text == ""  # no tokenizer: no text, the ids instead
+        assert (first.choices[0].model_extra or {})["token_ids"]
+        assert sum(reservations(router.target).values()) == 1
+        with pytest.raises(openai.RateLimitError) as e:
+            sdk.completions.create(model="default", prompt=[8] * 32, max_tokens=1)
+        assert int(e.value.response.headers["Retry-After"]) >= 1
+        assert e.value.body is not None  # OpenAI's error object
+        long.close()
+        wait_no_reservations(router.target)
+        ok = sdk.completions.create(model="default", prompt=[8] * 32, max_tokens=1)
+        assert ok.usage is not None and ok.usage.completion_tokens == 1
+    finally:
+        engines.stop_all()
+        router.stop()

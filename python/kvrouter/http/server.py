@@ -411,7 +411,7 @@ class HttpFront:
             else:
                 item = {"index": c.index, "text": text, "logprobs": None,
                         "finish_reason": c.finish_reason}
-            if body.return_token_ids:
+            if body.return_token_ids or m.tokenizer is None:
                 item["token_ids"] = c.token_ids
             out_choices.append(item)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion",
@@ -442,7 +442,9 @@ class HttpFront:
                 done = self._apply(choices, item)
                 idx = item.sample_index if len(choices) > 1 else 0
                 if idx < len(choices):
-                    await self._send(resp, frame, choices[idx], chat, body.return_token_ids,
+                    # a model without a tokenizer has no text: its chunks carry the ids
+                    await self._send(resp, frame, choices[idx], chat,
+                                     body.return_token_ids or m.tokenizer is None,
                                      item.token_ids)
                 if done:
                     break
