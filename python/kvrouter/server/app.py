@@ -109,7 +109,7 @@ class RouterApp:
                 raise RuntimeError(
                     f"cannot serve metrics on {r.metrics_host}:{r.metrics_port}: {e}") from None
         if r.http:
-            await self._start_http(r.http)
+            await self._start_http(r.http, security)
         self._snapshot_metrics()
         self._tasks.append(asyncio.create_task(self._maintenance(), name="kvrouter-maintenance"))
         if r.ext_proc:  # the Gateway API endpoint picker (server/ext_proc.py)
@@ -123,16 +123,24 @@ class RouterApp:
             "models": ",".join(m.name for m in self.config.models),
             "event_plane": type(self.event_plane).__name__})
 
-    async def _start_http(self, listen: str) -> None:
+    async def _start_http(self, listen: str, security: RouterSecurity) -> None:
         """The OpenAI-compatible HTTP front (kvrouter.http) on this process's event loop,
-        over the service's generate path."""
+        over the service's generate path; TLS and tokens as on the gRPC ports."""
+        from kvrouter.http.errors import HttpError
         from kvrouter.http.server import HttpFront, model_ready
+        from kvrouter.security.http_auth import bearer_middleware
 
         assert self.service is not None
         host, _, port = listen.rpartition(":")
         try:
             self.http = HttpFront(self.config, self.service.generate, model_ready(self.service))
-            self.http_port = await self.http.start(host.strip("[]"), int(port))
+            if security.authenticator is not None:
+                self.http.app.middlewares.append(bearer_middleware(
+                    security.authenticator, lambda status, message: HttpError(
+                        status, message,
+                        "authentication_error" if status == 401 else "permission_error")))
+            ssl_context = security.tls.server_ssl_context() if security.tls else None
+            self.http_port = await self.http.start(host.strip("[]"), int(port), ssl_context)
         except RuntimeError:
             if self.grpc is not None:
                 await self.grpc.stop(None)
