@@ -201,3 +201,37 @@ def test_auth_file_errors_are_clear(tmp_path: Path) -> None:
                                       str(tmp_path / "absent.yaml")),
                          env=child_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "absent.yaml" in bad.stderr
+
+
+def test_engine_service_takes_the_same_principals(tmp_path: Path) -> None:
+    """An engine with KVROUTER_AUTH_FILE serves only authenticated callers; the router's
+    Generate reaches it with the router process's own token (KVROUTER_TOKEN)."""
+    from kvrouter._proto.v1 import common_pb2, engine_pb2, engine_pb2_grpc, router_pb2
+
+    router_token = new_token()
+    auth = write_auth_file(tmp_path / "auth.yaml", [
+        *_principals(), {"name": "router", "roles": ["client"], "token": router_token}])
+    rp = start_router(tmp_path, {"router": {"auth_file": str(auth)}},
+                      env={"TEST_W0_TOKEN": TOKENS["w0"], "KVROUTER_TOKEN": router_token})
+    eng = None
+    try:
+        eng = start_sim_engine(tmp_path, "w0", router=rp.target, env={
+            "KVROUTER_TOKEN": TOKENS["w0"], "KVROUTER_AUTH_FILE": str(auth),
+            "TEST_W0_TOKEN": TOKENS["w0"]})
+        with RouterClient(rp.target, security=as_("client")) as c:
+            wait_until(lambda: [w.name for w in c.list_workers()] == ["w0"], 30,
+                       what="w0 registered")
+            out = list(c.stub.Generate(router_pb2.RouterGenerateRequest(
+                token_ids=list(range(40)), sampling=common_pb2.SamplingParams(max_tokens=3)),
+                timeout=30))
+            assert sum(len(r.token_ids) for r in out) == 3
+        with as_(None).channel(eng.address) as ch:
+            stats = engine_pb2_grpc.EngineStub(ch).Stats
+            assert _code(lambda: stats(engine_pb2.StatsRequest(), timeout=5)) \
+                is grpc.StatusCode.UNAUTHENTICATED
+        with as_("client").channel(eng.address) as ch:
+            assert engine_pb2_grpc.EngineStub(ch).Stats(engine_pb2.StatsRequest(), timeout=5).worker == "w0"
+    finally:
+        if eng is not None:
+            eng.stop()
+        rp.stop()

@@ -3,6 +3,9 @@ TLS of its listeners, the access policy of its main and admin ports, /metrics ov
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -11,7 +14,11 @@ import grpc
 from kvrouter.security import metrics as security_metrics
 from kvrouter.security.auth import AccessInterceptor, Authenticator, AuthError, PortPolicy, Role
 from kvrouter.security.listeners import RouterSecuritySettings, announce_insecure, router_tls
-from kvrouter.security.tls import TlsError, TlsFiles
+from kvrouter.security.metrics import SECURITY_METRICS
+from kvrouter.security.tls import TlsError, TlsFiles, is_loopback
+
+log = logging.getLogger("kvrouter.security")
+ENV_AUTH_FILE = "KVROUTER_AUTH_FILE"
 
 ALL_ROLES = frozenset(Role)
 COLLECTORS = security_metrics.ALL
@@ -50,3 +57,37 @@ class RouterSecurity:
         if self.tls is None or not self.metrics_tls:
             return {}
         return self.tls.prometheus_kwargs()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSecurity:
+    """An engine's Engine listener: TLS from KVROUTER_TLS_* and, with KVROUTER_AUTH_FILE,
+    the router's principals (any principal may call the Engine service: the router's
+    engine channels send the router process's KVROUTER_TOKEN*)."""
+
+    tls: TlsFiles | None
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...]
+
+    @classmethod
+    def from_env(cls, listen: str, env: Mapping[str, str] | None = None) -> EngineSecurity:
+        """Raises RuntimeError naming a bad file. A listener reachable from other machines
+        without TLS and authentication is allowed (engines sit on private networks) but
+        logged and exported like the router's --insecure."""
+        env = os.environ if env is None else env
+        try:
+            tls = TlsFiles.from_env(env)
+            path = env.get(ENV_AUTH_FILE, "").strip()
+            auth = Authenticator.from_file(path, env) if path else None
+        except (AuthError, TlsError) as e:
+            raise RuntimeError(str(e)) from None
+        serving_tls = tls if tls is not None and tls.can_serve else None
+        authenticated = auth is not None or (serving_tls is not None and serving_tls.client_auth)
+        if not is_loopback(listen) and (serving_tls is None or not authenticated):
+            log.warning("INSECURE: engine listener reachable from other machines without %s",
+                        "TLS" if serving_tls is None else "authentication",
+                        extra={"listener": "engine", "address": listen})
+            SECURITY_METRICS.insecure("engine")
+        interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+        if auth is not None:
+            interceptors = (AccessInterceptor(PortPolicy("engine", ALL_ROLES, auth)),)
+        return cls(tls=serving_tls, interceptors=interceptors)

@@ -31,7 +31,7 @@ from kvrouter.engines.sim.worker import SimWorker
 from kvrouter.events.publisher import EventPublisher, redis_publisher
 from kvrouter.grpc_server import ENGINE_SERVICE, GrpcServer, ListenError
 from kvrouter.mainloop import stop_on_signals
-from kvrouter.security.tls import TlsFiles
+from kvrouter.security.router import EngineSecurity
 
 log = logging.getLogger("kvrouter.engines.sim")
 
@@ -91,9 +91,12 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     stop_on_signals(stop.set)
 
     try:
-        # TLS / mutual TLS from KVROUTER_TLS_* (kvrouter.security.tls), like the router link.
-        server = GrpcServer(opts.listen, [ENGINE_SERVICE], tls=TlsFiles.from_env())
-    except ListenError as e:
+        # TLS / mutual TLS from KVROUTER_TLS_*, principals from KVROUTER_AUTH_FILE
+        # (kvrouter.security.router.EngineSecurity), like the router link.
+        sec = EngineSecurity.from_env(opts.listen)
+        server = GrpcServer(opts.listen, [ENGINE_SERVICE], tls=sec.tls,
+                            interceptors=sec.interceptors)
+    except (ListenError, RuntimeError) as e:
         raise SetupError(str(e)) from None
     address = _advertised(opts.listen, server.port, opts.advertise)
 

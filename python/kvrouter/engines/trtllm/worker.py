@@ -58,7 +58,7 @@ from kvrouter.protocol import ProtocolError, decode_prompt, extra_key_for, load_
 from kvrouter.registry import Role
 from kvrouter.retry import Backoff
 from kvrouter.sampling import sampling_kwargs
-from kvrouter.security.tls import TlsFiles
+from kvrouter.security.router import EngineSecurity
 
 log = logging.getLogger("kvrouter.engines.trtllm")
 
@@ -441,7 +441,8 @@ class TrtllmEngineService(engine_pb2_grpc.EngineServicer):
 async def serve_worker(worker: TrtllmWorker, listen: str) -> GrpcServer:
     """Start the Engine gRPC service (with standard health and reflection) for a started
     worker; raises kvrouter.grpc_server.ListenError (a RuntimeError) when `listen` is taken."""
-    server = GrpcServer(listen, [ENGINE_SERVICE], tls=TlsFiles.from_env())  # KVROUTER_TLS_*
+    sec = EngineSecurity.from_env(listen)  # KVROUTER_TLS_*, KVROUTER_AUTH_FILE
+    server = GrpcServer(listen, [ENGINE_SERVICE], tls=sec.tls, interceptors=sec.interceptors)
     engine_pb2_grpc.add_EngineServicer_to_server(TrtllmEngineService(worker), server.server)
     await server.start()
     await server.set_serving()
