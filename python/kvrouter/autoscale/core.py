@@ -318,6 +318,12 @@ class Autoscaler:
         dec.note = "; ".join(x for x in (dec.note, *held) if x)
         return self._finish(dec, workers)
 
+    def hold(self, now: float, note: str) -> Decision:
+        """A tick without a view of the fleet (the actuator could not list it): nothing is
+        planned and the drain intents are kept for the next tick."""
+        return self._finish(Decision(t=now, model=self.model, pool=self.pool, outcome="gap",
+                                     note=note), None)
+
     def _pick(self, workers: Sequence[WorkerView], role: Role, n: int, *,
               ready_only: bool) -> list[WorkerView]:
         """Up to n workers of `role` to take away: starting ones first (nothing to drain),
@@ -338,7 +344,7 @@ class Autoscaler:
             out.append(w)
         return out
 
-    def _finish(self, dec: Decision, workers: Sequence[WorkerView]) -> Decision:
+    def _finish(self, dec: Decision, workers: Sequence[WorkerView] | None) -> Decision:
         m = self.metrics
         if m is not None:
             lab = (self.model, self.pool)
@@ -347,8 +353,9 @@ class Autoscaler:
                 m.telemetry_gaps.labels(*lab).inc()
             for r in ROLES:
                 for ph in Phase:
-                    m.workers.labels(*lab, str(r), str(ph)).set(
-                        sum(1 for w in workers if w.role is r and w.phase is ph))
+                    if workers is not None:
+                        m.workers.labels(*lab, str(r), str(ph)).set(
+                            sum(1 for w in workers if w.role is r and w.phase is ph))
                 m.correction.labels(*lab, str(r)).set(self.correction[r])
                 if dec.target:
                     m.target.labels(*lab, str(r)).set(dec.target[str(r)])

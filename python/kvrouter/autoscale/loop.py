@@ -1,0 +1,212 @@
+"""The live planner loop: router telemetry in, actuator and router calls out, every tick.
+
+`RouterTelemetry` reads what the router already exports: ListWorkers (per worker:
+role, pool, status, reservations, reported load) and its Prometheus counters
+(`kvrouter_decisions` for arrivals, `kvrouter_routed_tokens` for prompt and expected
+output lengths), as differences between two reads. `PlannerLoop.tick` merges the
+actuator's list of launched workers with the router's (registered and up: ready;
+draining: draining; launched but not registered: starting), asks the `Autoscaler` (the
+code the fleet-simulator bench runs) for a decision, and carries out its actions:
+
+* START: actuator.start(role);
+* DRAIN: router DrainWorker (the router stops routing to it at once);
+* STOP: actuator.stop(name), then router DeregisterWorker (the index forgets it);
+* FLIP: router DeregisterWorker, then actuator.set_role(name, role).
+
+Every call has a timeout (`action_timeout_s`) and is retried with `retry.Backoff` up to
+`action_attempts` times; a call that still fails is counted and reported to the
+autoscaler, which re-plans from the actuator's list at the next tick (the list, not the
+planner's memory, is what runs). Telemetry that cannot be read is a gap: the tick holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvrouter.autoscale.actuators import Actuator, ActuatorError, Launched
+from kvrouter.autoscale.core import Action, ActionKind, Autoscaler, Decision, Phase, PoolTelemetry, WorkerView
+from kvrouter.client import AsyncRouterClient, WorkerState
+from kvrouter.planner import POOL_METADATA_KEY, default_pool
+from kvrouter.registry import Role
+from kvrouter.retry import Backoff
+
+log = logging.getLogger("kvrouter.autoscale")
+
+_ERRORS = (ActuatorError, TimeoutError, OSError, grpc.RpcError, httpx.HTTPError)
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """The router's cumulative counters for one model at one read."""
+
+    routed: float
+    prompt_tokens: float
+    output_tokens: float
+
+
+def parse_counters(text: str, model: str) -> Counters:
+    """Arrivals and token totals of `model` from the router's /metrics text."""
+    routed = prompt = output = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("model") != model or not s.name.endswith("_total"):
+                continue
+            if fam.name == "kvrouter_decisions" and s.labels.get("outcome") == "routed":
+                routed += s.value
+            elif fam.name == "kvrouter_routed_tokens":
+                if s.labels.get("kind") == "prompt":
+                    prompt += s.value
+                elif s.labels.get("kind") == "expected_output":
+                    output += s.value
+    return Counters(routed, prompt, output)
+
+
+def in_pool(w: WorkerState, pool: str) -> bool:
+    try:
+        role = Role(w.role)
+    except ValueError:
+        return False
+    return (w.metadata.get(POOL_METADATA_KEY) or default_pool(role)) == pool
+
+
+class RouterTelemetry:
+    """One model's pool, read from a running router (gRPC ListWorkers + /metrics)."""
+
+    def __init__(self, client: AsyncRouterClient, metrics_url: str, model: str,
+                 pool: str) -> None:
+        self.client, self.metrics_url, self.model, self.pool = client, metrics_url, model, pool
+        self._prev: tuple[float, Counters] | None = None
+        self.workers: dict[str, WorkerState] = {}  # the pool's workers at the last read
+
+    async def _counters(self) -> Counters:
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            resp = await http.get(self.metrics_url)
+            resp.raise_for_status()
+            return parse_counters(resp.text, self.model)
+
+    async def read(self, now: float) -> PoolTelemetry | None:
+        """The last interval's telemetry; None on the first read (nothing to difference)
+        or after a counter reset (the router restarted)."""
+        workers = await self.client.list_workers(self.model)
+        self.workers = {w.name: w for w in workers if in_pool(w, self.pool)}
+        cur = await self._counters()
+        prev, self._prev = self._prev, (now, cur)
+        if prev is None:
+            return None
+        t0, c0 = prev
+        arrivals = cur.routed - c0.routed
+        if arrivals < 0 or cur.prompt_tokens < c0.prompt_tokens or now <= t0:
+            log.warning("router counters went back (restart?): skipping one interval",
+                        extra={"model": self.model})
+            return None
+        n = int(arrivals)
+        prefill = [w for w in self.workers.values() if w.role == Role.PREFILL.value]
+        return PoolTelemetry(
+            self.model, self.pool, now, now - t0, n,
+            (cur.prompt_tokens - c0.prompt_tokens) / n if n else 0.0,
+            (cur.output_tokens - c0.output_tokens) / n if n else 0.0,
+            queue=sum(w.reported_queued for w in self.workers.values()),
+            queued_prefill_tokens=sum(max(0, w.prefill_tokens) for w in prefill))
+
+
+def merge_views(launched: list[Launched], registered: Mapping[str, WorkerState],
+                now: float) -> list[WorkerView]:
+    """The planner's view: the actuator's workers, phased by what the router says."""
+    out = []
+    for w in launched:
+        r = registered.get(w.name)
+        if r is None or r.status not in ("up", "draining"):
+            out.append(WorkerView(w.name, w.role, Phase.STARTING, w.started_at))
+        elif r.status == "draining":
+            out.append(WorkerView(w.name, w.role, Phase.DRAINING, w.started_at,
+                                  r.reserved_requests))
+        else:
+            out.append(WorkerView(w.name, w.role, Phase.READY, w.started_at,
+                                  r.reserved_requests))
+    return out
+
+
+class PlannerLoop:
+    def __init__(self, autoscaler: Autoscaler, telemetry: RouterTelemetry, actuator: Actuator,
+                 router: AsyncRouterClient, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.autoscaler, self.telemetry, self.actuator = autoscaler, telemetry, actuator
+        self.router, self.clock = router, clock
+        self.cfg = autoscaler.cfg
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
+        """fn() with a timeout, retried with backoff; (ok, result)."""
+        backoff = Backoff(0.2, 2.0)
+        for attempt in range(1, self.cfg.action_attempts + 1):
+            try:
+                return True, await asyncio.wait_for(fn(), self.cfg.action_timeout_s)
+            except _ERRORS as e:
+                err = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                log.warning("autoscale call failed", extra={
+                    "call": what, "attempt": attempt, "error": err})
+                if attempt < self.cfg.action_attempts:
+                    await backoff.wait()
+        return False, None
+
+    async def _deregister(self, name: str) -> None:
+        try:
+            await self.router.deregister_worker(self.autoscaler.model, name)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.NOT_FOUND:  # already gone is what we want
+                raise
+
+    async def apply(self, a: Action) -> bool:
+        model, name = self.autoscaler.model, a.worker or ""
+        if a.kind is ActionKind.START:
+            ok, _ = await self._call(f"start {a.role}", lambda: self.actuator.start(a.role))
+        elif a.kind is ActionKind.DRAIN:
+            ok, _ = await self._call(f"drain {name}",
+                                     lambda: self.router.drain_worker(model, name))
+        elif a.kind is ActionKind.STOP:
+            ok, _ = await self._call(f"stop {name}", lambda: self.actuator.stop(name))
+            if ok:
+                ok, _ = await self._call(f"deregister {name}", lambda: self._deregister(name))
+        else:
+            assert a.to_role is not None
+            to = a.to_role
+            ok, _ = await self._call(f"deregister {name}", lambda: self._deregister(name))
+            if ok:
+                ok, _ = await self._call(f"set_role {name} {to}",
+                                         lambda: self.actuator.set_role(name, to))
+        self.autoscaler.action_done(a, ok)
+        return ok
+
+    async def tick(self) -> Decision:
+        now = self.clock()
+        sample: PoolTelemetry | None
+        try:
+            sample = await asyncio.wait_for(self.telemetry.read(now), self.cfg.action_timeout_s)
+        except _ERRORS as e:
+            log.warning("telemetry unavailable", extra={"error": f"{type(e).__name__}: {e}"})
+            sample = None
+        ok, launched = await self._call("list workers", self.actuator.workers)
+        if not ok:  # without the fleet nothing can be planned safely
+            return self.autoscaler.hold(now, "actuator cannot list its workers")
+        decision = self.autoscaler.plan(now, sample,
+                                        merge_views(launched, self.telemetry.workers, now))
+        for a in decision.actions:
+            await self.apply(a)
+        return decision
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick every interval until `stop` is set."""
+        while not stop.is_set():
+            await self.tick()
+            try:
+                await asyncio.wait_for(stop.wait(), self.cfg.interval_s)
+            except TimeoutError:
+                pass
