@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,14 +38,14 @@ PERF = PerfModel(PROFILE)
 P, D = Role.PREFILL, Role.DECODE
 
 
-def cfg(**kw: object) -> AutoscaleConfig:
-    return AutoscaleConfig(**kw)  # type: ignore[arg-type]
+def cfg(**kw: Any) -> AutoscaleConfig:
+    return AutoscaleConfig(**kw)
 
 
 def sample(t: float, rate: float, prompt: float = 2000.0, output: float = 200.0,
-           **kw: object) -> PoolTelemetry:
+           **kw: Any) -> PoolTelemetry:
     return PoolTelemetry("m", "disaggregated", t, 30.0, round(rate * 30), prompt, output,
-                         **kw)  # type: ignore[arg-type]
+                         **kw)
 
 
 def fleet(p: int, d: int, phase: Phase = Phase.READY, since: float = 0.0) -> list[WorkerView]:
