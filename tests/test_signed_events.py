@@ -174,7 +174,8 @@ def test_acl_users_reach_only_their_role(fleet: Fleet) -> None:
     with pytest.raises(denied):
         router.get("other-namespace:key")
     # The router did its whole job (read, liveness, snapshots, trims) with its ACL user.
-    assert fleet.metric("kvrouter_snapshots_written_total") > 0
+    wait_until(lambda: fleet.metric("kvrouter_snapshots_written_total") > 0, 30,
+               what="a snapshot written with the router's ACL user")
     assert "NOPERM" not in fleet.router.logs() and "failed" not in fleet.router.logs()
 
 
