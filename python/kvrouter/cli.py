@@ -23,6 +23,7 @@ EXTERNAL_COMMANDS: dict[str, str] = {
     "engine": "kvrouter.engines.commands",
     "bridge": "kvrouter.engines.bridge_cli",
     "demo": "kvrouter.demo",
+    "planner": "kvrouter.autoscale.command",
 }
 
 DEFAULT_TARGET = "127.0.0.1:50051"
