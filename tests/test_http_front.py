@@ -303,3 +303,26 @@ def test_overloaded_is_429_with_retry_after(tmp_path: Path) -> None:
     finally:
         engines.stop_all()
         router.stop()
+
+
+def test_serve_refuses_a_bad_http_setup(tmp_path: Path) -> None:
+    """A taken port or an unreadable tokenizer stops `serve` with the reason (no
+    half-started router)."""
+    import subprocess
+
+    from kvrouter.testing.processes import child_env, kvrouter_cmd
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    base = kvrouter_cmd("serve", "--listen", "127.0.0.1:0", "--metrics-port", "0")
+    try:
+        for extra, want in ((["--http", f"127.0.0.1:{port}"], "cannot serve HTTP"),
+                            (["--http", "127.0.0.1:0", "--model",
+                              f"default,tokenizer={tmp_path / 'none'}"], "cannot load tokenizer")):
+            r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60,
+                               env=child_env())
+            assert r.returncode == 1 and want in r.stderr, r.stderr
+    finally:
+        taken.close()
