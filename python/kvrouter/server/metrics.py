@@ -26,6 +26,9 @@ from kvrouter.security import metrics as security_metrics
 LATENCY_BUCKETS = (
     10e-6, 20e-6, 50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3, 0.25, 1.0,
 )
+# request latencies against SLOs (TTFT, inter-token): 5 ms to 30 s
+SLO_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+               1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
 
@@ -154,6 +157,18 @@ class RouterMetrics:
         self.routed_tokens = Counter(
             "kvrouter_routed_tokens", "Prompt and expected output tokens of routed requests",
             ["model", "kind"], registry=r)
+        self.generate_requests = Counter(
+            "kvrouter_generate_requests", "Router.Generate requests answered, by pool",
+            ["model", "pool"], registry=r)
+        self.generate_tokens = Counter(
+            "kvrouter_generate_tokens", "Prompt and output tokens of answered Generate calls",
+            ["model", "pool", "kind"], registry=r)
+        self.generate_ttft = Histogram(
+            "kvrouter_generate_ttft_seconds", "Time to first token of Generate, by pool",
+            ["model", "pool"], buckets=SLO_BUCKETS, registry=r)
+        self.generate_itl = Histogram(
+            "kvrouter_generate_itl_seconds", "Mean inter-token latency of a Generate call",
+            ["model", "pool"], buckets=SLO_BUCKETS, registry=r)
         self.workers = _WorkerCollector()
         r.register(self.workers)
         for collector in (*event_metrics.ALL, *security_metrics.ALL):
@@ -182,6 +197,16 @@ class RouterMetrics:
         if o is None:
             o = self._ratio_children[model] = self.overlap_ratio.labels(model)
         o.observe(overlap_ratio)
+
+    def generated(self, model: str, pool: str, prompt_tokens: int, output_tokens: int,
+                  ttft_s: float, decode_s: float) -> None:
+        """One answered Generate call (the autoscaling planner's telemetry per pool)."""
+        self.generate_requests.labels(model, pool).inc()
+        self.generate_tokens.labels(model, pool, "prompt").inc(prompt_tokens)
+        self.generate_tokens.labels(model, pool, "output").inc(output_tokens)
+        self.generate_ttft.labels(model, pool).observe(ttft_s)
+        if output_tokens > 1:
+            self.generate_itl.labels(model, pool).observe(decode_s / (output_tokens - 1))
 
     def admission_outcome(self, model: str, cls: str, outcome: str) -> None:
         self.admission.labels(model, cls, outcome).inc()

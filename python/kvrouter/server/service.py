@@ -603,6 +603,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             if grant is not None:
                 gate.settle_on_reserve(grant[1], rid)
         turn = await self._session_turn(m, request)
+        t0, first, n_out = time.perf_counter(), 0.0, 0  # the autoscaler's TTFT/ITL per pool
         async with aclosing(self.proxy.run(m.state, m.cfg, request, tokens, rid, mode, trace,
                                            pin=pin.wid if pin is not None else None,
                                            avoid=pin.avoid if pin is not None else None)) as out:
@@ -610,6 +611,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 async for resp in out:
                     if turn is not None:
                         turn.observe(resp)
+                    if resp.token_ids and not first:
+                        first = time.perf_counter()
+                    n_out += len(resp.token_ids)
                     yield resp
             finally:
                 # after the final response, also when the caller closes the stream there
@@ -622,6 +626,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     gate.settled(grant[1])
                 if gate.enabled:  # after the proxy has released this request's load
                     asyncio.get_running_loop().call_soon(gate.kick)
+        if first:
+            self.metrics.generated(m.cfg.name, trace.pool, len(tokens), n_out, first - t0,
+                                   time.perf_counter() - first)
         if pin is not None:
             await self.affinity.flush()
 
