@@ -186,6 +186,8 @@ def _error(r: httpx.Response, status: int) -> dict[str, Any]:
     ("/v1/completions", {"model": "default", "prompt": "hi", "temperature": "hot"},
      "temperature"),
     ("/v1/completions", {"model": "default", "prompt": ""}, "prompt"),
+    ("/v1/completions", {"model": "default", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": "default", "prompt": "hi", "n": 0}, "n"),
     ("/v1/completions", {"model": "default", "prompt": [1, 2, 99999]}, None),
     ("/v1/completions", {"model": "default", "prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"model": "default", "prompt": "hi", "echo": True}, "echo"),

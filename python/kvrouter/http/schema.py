@@ -31,7 +31,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 32)]], Field(min_le
 
 class _Sampling(_Body):
     model: StrictStr = ""
-    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # 0 would mean the default
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     n: Annotated[int, Field(ge=1, le=64)] = 1
@@ -120,7 +120,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
