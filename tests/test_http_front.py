@@ -52,7 +52,7 @@ def front(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Iter
            "models": [{"name": "default", "block_size": 16, "vocab_size": 32000,
                        "tokenizer": str(tokenizer_dir)},
                       {"name": "ids-only", "block_size": 16}]}
-    router = start_router(work, cfg)
+    router = start_router(work, cfg, metrics=True)
     engines = Engines(work / "engines", router.target)
     engines.workdir.mkdir(parents=True)
     try:
@@ -255,6 +255,9 @@ def test_disconnect_mid_stream_cancels_and_releases(front: Front) -> None:
                what="engines no longer running the abandoned request")
     assert sum(_engine_stats(a).extra["abandoned"] for a in addrs) == abandoned + 1
     assert httpx.get(front.base + "/health").status_code == 200
+    metrics = httpx.get(f"http://127.0.0.1:{front.router.metrics_port}/metrics").text
+    assert 'kvrouter_http_requests_total{endpoint="/v1/completions",status="499"} 1.0' in metrics
+    assert 'kvrouter_http_requests_total{endpoint="/v1/completions",status="200"}' in metrics
 
 
 def test_admission_headers_reach_the_router(front: Front) -> None:

@@ -129,8 +129,10 @@ class HttpFront:
     """The router's OpenAI-compatible HTTP server; `await start(host, port)`, `await stop()`."""
 
     def __init__(self, config: Config, generate: GenerateFn,
-                 ready: Callable[[str], bool] | None = None) -> None:
+                 ready: Callable[[str], bool] | None = None, metrics: Any = None) -> None:
         self.config = config
+        # RouterMetrics.http_requests (endpoint, status) when given
+        self._counter = metrics.http_requests if metrics is not None else None
         self.generate = generate
         self.ready = ready or (lambda model: True)
         now = int(time.time())
@@ -180,14 +182,27 @@ class HttpFront:
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                       ) -> web.StreamResponse:
+        status = 499  # unless an answer goes out: the client went away (cancelled)
         try:
-            return await handler(request)
+            resp = await handler(request)
+            status = resp.status
+            return resp
         except HttpError as e:
+            status = e.status
             return web.Response(status=e.status, body=e.json_bytes(), headers=e.headers())
         except web.HTTPException as e:  # aiohttp's own: 404 path, 405 method, 413 size
+            status = e.status
             err = HttpError(e.status, e.reason or "error",
                             "invalid_request_error" if e.status < 500 else "internal_error")
             return web.Response(status=e.status, body=err.json_bytes(), headers=err.headers())
+        except Exception:
+            status = 500  # aiohttp answers it (and logs the bug)
+            raise
+        finally:
+            if self._counter is not None:
+                route = request.match_info.route.resource
+                endpoint = route.canonical if route is not None else "other"
+                self._counter.labels(endpoint, str(status)).inc()
 
     async def _body(self, request: web.Request, cls: type[_Sampling]) -> Any:
         raw = await request.read()

@@ -133,7 +133,8 @@ class RouterApp:
         assert self.service is not None
         host, _, port = listen.rpartition(":")
         try:
-            self.http = HttpFront(self.config, self.service.generate, model_ready(self.service))
+            self.http = HttpFront(self.config, self.service.generate, model_ready(self.service),
+                                  metrics=self.metrics)
             if security.authenticator is not None:
                 self.http.app.middlewares.append(bearer_middleware(
                     security.authenticator, lambda status, message: HttpError(

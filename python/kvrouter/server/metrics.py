@@ -141,6 +141,10 @@ class RouterMetrics:
             "kvrouter_session_kv", "Sessions' KV around tool calls: decided_<keep|offload|drop>, "
             "<keep|offload>_ok, <keep|offload>_failed_<grpc status>, reloaded, unpinned, "
             "reload_failed_<grpc status>, expired, no_engine_api", ["event"], registry=r)
+        # The OpenAI-compatible HTTP front (kvrouter.http, docs/http-front.md).
+        self.http_requests = Counter(
+            "kvrouter_http_requests", "HTTP front requests by endpoint and HTTP status "
+            "(499: the client went away)", ["endpoint", "status"], registry=r)
         # Admission control (kvrouter.server.admission, docs/admission.md).
         self.admission = Counter(
             "kvrouter_admission", "Admission control outcomes: admitted (at once), queued, "
