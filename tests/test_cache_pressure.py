@@ -25,15 +25,18 @@ MODEL = "m"
 
 
 def _full_worker_fleet(pressure_weight: float | None = None) -> tuple[PrefixIndex, Scheduler]:
-    """Worker 1 holds an 8-block cache of prefixes it keeps reusing; worker 2 is empty."""
+    """Worker 1's 8-block cache is full and the blocks it evicted are asked for again;
+    worker 2 is empty. Both report a capacity of 8 blocks."""
     idx = PrefixIndex(1)
-    held = list(range(1, 9))
-    idx.apply_stored(1, held, router_hashes=held)
+    prompt = list(range(1, 13))
+    idx.apply_stored(1, prompt, router_hashes=prompt)
+    idx.apply_removed(1, [9, 10, 11, 12])  # evicted: the cache holds blocks 1-8
     s = Scheduler(idx, seed=1, pressure_weight=pressure_weight)
-    s.add_worker(1)
-    s.add_worker(2)
-    for i in range(20):  # requests that hit worker 1's cache: its blocks are reused
-        d = s.route_hashes(held, 8, request_id=f"warm{i}", candidates=[1], now=0.0)
+    for w in (1, 2):
+        s.add_worker(w)
+        s.report_load(w, 0, 0, 0, 8, now=0.0, kv_capacity_blocks=8)
+    for i in range(5):  # each asks for the 4 evicted blocks again: its evictions cost
+        d = s.route_hashes(prompt, 12, request_id=f"warm{i}", candidates=[1], now=0.0)
         s.release(d.request_id or "")
     return idx, s
 
@@ -41,18 +44,17 @@ def _full_worker_fleet(pressure_weight: float | None = None) -> tuple[PrefixInde
 def test_a_full_reused_cache_sends_a_cold_prompt_elsewhere() -> None:
     _, s = _full_worker_fleet()
     cold = [1, 50, 51, 52, 53, 54]  # one block of worker 1's cache, then new blocks
-    # No capacity known: the term is off, the one-block hit wins.
-    assert s.route_hashes(cold, 6, explain=True, reserve=False, now=0.0).worker == 1
-    for w in (1, 2):
-        s.report_load(w, 0, 0, 0, 8, now=0.0, kv_capacity_blocks=8)
     d = s.route_hashes(cold, 6, explain=True, reserve=False, now=0.0)
     assert d.worker == 2
     c1 = next(c for c in d.candidates if c.worker == 1)
-    assert c1.evicted_blocks == 5 and c1.pressure_cost > 4.0
-    assert c1.cost == pytest.approx(5 + DEFAULT_WEIGHTS["decode_weight"] * 0 + c1.pressure_cost)
-    assert s.load(1, now=0.0).kv_capacity_blocks == 8 and s.load(1, now=0.0).reuse > 0.9
+    assert s.load(1, now=0.0).reuse == pytest.approx(1.0)
+    assert (c1.evicted_blocks, c1.pressure_cost) == (5, pytest.approx(5.0))
+    assert c1.cost == pytest.approx(5 * DEFAULT_WEIGHTS["prefill_weight"] + 5.0)
     # A prompt whose whole prefix is cached stays with its cache.
     assert s.route_hashes([*range(1, 9), 60], 9, reserve=False, now=0.0).worker == 1
+    # No capacity known for worker 1 any more: the term is off, the one-block hit wins.
+    s.report_load(1, 0, 0, 0, 8, now=0.0)
+    assert s.route_hashes(cold, 6, reserve=False, now=0.0).worker == 1
 
 
 def test_pressure_weight_zero_is_the_cost_without_the_term() -> None:
@@ -134,8 +136,8 @@ def test_heartbeat_capacity_drives_explain_and_bad_capacities_are_counted(
         full = next(x for x in r.candidates if x.worker == "full")
         empty = next(x for x in r.candidates if x.worker == "empty")
         # 6 uncached prompt blocks + 2 output blocks on a full 2-block cache: both cached
-        # blocks go; reuse is 1/2 with no routing history.
-        assert (full.evicted_blocks, full.pressure_cost) == (2, pytest.approx(1.0))
+        # blocks go; the reuse estimate is its prior (1/4) before any eviction.
+        assert (full.evicted_blocks, full.pressure_cost) == (2, pytest.approx(0.5))
         assert (empty.evicted_blocks, empty.pressure_cost) == (0, 0.0)
         # Absurd (used above capacity), then missing: ignored, the term off, counted.
         c.heartbeat(MODEL, "full", load_report(kv_used_blocks=9, kv_capacity_blocks=3))

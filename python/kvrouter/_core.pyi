@@ -298,8 +298,8 @@ class WorkerLoad:
         """Approximate mode: the cache is predicted from this scheduler's decisions."""
     @property
     def reuse(self) -> float:
-        """Reuse likelihood of the worker's cached blocks (share of recently routed prompt
-        blocks it held already), in [0, 1]."""
+        """Likelihood that a block the worker evicts would be reused (share of its recent GPU
+        evictions that prompts routed to it asked for again; 1/4 before any), in [0, 1]."""
     @property
     def external_requests(self) -> int: ...
     @property

@@ -157,6 +157,53 @@ impl Overlap {
     }
 }
 
+/// Router blocks a worker evicted from GPU lately, remembered per worker: a prompt that
+/// asks for one again shows what evicting cost (the reuse estimate of the cost's
+/// cache-pressure term, docs/design.md §3.3). Bounded: the oldest are forgotten.
+#[derive(Debug, Default, Clone)]
+pub struct Ghosts {
+    /// Router hash -> sequence number of its latest eviction.
+    at: HashMap<u64, u64>,
+    /// (router hash, sequence number), oldest first; stale pairs are skipped on pop.
+    order: std::collections::VecDeque<(u64, u64)>,
+    seq: u64,
+    /// GPU evictions ever recorded for the worker.
+    pub evicted_total: u64,
+}
+
+/// Evicted blocks remembered per worker.
+pub const GHOSTS_PER_WORKER: usize = 4096;
+
+impl Ghosts {
+    fn push(&mut self, hash: u64) {
+        self.seq += 1;
+        self.evicted_total += 1;
+        self.at.insert(hash, self.seq);
+        self.order.push_back((hash, self.seq));
+        while self.at.len() > GHOSTS_PER_WORKER {
+            let Some((h, q)) = self.order.pop_front() else {
+                break;
+            };
+            if self.at.get(&h) == Some(&q) {
+                self.at.remove(&h);
+            }
+        }
+        // Stale pairs (re-evicted hashes) can pile up; drop them once they dominate.
+        if self.order.len() > 2 * GHOSTS_PER_WORKER {
+            let at = &self.at;
+            self.order.retain(|(h, q)| at.get(h) == Some(q));
+        }
+    }
+
+    fn forget(&mut self, hash: u64) {
+        self.at.remove(&hash);
+    }
+
+    pub fn contains(&self, hash: u64) -> bool {
+        self.at.contains_key(&hash)
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 struct WorkerState {
     slot: u32,
@@ -167,6 +214,7 @@ struct WorkerState {
     split: HashMap<u64, Vec<u64>>,
     /// (router block, worker) pairs held.
     held: u64,
+    ghosts: Ghosts,
 }
 
 impl WorkerState {
@@ -357,6 +405,9 @@ impl PrefixIndex {
                 }
             }
             for r in group {
+                if bit == Tier::Gpu.bit() {
+                    ws.ghosts.forget(*r);
+                }
                 match Self::node_add(&mut self.nodes, *r, slot, bit) {
                     AddOutcome::New => {
                         ws.held += 1;
@@ -394,6 +445,9 @@ impl PrefixIndex {
                 if old & bit != 0 {
                     any = true;
                     res.removed_blocks += 1;
+                    if bit == Tier::Gpu.bit() {
+                        ws.ghosts.push(r);
+                    }
                 }
                 if old & !bit != 0 {
                     gone = false;
@@ -432,6 +486,7 @@ impl PrefixIndex {
         }
         ws.split.clear();
         ws.held = 0;
+        ws.ghosts = Ghosts::default();
         ws.blocks.shrink_to_fit();
         ws.split.shrink_to_fit();
         self.account(res)
@@ -565,6 +620,11 @@ impl PrefixIndex {
 
     pub fn worker_blocks(&self, worker: u64) -> u64 {
         self.workers.get(&worker).map_or(0, |w| w.held)
+    }
+
+    /// The worker's recently evicted GPU blocks (none for an unknown worker).
+    pub fn ghosts(&self, worker: u64) -> Option<&Ghosts> {
+        self.workers.get(&worker).map(|w| &w.ghosts)
     }
 
     /// (router hash, tier mask) of every block a worker holds, sorted.

@@ -50,32 +50,44 @@ pub struct External {
 /// report's capacity is absurd and ignored.
 pub const MAX_CAPACITY_BLOCKS: u64 = 1 << 36;
 
-/// How many routed prompt blocks the reuse estimate remembers (exponential decay per block).
+/// How many evictions the reuse estimate remembers (exponential decay per evicted block).
 const REUSE_HORIZON_BLOCKS: f64 = 4096.0;
 
-/// A worker's reuse estimate: of the prompt blocks routed to it lately, the share it held
-/// already (decayed counts). The cache-pressure term weights evicted blocks by it.
+/// A worker's reuse estimate for the cache-pressure term: of the GPU blocks it evicted
+/// lately, the share a prompt routed to it asked for again (decayed counts). A large cache
+/// evicts blocks nobody comes back for (the term fades); a thrashing one evicts blocks that
+/// are asked for again (the term bites).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Reuse {
-    hit_blocks: f64,
-    routed_blocks: f64,
+    regret_blocks: f64,
+    evicted_blocks: f64,
+    /// The index's eviction total for the worker when last observed.
+    seen_evicted: u64,
 }
 
 impl Reuse {
-    /// Records `hit` cached blocks out of `routed` prompt blocks sent to the worker.
-    pub fn record(&mut self, hit: u64, routed: u64) {
-        if routed == 0 {
+    /// Takes in the worker's eviction total (the index's running count).
+    pub fn observe_evictions(&mut self, total: u64) {
+        // A total below the last one: the worker's index state was reset (cleared).
+        let delta = total.checked_sub(self.seen_evicted).unwrap_or(total);
+        self.seen_evicted = total;
+        if delta == 0 {
             return;
         }
-        let keep = (1.0 - 1.0 / REUSE_HORIZON_BLOCKS).powf(routed as f64);
-        self.hit_blocks = self.hit_blocks * keep + hit.min(routed) as f64;
-        self.routed_blocks = self.routed_blocks * keep + routed as f64;
+        let keep = (1.0 - 1.0 / REUSE_HORIZON_BLOCKS).powf(delta as f64);
+        self.regret_blocks *= keep;
+        self.evicted_blocks = self.evicted_blocks * keep + delta as f64;
     }
 
-    /// Likelihood that a cached block of the worker is reused, in [0, 1]; 1/2 with no history
-    /// (one pseudo-hit in two pseudo-blocks, so a few requests move it gradually).
+    /// Records `blocks` evicted blocks a prompt routed to the worker asked for again.
+    pub fn record_regret(&mut self, blocks: u64) {
+        self.regret_blocks += blocks as f64;
+    }
+
+    /// Likelihood that an evicted block would have been reused, in [0, 1]; 1/4 before any
+    /// eviction (a pseudo-count, so the first evictions move it gradually).
     pub fn likelihood(&self) -> f64 {
-        (self.hit_blocks + 1.0) / (self.routed_blocks + 2.0)
+        ((self.regret_blocks + 0.5) / (self.evicted_blocks + 2.0)).min(1.0)
     }
 }
 
@@ -376,18 +388,21 @@ mod tests {
     }
 
     #[test]
-    fn reuse_tracks_recent_hits() {
+    fn reuse_is_the_share_of_evictions_asked_for_again() {
         let mut r = Reuse::default();
-        assert!((r.likelihood() - 0.5).abs() < 1e-12);
-        r.record(0, 1000);
+        assert!((r.likelihood() - 0.25).abs() < 1e-12);
+        r.observe_evictions(1000);
         assert!(r.likelihood() < 0.01);
-        for _ in 0..20 {
-            r.record(900, 1000);
+        for i in 1..=20 {
+            r.observe_evictions(1000 + i * 1000);
+            r.record_regret(900);
         }
         assert!((r.likelihood() - 0.9).abs() < 0.05, "{}", r.likelihood());
-        r.record(5, 0);
-        r.record(10, 5);
+        r.record_regret(1 << 20);
         assert!(r.likelihood() <= 1.0);
+        // A reset index (total back to 0) starts counting again.
+        r.observe_evictions(10);
+        assert_eq!(r.seen_evicted, 10);
     }
 
     #[test]

@@ -267,8 +267,29 @@ impl Scheduler {
         }
         if req.reserve {
             if let Some(st) = self.load.workers.get_mut(&chosen.worker) {
-                st.reuse
-                    .record(u64::from(chosen.overlap.gpu), prompt_blocks);
+                if st.capacity_blocks > 0 && weights.pressure > 0.0 {
+                    // Blocks right after the cached prefix that the worker evicted lately:
+                    // what its evictions cost (the pressure term's reuse estimate).
+                    let ghosts = if st.approx {
+                        self.approx.index().and_then(|i| i.ghosts(chosen.worker))
+                    } else {
+                        index.ghosts(chosen.worker)
+                    };
+                    if let Some(g) = ghosts {
+                        st.reuse.observe_evictions(g.evicted_total);
+                        let skip = chosen.overlap.gpu as usize;
+                        let regret = match prompt {
+                            Prompt::Hashes(h) => {
+                                h.iter().skip(skip).take_while(|x| g.contains(**x)).count()
+                            }
+                            Prompt::Tokens { tokens, root } => BlockHashes::new(tokens, bs, root)
+                                .skip(skip)
+                                .take_while(|x| g.contains(*x))
+                                .count(),
+                        };
+                        st.reuse.record_regret(regret as u64);
+                    }
+                }
                 if st.approx {
                     if let Prompt::Hashes(h) = prompt {
                         let cap = st.capacity_blocks;
@@ -473,8 +494,10 @@ mod tests {
         let mut s = Scheduler::new(Config::default(), 3).unwrap();
         s.load.add_worker(1);
         s.load.add_worker(2);
-        for _ in 0..50 {
-            s.load.workers.get_mut(&1).unwrap().reuse.record(4, 4);
+        {
+            let r = &mut s.load.workers.get_mut(&1).unwrap().reuse;
+            r.observe_evictions(100);
+            r.record_regret(95);
         }
         let prompt = [1, 50, 51, 52, 53];
         assert_eq!(
@@ -495,6 +518,38 @@ mod tests {
             .route(&idx, &hashes_req(&[1, 2, 3, 4, 60], None, 0.0))
             .unwrap();
         assert_eq!(d.worker, 1);
+    }
+
+    #[test]
+    fn evicted_blocks_asked_for_again_raise_the_reuse_estimate() {
+        let mut idx = PrefixIndex::new(1).unwrap();
+        let blocks: Vec<u64> = (1..=6).collect();
+        idx.apply_stored(
+            1,
+            &Stored {
+                hashes: blocks.clone(),
+                router_hashes: Some(blocks),
+                ..Stored::default()
+            },
+        );
+        idx.apply_removed(1, &[5, 6], crate::tier::Tier::Gpu);
+        let mut s = Scheduler::new(Config::default(), 1).unwrap();
+        s.load.add_worker(1);
+        let prior = s.load.workers[&1].reuse.likelihood();
+        // No capacity known: the estimate is not maintained.
+        s.route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6], Some("a"), 0.0))
+            .unwrap();
+        assert_eq!(s.load.workers[&1].reuse.likelihood(), prior);
+        s.report_load(1, report(6, 0)).unwrap();
+        s.route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6], Some("b"), 0.0))
+            .unwrap();
+        // 2 evicted, both asked for again: (2 + 0.5) / (2 + 2).
+        let r = s.load.workers[&1].reuse.likelihood();
+        assert!((r - 0.625).abs() < 1e-9, "{r}");
+        // A prompt that wants nothing evicted leaves the regret alone.
+        s.route(&idx, &hashes_req(&[1, 2, 9], Some("c"), 0.0))
+            .unwrap();
+        assert!((s.load.workers[&1].reuse.likelihood() - 0.625).abs() < 1e-9);
     }
 
     #[test]
