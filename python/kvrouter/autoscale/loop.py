@@ -1,9 +1,11 @@
 """The live planner loop: router telemetry in, actuator and router calls out, every tick.
 
 `RouterTelemetry` reads what the router already exports: ListWorkers (per worker:
-role, pool, status, reservations, reported load) and its Prometheus counters
-(`kvrouter_decisions` for arrivals, `kvrouter_routed_tokens` for prompt and expected
-output lengths), as differences between two reads. `PlannerLoop.tick` merges the
+role, pool, status, reservations, reported load) and its Prometheus counters, as
+differences between two reads: Route calls (`kvrouter_decisions`, `kvrouter_routed_tokens`:
+per model, expected output lengths) and answered Generate calls (`kvrouter_generate_*`:
+per pool, real output lengths, TTFT and ITL histograms whose p95 the planner checks
+against the SLO). `PlannerLoop.tick` merges the
 actuator's list of launched workers with the router's (registered and up: ready;
 draining: draining; launched but not registered: starting), asks the `Autoscaler` (the
 code the fleet-simulator bench runs) for a decision, and carries out its actions:
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -46,28 +49,81 @@ _ERRORS = (ActuatorError, TimeoutError, OSError, grpc.RpcError, httpx.HTTPError)
 
 @dataclass(frozen=True, slots=True)
 class Counters:
-    """The router's cumulative counters for one model at one read."""
+    """The router's cumulative counters for one model (Route) and pool (Generate)."""
 
-    routed: float
-    prompt_tokens: float
-    output_tokens: float
+    requests: float = 0.0
+    prompt_tokens: float = 0.0
+    output_tokens: float = 0.0
+    ttft: tuple[tuple[float, float], ...] = ()  # Generate histogram buckets (le, count)
+    itl: tuple[tuple[float, float], ...] = ()
+
+    def minus(self, old: Counters) -> Counters | None:
+        """The interval between two reads; None when a counter went back (a restart)."""
+        d = Counters(self.requests - old.requests, self.prompt_tokens - old.prompt_tokens,
+                     self.output_tokens - old.output_tokens,
+                     _bucket_delta(self.ttft, old.ttft), _bucket_delta(self.itl, old.itl))
+        if min(d.requests, d.prompt_tokens, d.output_tokens) < 0 or any(
+                c < 0 for _, c in (*d.ttft, *d.itl)):
+            return None
+        return d
 
 
-def parse_counters(text: str, model: str) -> Counters:
-    """Arrivals and token totals of `model` from the router's /metrics text."""
-    routed = prompt = output = 0.0
+def _bucket_delta(cur: tuple[tuple[float, float], ...], old: tuple[tuple[float, float], ...],
+                  ) -> tuple[tuple[float, float], ...]:
+    before = dict(old)
+    return tuple((le, c - before.get(le, 0.0)) for le, c in cur)
+
+
+def quantile(buckets: tuple[tuple[float, float], ...], q: float) -> float | None:
+    """The q-quantile of a cumulative histogram (linear inside a bucket; None: empty)."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    total = buckets[-1][1]
+    want = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= want:
+            if math.isinf(le):
+                return prev_le  # beyond the last finite bucket: its bound, a lower bound
+            return prev_le + (le - prev_le) * ((want - prev_c) / (c - prev_c) if c > prev_c
+                                               else 1.0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
+def parse_counters(text: str, model: str, pool: str) -> Counters:
+    """Arrivals, token totals and Generate latency histograms of `model` (Route counters are
+    per model; Generate's are per pool) from the router's /metrics text."""
+    req = prompt = output = 0.0
+    ttft: dict[float, float] = {}
+    itl: dict[float, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
-            if s.labels.get("model") != model or not s.name.endswith("_total"):
+            lab = s.labels
+            if lab.get("model") != model:
                 continue
-            if fam.name == "kvrouter_decisions" and s.labels.get("outcome") == "routed":
-                routed += s.value
-            elif fam.name == "kvrouter_routed_tokens":
-                if s.labels.get("kind") == "prompt":
+            if fam.name == "kvrouter_decisions" and s.name.endswith("_total") \
+                    and lab.get("outcome") == "routed":
+                req += s.value
+            elif fam.name == "kvrouter_routed_tokens" and s.name.endswith("_total"):
+                if lab.get("kind") == "prompt":
                     prompt += s.value
-                elif s.labels.get("kind") == "expected_output":
+                elif lab.get("kind") == "expected_output":
                     output += s.value
-    return Counters(routed, prompt, output)
+            elif lab.get("pool") != pool:
+                continue
+            elif fam.name == "kvrouter_generate_requests" and s.name.endswith("_total"):
+                req += s.value
+            elif fam.name == "kvrouter_generate_tokens" and s.name.endswith("_total"):
+                if lab.get("kind") == "prompt":
+                    prompt += s.value
+                elif lab.get("kind") == "output":
+                    output += s.value
+            elif s.name.endswith("_bucket") and fam.name in ("kvrouter_generate_ttft_seconds",
+                                                             "kvrouter_generate_itl_seconds"):
+                into = ttft if fam.name == "kvrouter_generate_ttft_seconds" else itl
+                into[float(lab["le"])] = s.value
+    return Counters(req, prompt, output, tuple(sorted(ttft.items())), tuple(sorted(itl.items())))
 
 
 def in_pool(w: WorkerState, pool: str) -> bool:
@@ -91,7 +147,7 @@ class RouterTelemetry:
         async with httpx.AsyncClient(timeout=5.0) as http:
             resp = await http.get(self.metrics_url)
             resp.raise_for_status()
-            return parse_counters(resp.text, self.model)
+            return parse_counters(resp.text, self.model, self.pool)
 
     async def read(self, now: float) -> PoolTelemetry | None:
         """The last interval's telemetry; None on the first read (nothing to difference)
@@ -100,20 +156,19 @@ class RouterTelemetry:
         self.workers = {w.name: w for w in workers if in_pool(w, self.pool)}
         cur = await self._counters()
         prev, self._prev = self._prev, (now, cur)
-        if prev is None:
+        if prev is None or now <= prev[0]:
             return None
-        t0, c0 = prev
-        arrivals = cur.routed - c0.routed
-        if arrivals < 0 or cur.prompt_tokens < c0.prompt_tokens or now <= t0:
+        d = cur.minus(prev[1])
+        if d is None:
             log.warning("router counters went back (restart?): skipping one interval",
                         extra={"model": self.model})
             return None
-        n = int(arrivals)
+        n = int(d.requests)
         prefill = [w for w in self.workers.values() if w.role == Role.PREFILL.value]
         return PoolTelemetry(
-            self.model, self.pool, now, now - t0, n,
-            (cur.prompt_tokens - c0.prompt_tokens) / n if n else 0.0,
-            (cur.output_tokens - c0.output_tokens) / n if n else 0.0,
+            self.model, self.pool, now, now - prev[0], n,
+            d.prompt_tokens / n if n else 0.0, d.output_tokens / n if n else 0.0,
+            ttft_p95_s=quantile(d.ttft, 0.95), itl_p95_s=quantile(d.itl, 0.95),
             queue=sum(w.reported_queued for w in self.workers.values()),
             queued_prefill_tokens=sum(max(0, w.prefill_tokens) for w in prefill))
 
