@@ -235,3 +235,33 @@ def test_engine_service_takes_the_same_principals(tmp_path: Path) -> None:
         if eng is not None:
             eng.stop()
         rp.stop()
+
+
+def test_async_client_and_route_stream_carry_the_token(auth_router: RouterProcess) -> None:
+    import asyncio
+
+    from kvrouter.client import AsyncRouterClient
+
+    async def run() -> None:
+        async with AsyncRouterClient(auth_router.target, security=as_("client")) as c:
+            assert [m.name for m in await c.list_models()] == ["default"]
+            async with c.stream() as s:
+                out = await s.route_many([])  # an empty message still needs the role
+                assert out == []
+        async with AsyncRouterClient(auth_router.target, security=as_("w0")) as w:
+            with pytest.raises(grpc.RpcError) as err:
+                async with w.stream() as s:
+                    await s.route_many([])
+            assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    asyncio.run(run())
+
+
+def test_a_token_is_never_sent_in_plaintext_off_the_machine() -> None:
+    from kvrouter.security.tls import TlsError
+
+    with pytest.raises(TlsError, match="only over TLS or to a loopback"):
+        ClientSecurity(token=new_token()).channel("10.1.2.3:50051")
+    with pytest.raises(TlsError, match="only over TLS or to a loopback"):
+        ClientSecurity(token=new_token()).aio_channel("router.example:50051")
+    ClientSecurity(token=new_token()).channel("127.0.0.1:1").close()

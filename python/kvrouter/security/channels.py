@@ -4,8 +4,8 @@ engine backends): TLS from the process's TlsFiles and a bearer token.
     KVROUTER_TOKEN / KVROUTER_TOKEN_FILE   the bearer token sent as `authorization: Bearer`
     KVROUTER_TLS_*                        kvrouter.security.tls
 
-A token travels only over TLS, or in plaintext to a loopback target (gRPC's local channel
-credentials check that the peer is on this machine before sending call credentials).
+A token travels only over TLS, or in plaintext to a loopback target (a channel to another
+address without TLS is refused when it is made).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
-from kvrouter.security.tls import TlsError, TlsFiles
+from kvrouter.security.tls import TlsError, TlsFiles, is_loopback
 
 ENV_TOKEN = "KVROUTER_TOKEN"
 ENV_TOKEN_FILE = "KVROUTER_TOKEN_FILE"
@@ -33,6 +33,78 @@ def read_token(path: str | os.PathLike[str]) -> str:
     if not token:
         raise TlsError(f"token file {path} is empty")
     return token
+
+
+def _with_token(details: Any, md: tuple[str, str], aio: bool) -> Any:
+    metadata = list(details.metadata or ())
+    metadata.append(md)
+    if aio:
+        return grpc.aio.ClientCallDetails(details.method, details.timeout,
+                                          grpc.aio.Metadata(*metadata),
+                                          details.credentials, details.wait_for_ready)
+    return _SyncDetails(details.method, details.timeout, metadata, details.credentials,
+                        details.wait_for_ready, getattr(details, "compression", None))
+
+
+class _SyncDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _SyncToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                 grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer` to every call of a blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self.md = ("authorization", f"Bearer {token}")
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_with_token(details, self.md, False), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(_with_token(details, self.md, False), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_with_token(details, self.md, False), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(_with_token(details, self.md, False), requests)
+
+
+class _AioTokenBase:
+    def __init__(self, token: str) -> None:
+        self.md = ("authorization", f"Bearer {token}")
+
+
+# grpc.aio files an interceptor under the first call kind it implements, so each kind has
+# an object of its own.
+class _AioTokenUU(_AioTokenBase, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_token(details, self.md, True), request)
+
+
+class _AioTokenUS(_AioTokenBase, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_token(details, self.md, True), request)
+
+
+class _AioTokenSU(_AioTokenBase, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_with_token(details, self.md, True), requests)
+
+
+class _AioTokenSS(_AioTokenBase, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_with_token(details, self.md, True), requests)
+
+
+def _aio_token(token: str) -> list[Any]:
+    """Interceptors adding `authorization: Bearer` to every call of an asyncio channel."""
+    return [k(token) for k in (_AioTokenUU, _AioTokenUS, _AioTokenSU, _AioTokenSS)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,33 +122,37 @@ class ClientSecurity:
             token = read_token(env[ENV_TOKEN_FILE].strip())
         return cls(tls=TlsFiles.from_env(env), token=token)
 
+    def _check_target(self, target: str) -> None:
+        # The token is sent as call metadata by an interceptor (gRPC's call-credential
+        # plugins cost a thread hop per call: about half the unary rate on loopback,
+        # bench/security_overhead.py), so the TLS-or-local rule is checked here.
+        if self.token and self.tls is None and not is_loopback(target):
+            raise TlsError(f"a bearer token travels only over TLS or to a loopback address, "
+                           f"not in plaintext to {target} (set KVROUTER_TLS_CA)")
+
     def credentials(self) -> grpc.ChannelCredentials | None:
-        """Channel credentials, or None for a plaintext channel without a token."""
-        call = grpc.access_token_call_credentials(self.token) if self.token else None
-        if self.tls is not None:
-            creds = self.tls.channel_credentials()
-            return creds if call is None else grpc.composite_channel_credentials(creds, call)
-        if call is None:
-            return None
-        # Plaintext, but only to a local peer: call credentials are refused on a plain
-        # insecure channel, and local credentials fail the call if the peer is remote.
-        local = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
-        return grpc.composite_channel_credentials(local, call)
+        """Channel credentials (TLS), or None for a plaintext channel."""
+        return self.tls.channel_credentials() if self.tls is not None else None
 
     def _options(self, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         return [*options, *(self.tls.channel_options() if self.tls else ())]
 
     def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        self._check_target(target)
         creds = self.credentials()
-        if creds is None:
-            return grpc.insecure_channel(target, options=list(options))
-        return grpc.secure_channel(target, creds, options=self._options(options))
+        ch = (grpc.insecure_channel(target, options=list(options)) if creds is None
+              else grpc.secure_channel(target, creds, options=self._options(options)))
+        return grpc.intercept_channel(ch, _SyncToken(self.token)) if self.token else ch
 
     def aio_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        self._check_target(target)
         creds = self.credentials()
+        interceptors = _aio_token(self.token) if self.token else None
         if creds is None:
-            return grpc.aio.insecure_channel(target, options=list(options))
-        return grpc.aio.secure_channel(target, creds, options=self._options(options))
+            return grpc.aio.insecure_channel(target, options=list(options),
+                                             interceptors=interceptors)
+        return grpc.aio.secure_channel(target, creds, options=self._options(options),
+                                       interceptors=interceptors)
 
 
 def sync_channel(target: str, options: Sequence[tuple[str, Any]] = (),
