@@ -1,18 +1,23 @@
-"""Give freed heap back to the OS after large messages.
+"""Give the memory of large refused or finished requests back to the OS.
 
-A router that decoded a few 10-20 MiB requests (a flood of oversized prompts, a huge
-RouteStream message) keeps their memory: glibc raises its mmap threshold after large
-frees, so later large buffers come from the heap, and the heap's free top is not
-returned. bench/chaos measured router RSS going from 89 MiB to 138 MiB and staying
-there after one such flood. `HeapTrimmer.maybe_trim`, called from the router's
-maintenance loop, runs glibc's malloc_trim(0) when RSS has grown by `min_growth_bytes`
-since the last trim; on other C libraries it does nothing.
+Two things kept it (measured with bench/chaos and a probe sending 2M-token prompts):
+- A refused RPC ends in grpc.aio's AbortError, which sits in a reference cycle with the
+  call's state and the handler's frames, so the request (an 8 MiB message for a
+  2M-token prompt, plus its token array) lives until the cyclic GC's next full pass:
+  router RSS grew ~25 MiB per such request, to 350 MiB and beyond.
+- glibc raises its mmap threshold after large frees, so later large buffers come from
+  the heap, whose free space is not returned: one flood of oversized requests left RSS
+  at 138 MiB from 89 MiB.
+`HeapTrimmer.maybe_trim`, called from the router's maintenance loop, runs a full
+collection and glibc's malloc_trim(0) when RSS has grown by `min_growth_bytes` since
+the last trim (at most every `min_interval_s`); on other C libraries only the collection.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import time
@@ -48,7 +53,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class HeapTrimmer:
-    def __init__(self, min_growth_bytes: int = 8 << 20, min_interval_s: float = 5.0) -> None:
+    def __init__(self, min_growth_bytes: int = 8 << 20, min_interval_s: float = 1.0) -> None:
         self.min_growth_bytes = min_growth_bytes
         self.min_interval_s = min_interval_s
         self._trim = _malloc_trim()
@@ -57,14 +62,14 @@ class HeapTrimmer:
 
     def maybe_trim(self, now: float | None = None) -> int:
         """Trim if RSS grew enough since the last trim; returns the bytes returned."""
-        if self._trim is None:
-            return 0
         now = time.monotonic() if now is None else now
         rss = rss_bytes()
         if rss - self._baseline < self.min_growth_bytes or now - self._last < self.min_interval_s:
             return 0
         self._last = now
-        self._trim(0)
+        gc.collect()
+        if self._trim is not None:
+            self._trim(0)
         after = rss_bytes()
         freed = max(0, rss - after)
         self._baseline = after
