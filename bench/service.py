@@ -89,6 +89,53 @@ def bench_inproc(workers: int, tokens: int, iters: int, seed: int = 0,
                                                       summary(us).items()}}
 
 
+# ---------------------------------------------------------------------- (c) scale
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_scale(workers: int, total_blocks: int, iters: int, tokens: int = 8192,
+                seed: int = 5) -> dict[str, Any]:
+    """A big fleet in one index: memory per indexed block, route latency, snapshot size
+    and the cold start of a replica that loads it."""
+    import gc
+
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, VOCAB, size=tokens, dtype=np.uint32) for _ in range(32)]
+    gc.collect()
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    index = build_index(workers, total_blocks, prompts, seed)
+    build_s = time.perf_counter() - t0
+    entries = index.num_entries()
+    rss_index = _rss() - rss0
+    sched = Scheduler(index, seed=seed)
+    for w in range(workers):
+        sched.add_worker(w)
+    for i in range(min(200, iters)):
+        sched.route(prompts[i % len(prompts)], reserve=False)
+    lat = np.empty(iters, dtype=np.float64)
+    for i in range(iters):
+        p = prompts[i % len(prompts)]
+        t = time.perf_counter_ns()
+        sched.route(p, request_id=f"s{i}", expected_output_tokens=128)
+        lat[i] = time.perf_counter_ns() - t
+        sched.release(f"s{i}")
+    t0 = time.perf_counter()
+    snap = index.snapshot()
+    snapshot_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    restored = PrefixIndex.from_snapshot(snap)
+    cold_start_s = time.perf_counter() - t0
+    assert restored.num_entries() == entries
+    return {"workers": workers, "indexed_blocks": entries, "build_s": round(build_s, 2),
+            "rss_bytes": rss_index, "bytes_per_block": rss_index / entries,
+            "snapshot_bytes": len(snap), "snapshot_s": round(snapshot_s, 3),
+            "cold_start_s": round(cold_start_s, 3),
+            **{f"route_{k}_us": v for k, v in summary(lat / 1e3).items()}}
+
+
 # ---------------------------------------------------------------------- (b) gRPC
 def _proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and its threads (Linux)."""
@@ -341,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results here")
     ap.add_argument("--skip-grpc", action="store_true")
     ap.add_argument("--skip-inproc", action="store_true")
+    ap.add_argument("--skip-scale", action="store_true", help="skip the 1,024-worker, 10M-block case")
     args = ap.parse_args(argv)
 
     result: dict[str, Any] = {"benchmark": "service", "quick": args.quick, "machine": machine(),
@@ -362,6 +410,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"(overlap {r['mean_overlap_blocks']:.0f} blocks, "
                       f"{r['indexed_blocks']} indexed)", flush=True)
         result["inproc"] = inproc
+    if not args.skip_scale:
+        sc = bench_scale(1024, 10_000_000, 2000 if args.quick else 20000)
+        result["scale"] = {**sc, "bytes_per_block_10m": sc["bytes_per_block"],
+                           "route_p99_us_10m": sc["route_p99_us"]}
+        print(f"scale 1024w {sc['indexed_blocks']} blocks: {sc['bytes_per_block']:.0f} B/block, route p50 "
+              f"{sc['route_p50_us']:.1f}us p99 {sc['route_p99_us']:.1f}us, snapshot "
+              f"{sc['snapshot_bytes'] / 2**20:.0f} MiB, cold start {sc['cold_start_s']:.2f}s", flush=True)
     if not args.skip_grpc:
         g = bench_grpc(args.quick)
         result["grpc"] = g
