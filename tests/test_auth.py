@@ -265,3 +265,17 @@ def test_a_token_is_never_sent_in_plaintext_off_the_machine() -> None:
     with pytest.raises(TlsError, match="only over TLS or to a loopback"):
         ClientSecurity(token=new_token()).aio_channel("router.example:50051")
     ClientSecurity(token=new_token()).channel("127.0.0.1:1").close()
+
+
+def test_every_reachable_listener_falls_under_the_rule(tmp_path: Path) -> None:
+    from kvrouter.config import ConfigError, load_config
+
+    for router in ({"http": "0.0.0.0:8000"}, {"admin_listen": "[::]:50052"}):
+        with pytest.raises(ConfigError, match="reachable from other machines"):
+            load_config(env={}, overrides={"router": router})
+    auth = write_auth_file(tmp_path / "auth.yaml", _principals())
+    # TLS and auth make them fine; so does --insecure.
+    load_config(env={}, overrides={"router": {
+        "http": "0.0.0.0:8000", "admin_listen": "[::]:50052", "auth_file": str(auth),
+        "tls_cert": str(tmp_path / "c.pem"), "tls_key": str(tmp_path / "k.pem")}})
+    load_config(env={}, overrides={"router": {"http": "0.0.0.0:8000", "insecure": True}})
