@@ -24,6 +24,7 @@ EXTERNAL_COMMANDS: dict[str, str] = {
     "bridge": "kvrouter.engines.bridge_cli",
     "demo": "kvrouter.demo",
     "planner": "kvrouter.autoscale.command",
+    "frontier": "kvrouter.autoscale.frontier",
 }
 
 DEFAULT_TARGET = "127.0.0.1:50051"
