@@ -80,8 +80,9 @@ def entry_signed_parts(model: str, fields: dict[bytes, Any]) -> list[bytes]:
     """What a stream entry's F_SIG covers: the model and every field as written (so the
     worker, epoch, seq, time, kind and payload cannot be changed or moved to another
     model). Missing optional fields count as empty."""
-    return [b"entry", model.encode(), *(fields.get(f) or b"" for f in (
-        F_WORKER, F_EPOCH, F_SEQ, F_TIME, F_KIND, F_PAYLOAD))]
+    g = fields.get
+    return [b"entry", model.encode(), g(F_WORKER) or b"", g(F_EPOCH) or b"", g(F_SEQ) or b"",
+            g(F_TIME) or b"", g(F_KIND) or b"", g(F_PAYLOAD) or b""]
 
 
 def parse_entry(
