@@ -48,8 +48,9 @@ def test_a_full_reused_cache_sends_a_cold_prompt_elsewhere() -> None:
     assert d.worker == 2
     c1 = next(c for c in d.candidates if c.worker == 1)
     assert s.load(1, now=0.0).reuse == pytest.approx(1.0)
-    assert (c1.evicted_blocks, c1.pressure_cost) == (5, pytest.approx(5.0))
-    assert c1.cost == pytest.approx(5 * DEFAULT_WEIGHTS["prefill_weight"] + 5.0)
+    assert (c1.evicted_blocks, c1.pressure_cost) == (5, pytest.approx(
+        5 * DEFAULT_WEIGHTS["pressure_weight"]))
+    assert c1.cost == pytest.approx(5 * DEFAULT_WEIGHTS["prefill_weight"] + c1.pressure_cost)
     # A prompt whose whole prefix is cached stays with its cache.
     assert s.route_hashes([*range(1, 9), 60], 9, reserve=False, now=0.0).worker == 1
     # No capacity known for worker 1 any more: the term is off, the one-block hit wins.
@@ -137,7 +138,8 @@ def test_heartbeat_capacity_drives_explain_and_bad_capacities_are_counted(
         empty = next(x for x in r.candidates if x.worker == "empty")
         # 6 uncached prompt blocks + 2 output blocks on a full 2-block cache: both cached
         # blocks go; the reuse estimate is its prior (1/4) before any eviction.
-        assert (full.evicted_blocks, full.pressure_cost) == (2, pytest.approx(0.5))
+        assert (full.evicted_blocks, full.pressure_cost) == (
+            2, pytest.approx(2 * 0.25 * DEFAULT_WEIGHTS["pressure_weight"]))
         assert (empty.evicted_blocks, empty.pressure_cost) == (0, 0.0)
         # Absurd (used above capacity), then missing: ignored, the term off, counted.
         c.heartbeat(MODEL, "full", load_report(kv_used_blocks=9, kv_capacity_blocks=3))

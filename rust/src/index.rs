@@ -172,7 +172,7 @@ pub struct Ghosts {
 }
 
 /// Evicted blocks remembered per worker.
-pub const GHOSTS_PER_WORKER: usize = 4096;
+pub const GHOSTS_PER_WORKER: usize = 1024;
 
 impl Ghosts {
     fn push(&mut self, hash: u64) {
