@@ -178,6 +178,7 @@ def test_flip_moves_a_surplus_worker_to_the_short_role() -> None:
     dec = a.plan(60, sample(60, 6, prompt=300, output=2000), drained)
     flip = [x for x in dec.actions if x.worker == name]
     assert [(x.kind, x.to_role) for x in flip] == [(ActionKind.FLIP, D)]
+    assert dec.current["decode"] >= 2  # the flipped worker counts for decode at once
 
 
 def test_unreachable_slo_runs_at_max_and_alerts(caplog: pytest.LogCaptureFixture) -> None:

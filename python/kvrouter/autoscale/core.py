@@ -209,6 +209,7 @@ class Autoscaler:
         dec = Decision(t=now, model=self.model, pool=self.pool, outcome="steady")
         actions = dec.actions
         gone: set[str] = set()
+        flipping: dict[str, Role] = {}  # flipped this tick: capacity of their new role
         names = {w.name for w in workers}
         for name in [n for n in self._intents if n not in names]:
             del self._intents[name]  # vanished (stopped elsewhere): forget the intent
@@ -221,6 +222,7 @@ class Autoscaler:
                     gone.add(w.name)
                 else:
                     actions.append(Action(ActionKind.FLIP, w.role, w.name, to, reason="drained"))
+                    flipping[w.name] = to
         # 2. never ready
         for w in workers:
             if w.phase is Phase.STARTING and now - w.since > cfg.ready_timeout_s:
@@ -261,7 +263,8 @@ class Autoscaler:
             if w.phase is not Phase.DRAINING:
                 if w.role in current:
                     current[w.role] += 1
-            elif (to := self._intents.get(w.name)) is not None and to in current:
+            elif (to := self._intents.get(w.name, flipping.get(w.name))) is not None \
+                    and to in current:
                 current[to] += 1  # flipping towards `to`: capacity on its way
         dec.target = {str(r): target[r] for r in ROLES}
         dec.current = {str(r): current[r] for r in ROLES}
