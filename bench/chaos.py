@@ -245,13 +245,19 @@ def flood(targets: list[str], seconds: float) -> dict[str, int]:
             stub = router_pb2_grpc.RouterStub(ch)
             i += 1
             for name, req in (("prompt_2m", huge_prompt), ("message_20mib", fat)):
+                if time.monotonic() >= stop:
+                    break
                 try:
-                    stub.Route(req, timeout=DEADLINE_S)
+                    stub.Route(req, timeout=max(0.5, min(DEADLINE_S, stop - time.monotonic())))
                     seen[f"{name}:OK"] += 1
                 except grpc.RpcError as err:
                     seen[f"{name}:{err.code().name}"] += 1
+            if time.monotonic() >= stop:
+                break
             try:
-                n = sum(len(r.results) for r in stub.RouteStream(iter([big_stream]), timeout=60))
+                # Bounded by the window: the flood must not spill into the quiet period.
+                n = sum(len(r.results) for r in stub.RouteStream(
+                    iter([big_stream]), timeout=max(0.5, stop - time.monotonic())))
                 seen["stream_300k:OK" if n == 300_000 else "stream_300k:SHORT"] += 1
             except grpc.RpcError as err:
                 seen[f"stream_300k:{err.code().name}"] += 1
@@ -393,8 +399,8 @@ async def run(duration: float, work: Path) -> dict[str, Any]:
         log("load stopped; waiting for convergence")
         for p in pubs.values():
             await p.flush(30)
-        rss1 = rss_kib(fleet.routers[0].pid)
         div = await asyncio.to_thread(divergence, fleet, caches, end)
+        rss1 = rss_kib(fleet.routers[0].pid)  # after the quiet period and the convergence check
 
         def in_window(t: float) -> bool:
             return any(a <= t <= b for _, a, b in windows)

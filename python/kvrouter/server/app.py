@@ -20,6 +20,7 @@ from kvrouter.grpc_server import GrpcServer
 from kvrouter.registry import Registry
 from kvrouter.security.router import RouterSecurity
 from kvrouter.server.affinity import make_affinity
+from kvrouter.server.memory import HeapTrimmer, tune_allocator
 from kvrouter.server.metrics import RouterMetrics, WorkerSample
 from kvrouter.server.service import RouterService
 
@@ -75,6 +76,7 @@ class RouterApp:
 
     async def start(self) -> None:
         r = self.config.router
+        tune_allocator()  # before gRPC starts its threads (server/memory.py)
         # TLS files and the auth file are read first: a bad one stops the start at once.
         security = RouterSecurity.from_config(r, metrics_tls=r.metrics_tls)
         try:
@@ -169,11 +171,13 @@ class RouterApp:
     async def _maintenance(self) -> None:
         interval = self.config.router.expire_interval_s
         assert self.service is not None
+        heap = HeapTrimmer()  # returns the memory of oversized messages (server/memory.py)
         while True:
             await asyncio.sleep(interval)
             try:
                 self.service.expire_leases()
                 self._snapshot_metrics()
+                heap.maybe_trim()
             except Exception:  # keep the loop alive; a bug here must not stop lease expiry
                 log.exception("maintenance step failed")
 

@@ -40,6 +40,31 @@ def rss_bytes() -> int:
         return 0
 
 
+# glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+
+def tune_allocator(arenas: int = 2, mmap_threshold: int = 1 << 20) -> bool:
+    """Call before the gRPC server starts its threads. Returns False without glibc.
+
+    - At most `arenas` malloc arenas: gRPC's threads otherwise get arenas of their own
+      (8 per core), whose freed message buffers stay resident.
+    - Allocations of `mmap_threshold` bytes and more always mmap'd, so they go back to
+      the OS when freed (glibc raises the threshold after large frees otherwise).
+    Measured with three 300K-item RouteStream messages: router RSS 87 MiB before and
+    after with both, 172 MiB after with neither."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, arenas)) and bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
