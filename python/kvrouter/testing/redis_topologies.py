@@ -43,8 +43,10 @@ def _info(port: int, section: str) -> dict[str, str]:
 
 
 def _redis(name: str, port: int, log_dir: Path, *args: str) -> ChildProcess:
+    # --dir: a replica's full sync makes the primary write an RDB file there (not the cwd).
     return ChildProcess(name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no", "--daemonize", "no", *args],
+                               "--save", "", "--appendonly", "no", "--daemonize", "no",
+                               "--dir", str(log_dir), *args],
                         log_dir / f"{name}.log", None).start()
 
 
