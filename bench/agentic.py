@@ -32,7 +32,8 @@ Policies at every tool pause:
 
 * keep: pin the session's blocks on the GPU for the pause (Offload target TIER_GPU);
 * offload: copy to host and free the GPU blocks; Reload when the tool returns, the turn
-  starts after the copy (no prefetch: the copy is in the resumed TTFT);
+  starts at once and the copy overlaps the new tokens' prefill layer by layer
+  (SimRequest.load_until; no prefetch: what the copy does not hide is in the TTFT);
 * offload_prefetch: the same, but the client calls Router.ResumeSession ahead of the
   tool's expected return (by twice the copy time), so the reload is done when it returns;
 * reprefill: drop the session's blocks (freed at once) and prefill the context again;
@@ -152,17 +153,17 @@ def run(policy: str, w: Workload, profile: EngineProfile) -> Result:
     rid = itertools.count()
 
     def submit(kind: str, owner: Any, prompt: int, hashes: list[int], out: int, now: float,
-               resumed_at: float) -> None:
+               resumed_at: float, load_until: float = 0.0) -> None:
         req = SimRequest(request_id=f"r{next(rid)}", hashes=hashes[: prompt // BLOCK],
-                         prompt_tokens=prompt, max_tokens=out)
+                         prompt_tokens=prompt, max_tokens=out, load_until=load_until)
         meta[id(req)] = (kind, owner, resumed_at)
         res.useful_tokens += prompt + out
         engine.submit(req, now)
 
-    def start_turn(s: _Session, now: float, resumed_at: float) -> None:
+    def start_turn(s: _Session, now: float, resumed_at: float, load_until: float = 0.0) -> None:
         hashes = s.chain[: s.context // BLOCK]
         kv.note(str(s.sid), hashes, now)
-        submit("agent", s, s.context, hashes, w.output_tokens, now, resumed_at)
+        submit("agent", s, s.context, hashes, w.output_tokens, now, resumed_at, load_until)
 
     def pause(s: _Session, now: float) -> None:
         """The turn ended in a tool call: apply the policy to the session's blocks."""
@@ -210,7 +211,9 @@ def run(policy: str, w: Workload, profile: EngineProfile) -> Result:
             moved = kv.reload(key, now)
             res.reload_blocks += moved.blocks
             delay = moved.seconds
-        at(now + delay, "turn", (s, now))
+        # the turn starts now: the reload overlaps the new tokens' prefill layer by layer
+        # (SimRequest.load_until), as the engine's Reload does when a turn follows it
+        start_turn(s, now, now, now + delay)
 
     queue = list(sessions)
     for s in queue[: w.concurrent]:

@@ -45,6 +45,9 @@ from kvrouter.events.model import KvEvent, LoadReport
 log = logging.getLogger(__name__)
 
 INF = math.inf
+# Layers a layer-wise host reload is pipelined over (Llama-3-8B has 32): after the copy ends,
+# only the last layer's compute is left (SimRequest.load_until).
+LAYERWISE_LOAD_LAYERS = 32
 
 
 class RequestMode(StrEnum):
@@ -72,6 +75,11 @@ class SimRequest:
     # A parallel sample (n > 1) of `fork_of`'s prompt: admitted once that request's prompt KV
     # is computed, so n samples share one prefill (vLLM / TensorRT-LLM fork the sequence).
     fork_of: SimRequest | None = None
+    # Its cached prefix is still being copied host -> GPU until this time (an Engine.Reload
+    # that overlaps the new tokens' prefill layer by layer, as vLLM's KV connectors
+    # (wait_for_layer_load) and LMCache do): a step that prefills it ends no earlier than
+    # the copy plus the last layer's share of that step's compute.
+    load_until: float = 0.0
     # state, owned by the engine
     phase: Phase = Phase.WAITING
     ready_at: float = 0.0
@@ -477,7 +485,11 @@ class SimEngine:
             pairs += c * r.computed
         ctx = (sum(r.prompt_tokens + r.generated for r in decodes) / len(decodes)) if decodes else 0.0
         dt = self.profile.step_time(n_pf, pairs, len(decodes), ctx)
-        return _Step(start=now, end=now + dt, decodes=decodes, chunks=chunks)
+        end = now + dt
+        for r, _c in chunks:
+            if r.load_until > now:  # layer i computes while layer i+1's KV is copied
+                end = max(end, r.load_until + dt / LAYERWISE_LOAD_LAYERS)
+        return _Step(start=now, end=end, decodes=decodes, chunks=chunks)
 
     def _admit(self, r: SimRequest, now: float) -> None:
         m = self._match(r)
