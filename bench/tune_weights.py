@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     # Each grid point: the SchedulerWeights fields it sets (the rest keep their defaults).
     names = (("pressure_weight",) if args.grid == "pressure"
              else ("decode_weight", "queued_prefill_weight"))
-    default = tuple(DEFAULT_WEIGHTS[n] for n in names)
+    weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
+    default = tuple(weights[n] for n in names)
     values = (PRESSURE,) if args.grid == "pressure" else (DECODE, QUEUED_PREFILL)
     grid = sorted(set(itertools.product(*values)) | {default})
 
