@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 1024
+INT32_MAX = (1 << 31) - 1
+INT64_MAX = (1 << 63) - 1
 
 
 class _Body(BaseModel):
@@ -31,7 +33,9 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 32)]], Field(min_le
 
 class _Sampling(_Body):
     model: StrictStr = ""
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # 0 would mean the default
+    # bounded by the proto fields they fill (int64 max_tokens, int32 top_k): a larger value
+    # is the client's 400, not a ValueError (a 500) when the gRPC request is built
+    max_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None  # 0: the default
     temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
     n: Annotated[int, Field(ge=1, le=64)] = 1
@@ -44,7 +48,7 @@ class _Sampling(_Body):
     frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] = 0.0
     logit_bias: dict[str, Any] | None = None
     # vLLM's extensions
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 32)]] | None = None
     ignore_eos: StrictBool = False
     return_token_ids: StrictBool = False
@@ -120,7 +124,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
