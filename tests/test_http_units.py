@@ -133,3 +133,19 @@ def test_status_table() -> None:
     assert (e.status, e.headers()["Retry-After"], e.message) == (429, "3", "queue full")
     assert HttpError.from_exception(RuntimeError("x")).status == 500
     assert "Retry-After" not in HttpError.from_status(grpc.StatusCode.UNAVAILABLE, "x").headers()
+
+
+def test_mid_stream_chunk_bytes_equal_the_dict_encoding() -> None:
+    """The streaming hot path writes pre-encoded bytes around the text: they must be the
+    very bytes json would give for the chunk's choice (OpenAI's format, key order kept)."""
+    from kvrouter.http.server import _MID_CHUNK, _dumps
+
+    for chat in (False, True):
+        for i in (0, 7, 63):
+            for text in ["", 'h\u00e9llo "x"\n\u2028\x00\\', "a"]:
+                item: dict[str, object] = (
+                    {"index": i, "delta": {"content": text}, "logprobs": None,
+                     "finish_reason": None} if chat else
+                    {"index": i, "text": text, "logprobs": None, "finish_reason": None})
+                pre, post = _MID_CHUNK[i][chat]
+                assert pre + _dumps(text) + post == _dumps(item)

@@ -484,6 +484,12 @@ class HttpFront:
         text = c.take(finished)
         if not text and not finished and not with_ids:
             return
+        if not finished and not with_ids and c.index < len(_MID_CHUNK):
+            # the hot path (a token's text mid-stream): only the text is serialised; the
+            # bytes are those of the dict below (same key order, same separators)
+            pre, post = _MID_CHUNK[c.index][chat]
+            await resp.write(frame[0] + pre + _dumps(text) + post + frame[1])
+            return
         item: dict[str, Any]
         if chat:
             item = {"index": c.index, "delta": {"content": text} if text or not finished else {},
@@ -495,6 +501,17 @@ class HttpFront:
             item["token_ids"] = list(ids)
         # one chunk = the request's constant fields around this choice (pre-encoded)
         await resp.write(frame[0] + _dumps(item) + frame[1])
+
+
+def _mid_chunk(index: int, chat: bool) -> tuple[bytes, bytes]:
+    """The bytes of a mid-stream choice around its JSON-encoded text."""
+    if chat:
+        return (b'{"index":%d,"delta":{"content":' % index,
+                b'},"logprobs":null,"finish_reason":null}')
+    return b'{"index":%d,"text":' % index, b',"logprobs":null,"finish_reason":null}'
+
+
+_MID_CHUNK = [{chat: _mid_chunk(i, chat) for chat in (False, True)} for i in range(64)]
 
 
 def _trace_headers(trace: GenerateTrace) -> dict[str, str]:
