@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrouter.autoscale.config import SLO, AutoscaleConfig
+from kvrouter.security.channels import ClientSecurity
 
 log = logging.getLogger("kvrouter.autoscale")
 
@@ -29,7 +30,7 @@ def register(sub: Any) -> None:
                    help="plan a running router (default: start one here)")
     p.add_argument("--metrics-url", default=None,
                    help="the router's /metrics (default http://127.0.0.1:9400/metrics with "
-                        "--router)")
+                        "--router; https when KVROUTER_TLS_* is set)")
     p.add_argument("--model", default="default")
     p.add_argument("--pool", default="disaggregated")
     p.add_argument("--calibration", type=Path, default=None,
@@ -56,6 +57,13 @@ def register(sub: Any) -> None:
     p.add_argument("--ticks", type=int, default=0, help="stop after this many ticks (0: run)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=_cmd)
+
+
+def default_metrics_url(security: ClientSecurity, port: int = 9400) -> str:
+    """The router's /metrics on this machine: https when the process has TLS settings (the
+    router serves /metrics over TLS with its certificate, `router.metrics_tls`)."""
+    scheme = "https" if security.tls is not None else "http"
+    return f"{scheme}://127.0.0.1:{port}/metrics"
 
 
 def _config(args: argparse.Namespace) -> AutoscaleConfig:
@@ -85,15 +93,19 @@ async def _main(args: argparse.Namespace, cfg: AutoscaleConfig) -> None:
         start_http_server(args.metrics_port, registry=metrics.registry)
     router_proc = None
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kvrouter-planner-"))
+    # One set of client credentials (KVROUTER_TLS_* / KVROUTER_TOKEN*, as every kvrouter
+    # client) for the router's gRPC and its /metrics; the token needs the admin role
+    # (DrainWorker, DeregisterWorker).
+    security = ClientSecurity.from_env()
     target, metrics_url = args.router, args.metrics_url
     if target is None:
         from kvrouter.testing.processes import start_router
 
-        router_proc = start_router(workdir, metrics=True)
+        router_proc = start_router(workdir, metrics=True, security=security)
         target = router_proc.target
-        metrics_url = f"http://127.0.0.1:{router_proc.metrics_port}/metrics"
+        metrics_url = default_metrics_url(security, router_proc.metrics_port)
         print(f"router {target} (metrics {metrics_url}); engine logs in {workdir}", flush=True)
-    metrics_url = metrics_url or "http://127.0.0.1:9400/metrics"
+    metrics_url = metrics_url or default_metrics_url(security)
     actuator: Any
     if args.actuator == "kubernetes":
         from kvrouter.autoscale.actuators.kubernetes import KubernetesActuator
@@ -108,12 +120,13 @@ async def _main(args: argparse.Namespace, cfg: AutoscaleConfig) -> None:
     stop = asyncio.Event()
     stop_on_signals(stop.set)
     try:
-        async with AsyncRouterClient(target) as client:
+        async with AsyncRouterClient(target, security=security) as client:
             scaler = Autoscaler(PerfModel(profile), cfg, model=args.model, pool=args.pool,
                                 metrics=metrics)
             scaler.keep_decisions = False
-            loop = PlannerLoop(scaler, RouterTelemetry(client, metrics_url, args.model,
-                                                       args.pool), actuator, client)
+            telemetry = RouterTelemetry(client, metrics_url, args.model, args.pool,
+                                        security=security)
+            loop = PlannerLoop(scaler, telemetry, actuator, client)
             if args.actuator == "local" and not await actuator.workers():
                 for role, n in ((Role.PREFILL, cfg.min_prefill), (Role.DECODE, cfg.min_decode)):
                     for _ in range(n):

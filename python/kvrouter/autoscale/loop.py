@@ -41,6 +41,7 @@ from kvrouter.client import AsyncRouterClient, WorkerState
 from kvrouter.planner import POOL_METADATA_KEY, default_pool
 from kvrouter.registry import Role
 from kvrouter.retry import Backoff
+from kvrouter.security.channels import ClientSecurity
 
 log = logging.getLogger("kvrouter.autoscale")
 
@@ -135,16 +136,25 @@ def in_pool(w: WorkerState, pool: str) -> bool:
 
 
 class RouterTelemetry:
-    """One model's pool, read from a running router (gRPC ListWorkers + /metrics)."""
+    """One model's pool, read from a running router (gRPC ListWorkers + /metrics).
+
+    `security`: the TLS trust used for an https /metrics URL (the router serves /metrics
+    over TLS when it has a certificate); the gRPC client carries its own (the same
+    KVROUTER_TLS_* / KVROUTER_TOKEN* settings in `kvrouter planner`). /metrics takes no
+    token, so none is sent to it."""
 
     def __init__(self, client: AsyncRouterClient, metrics_url: str, model: str,
-                 pool: str) -> None:
+                 pool: str, *, security: ClientSecurity | None = None) -> None:
         self.client, self.metrics_url, self.model, self.pool = client, metrics_url, model, pool
+        tls = security.tls if security is not None else None
+        # httpx's `verify`: the CA (and this process's certificate, for mutual TLS) of the
+        # kvrouter TLS settings; system roots when there are none.
+        self._verify: Any = tls.client_ssl_context() if tls is not None else True
         self._prev: tuple[float, Counters] | None = None
         self.workers: dict[str, WorkerState] = {}  # the pool's workers at the last read
 
     async def _counters(self) -> Counters:
-        async with httpx.AsyncClient(timeout=5.0) as http:
+        async with httpx.AsyncClient(timeout=5.0, verify=self._verify) as http:
             resp = await http.get(self.metrics_url)
             resp.raise_for_status()
             return parse_counters(resp.text, self.model, self.pool)
