@@ -130,6 +130,11 @@ def _decode_checked(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
 
 
 class _DecodeErrors(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # method -> (handler, wrapped): the service's handler object is the same on every
+        # call, so it is wrapped once instead of per RPC (~several us of closures/inspect).
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
             self, continuation: Callable[[grpc.HandlerCallDetails],
                                          Awaitable[grpc.RpcMethodHandler]],
@@ -137,7 +142,14 @@ class _DecodeErrors(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _decode_checked(handler, handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _decode_checked(handler, method)
+        if len(self._wrapped) < 1024:  # method names are the services' own, but stay bounded
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 class GrpcServer:

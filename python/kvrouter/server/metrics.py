@@ -180,14 +180,19 @@ class RouterMetrics:
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._latency_children: dict[str, Histogram] = {}
         self._ratio_children: dict[str, Histogram] = {}
+        self._token_children: dict[str, tuple[Counter, Counter]] = {}
         self._http: object | None = None
 
     # hot path ------------------------------------------------------------
     def decided(self, model: str, policy: str, seconds: float, overlap_ratio: float,
                 prompt_tokens: int = 0, expected_output_tokens: int = 0) -> None:
         if prompt_tokens or expected_output_tokens:  # the autoscaler's lengths (docs/autoscale.md)
-            self.routed_tokens.labels(model, "prompt").inc(prompt_tokens)
-            self.routed_tokens.labels(model, "expected_output").inc(expected_output_tokens)
+            t = self._token_children.get(model)
+            if t is None:  # labels() costs ~1 us a call: children are bound once per model
+                t = self._token_children[model] = (self.routed_tokens.labels(model, "prompt"),
+                                                   self.routed_tokens.labels(model, "expected_output"))
+            t[0].inc(prompt_tokens)
+            t[1].inc(expected_output_tokens)
         key = (model, policy, "routed")
         c = self._decision_children.get(key)
         if c is None:

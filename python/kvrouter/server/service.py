@@ -403,11 +403,12 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, self._no_worker_message(m, True))
             pin = self._pin(m, req.session_id, candidates)
             try:
+                # cast to a string type: `PolicyName | None` would build a typing Union per call
                 d: Decision = sched.route(
                     tokens, extra_key=extra_key_for(req.extra_key), request_id=rid,
                     expected_output_tokens=expected,
                     candidates=self.affinity.narrow(m.state, pin, candidates),
-                    policy=cast(PolicyName | None, policy), explain=explain, reserve=not dry_run)
+                    policy=cast("PolicyName | None", policy), explain=explain, reserve=not dry_run)
             except NoRoutableWorker:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                    self._no_worker_message(m, filtered)) from None
