@@ -115,6 +115,77 @@ def test_predictor_refuses_bad_values() -> None:
 
 # -- decisions ------------------------------------------------------------------------------------
 
+def test_kv_usage_near_full_adds_decode_workers_while_itl_is_met() -> None:
+    reg = CollectorRegistry()
+    m, c = AutoscaleMetrics(reg), cfg(recent_ticks=1)
+    a = Autoscaler(PERF, c, metrics=m)
+    ok_itl = {"ttft_p95_s": 0.5, "itl_p95_s": 0.01}
+    calm = a.plan(30, sample(30, 1, kv_usage=0.3, kv_workers=4, **ok_itl), fleet(2, 4))
+    modelled = calm.need.decode if calm.need else -1
+    assert 0 < modelled < 4  # by step time alone this load needs fewer decode workers
+    a = Autoscaler(PERF, c, metrics=m)
+    dec = a.plan(30, sample(30, 1, kv_usage=0.95, kv_workers=4, **ok_itl), fleet(2, 4))
+    # the KV held on 4 workers at 95% needs ceil(4 x 0.95 / 0.8) = 5 at the 80% target
+    assert dec.target["decode"] == 5 and "KV usage 0.95" in dec.note
+    # one more decode worker: started, or (here) a surplus prefill worker flipped
+    more = [x for x in dec.actions if (x.kind, x.role) == (ActionKind.START, D)
+            or (x.kind, x.to_role) == (ActionKind.DRAIN, D)]
+    assert len(more) == 1, dec.as_log()
+    assert dec.as_log()["kv_usage"] == 0.95
+    assert reg.get_sample_value("kvrouter_autoscale_kv_usage",
+                                {"model": "default", "pool": "disaggregated"}) == 0.95
+    # KV near full also keeps decode from scaling down below what holds it
+    a = Autoscaler(PERF, cfg(recent_ticks=1, down_stable_ticks=1, down_cooldown_s=0,
+                             down_band=0))
+    for t in (30, 60, 90):
+        dec = a.plan(t, sample(t, 1, kv_usage=0.8, kv_workers=6, **ok_itl), fleet(2, 6))
+        assert not [x for x in dec.actions if x.role is D], dec.as_log()
+
+
+def test_kv_usage_is_read_from_the_decode_workers_load_reports() -> None:
+    from kvrouter._proto.v1 import common_pb2, router_pb2
+    from kvrouter.autoscale.loop import decode_kv_usage, in_pool
+    from kvrouter.client import ROLES, to_workers
+
+    def info(name: str, role: str, used: int, free: int, status: str = "up",
+             pool: str = "") -> router_pb2.WorkerInfo:
+        return router_pb2.WorkerInfo(
+            name=name, model="m", role=ROLES[role], status=status,
+            metadata={"pool": pool} if pool else {},
+            load=router_pb2.WorkerLoad(reported=common_pb2.LoadReport(
+                kv_used_blocks=used, kv_free_blocks=free)))
+
+    resp = router_pb2.ListWorkersResponse(workers=[
+        info("d0", "decode", 90, 10), info("d1", "decode", 50, 50),
+        info("d2", "decode", 100, 0, status="draining"),  # leaving: not the pool's capacity
+        info("p0", "prefill", 100, 0),  # prefill KV is transient
+        info("d3", "decode", 0, 0),  # no cache reported
+        info("x0", "decode", 100, 0, pool="other")])
+    pool = {w.name: w for w in to_workers(resp) if in_pool(w, "disaggregated")}
+    assert set(pool) == {"d0", "d1", "d2", "d3", "p0"}
+    assert decode_kv_usage(resp, pool) == (0.7, 2)
+    assert decode_kv_usage(router_pb2.ListWorkersResponse(), {}) == (None, 0)
+
+
+def test_a_restarted_planner_finishes_the_drains_it_finds() -> None:
+    # An earlier planner drained d1 (to stop) and d2 (to flip) and then restarted.
+    a = Autoscaler(PERF, cfg())
+    busy = [*fleet(2, 1), WorkerView("d1", D, Phase.DRAINING, 0, inflight=3),
+            WorkerView("d2", D, Phase.DRAINING, 0, inflight=0)]
+    dec = a.plan(30, None, busy)  # even a telemetry gap finishes drains
+    assert [(x.kind, x.worker, x.reason) for x in dec.actions] == [
+        (ActionKind.STOP, "d2", "drained")]
+    assert dec.outcome == "gap"
+    idle = [w for w in busy if w.name != "d2"]
+    idle[-1] = WorkerView("d1", D, Phase.DRAINING, 0, inflight=0)
+    dec = a.plan(60, sample(60, 1), idle)
+    assert [(x.kind, x.worker) for x in dec.actions if x.worker == "d1"] == [
+        (ActionKind.STOP, "d1")]
+    # only on the first view: a drain someone else starts later is left to them
+    later = [*fleet(2, 1), WorkerView("ops", D, Phase.DRAINING, 90, inflight=0)]
+    dec = a.plan(90, sample(90, 1), later)
+    assert not [x for x in dec.actions if x.worker == "ops"]
+
 def test_scales_up_at_once_within_max_workers() -> None:
     a = Autoscaler(PERF, cfg(max_workers=12))
     dec = a.plan(30, sample(30, 20), fleet(1, 1))
@@ -200,6 +271,7 @@ def test_unreachable_slo_runs_at_max_and_alerts(caplog: pytest.LogCaptureFixture
     sample(30, 10, prompt=math.nan),
     PoolTelemetry("m", "disaggregated", 30, 0.0, 5, 100, 10),  # empty window
     PoolTelemetry("m", "disaggregated", 30, 30, -4, 100, 10),
+    sample(30, 10, kv_usage=1.5, kv_workers=2),  # a share above 1
 ])
 def test_telemetry_gap_holds(bad: PoolTelemetry | None) -> None:
     reg = CollectorRegistry()

@@ -59,6 +59,10 @@ class AutoscaleConfig(BaseModel):
     correction_max: float = Field(default=1.5, ge=1)
     backlog_drain_s: float = Field(default=60.0, gt=0,
                                    description="queued prefill work is sized to clear in this")
+    kv_usage_target: float = Field(
+        default=0.8, gt=0, le=1,
+        description="decode workers at least so that the KV the decode pool holds (engines' "
+                    "load reports) would fill this share of their caches")
 
     @model_validator(mode="after")
     def _limits(self) -> AutoscaleConfig:

@@ -5,14 +5,17 @@ Pure and synchronous (no I/O, the clock is an argument) so that the live loop
 very same code. One `Autoscaler` plans one pool of one model:
 
 1. Finish drains it started: a draining worker with nothing in flight is stopped, or,
-   when it was drained to change role, flipped (prefill <-> decode).
+   when it was drained to change role, flipped (prefill <-> decode). On its first view
+   of the fleet it adopts the draining workers an earlier planner left (a restart): they
+   are stopped once idle.
 2. Stop workers that never became ready (`ready_timeout_s`).
 3. Telemetry: the last interval's arrivals and mean lengths feed the predictor; the
    observed TTFT/ITL tails correct the modelled need up when they miss the SLO without a
    backlog to explain it (a backlog is sized directly: queued prompt tokens must clear
    within `backlog_drain_s`). Missing,
    stale or malformed telemetry is a gap: the planner holds (no scaling either way).
-4. Size: forecast -> `PerfModel.need` -> target prefill/decode workers, clamped to the
+4. Size: forecast -> `PerfModel.need` -> target prefill/decode workers (decode at least
+   what the KV the decode workers report holding needs at `kv_usage_target`), clamped to the
    minimums and `max_workers` (an SLO that cannot be met there runs at the maximum and
    raises the `slo_unreachable` metric).
 5. Reconcile with hysteresis: scale up at once (after `up_cooldown_s`); scale down only
@@ -31,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -85,14 +88,19 @@ class PoolTelemetry:
     itl_p95_s: float | None = None
     queue: int = 0  # requests waiting for admission on the pool's engines
     queued_prefill_tokens: int = 0  # prompt tokens not yet prefilled (engines' reports)
+    # Share of the decode workers' KV blocks held by requests (their load reports: used /
+    # (used + free)), over `kv_workers` ready decode workers; None: not reported.
     kv_usage: float | None = None
+    kv_workers: int = 0
 
     def problem(self) -> str:
         """Why this sample cannot be used ('' when it can)."""
         nums = (self.window_s, self.prompt_tokens, self.output_tokens)
         if not all(math.isfinite(v) and v >= 0 for v in nums) or min(
-                self.arrivals, self.queue, self.queued_prefill_tokens) < 0:
+                self.arrivals, self.queue, self.queued_prefill_tokens, self.kv_workers) < 0:
             return "non-finite or negative values"
+        if self.kv_usage is not None and not 0.0 <= self.kv_usage <= 1.0:
+            return f"KV usage {self.kv_usage} outside [0, 1]"
         if self.window_s <= 0:
             return "empty window"
         return ""
@@ -120,6 +128,7 @@ class Decision:
     current: dict[str, int] = field(default_factory=dict)
     actions: list[Action] = field(default_factory=list)
     slo_unreachable: bool = False
+    kv_usage: float | None = None
     note: str = ""
 
     def as_log(self) -> dict[str, Any]:
@@ -131,6 +140,8 @@ class Decision:
             out.update(forecast_rate=round(self.forecast.rate, 4),
                        forecast_prompt=round(self.forecast.prompt_tokens, 1),
                        forecast_output=round(self.forecast.output_tokens, 1))
+        if self.kv_usage is not None:
+            out["kv_usage"] = round(self.kv_usage, 3)
         if self.need is not None:
             out.update(need_prefill=self.need.prefill, need_decode=self.need.decode,
                        decode_batch=self.need.decode_batch)
@@ -164,6 +175,7 @@ class Autoscaler:
         self._last_down = {r: -math.inf for r in ROLES}
         self._streak = {r: 0 for r in ROLES}
         self._intents: dict[str, Role | None] = {}  # drained by us: then flip to role / stop
+        self._adopted = False  # drains left by an earlier planner taken over (first view)
         self.decisions: list[Decision] = []
         self.keep_decisions = True
 
@@ -186,6 +198,15 @@ class Autoscaler:
                 c = max(1.0, c / step ** 0.25)
             self.correction[role] = c
         return rate
+
+    def _kv_floor(self, s: PoolTelemetry) -> int:
+        """Decode workers the KV in use needs at `kv_usage_target` (0: not reported). The
+        cost model sizes decode by step time; a pool of long contexts fills its caches
+        first (engines then preempt or queue), which only more workers relieve: the KV
+        held spreads over them in proportion."""
+        if s.kv_usage is None or s.kv_workers <= 0:
+            return 0
+        return math.ceil(s.kv_workers * s.kv_usage / self.cfg.kv_usage_target - 1e-9)
 
     def _targets(self, need: Need) -> tuple[dict[Role, int], bool]:
         cfg = self.cfg
@@ -213,6 +234,8 @@ class Autoscaler:
         names = {w.name for w in workers}
         for name in [n for n in self._intents if n not in names]:
             del self._intents[name]  # vanished (stopped elsewhere): forget the intent
+        if not self._adopted:
+            self._adopt(workers)
         # 1. drains that are done
         for w in workers:
             if w.phase is Phase.DRAINING and w.inflight <= 0 and w.name in self._intents:
@@ -240,6 +263,7 @@ class Autoscaler:
             self._streak = {r: 0 for r in ROLES}
             return self._finish(dec, workers)
         dec.observed_rate = self._observe(sample)
+        dec.kv_usage = sample.kv_usage
         # 4. size
         horizon = 1.0 + cfg.start_s / cfg.interval_s  # capacity asked now serves after a start
         fc = dec.forecast = self.predictor.forecast(horizon)
@@ -251,9 +275,15 @@ class Autoscaler:
                                               fc.output_tokens), cfg,
                                          self.correction[Role.PREFILL],
                                          self.correction[Role.DECODE])
+        kv_floor = self._kv_floor(sample)
+        if need.feasible and kv_floor > need.decode:
+            need = dec.need = replace(need, decode=kv_floor)
+            dec.note = (f"decode sized for KV usage {sample.kv_usage:.2f} on "
+                        f"{sample.kv_workers} worker(s)")
         target, dec.slo_unreachable = self._targets(need)
         if dec.slo_unreachable:
-            dec.note = need.reason or f"SLO needs {need.prefill}+{need.decode} > max_workers"
+            dec.note = "; ".join(x for x in (dec.note, need.reason or f"SLO needs {need.prefill}"
+                                             f"+{need.decode} > max_workers") if x)
             log.warning("SLO unreachable within max_workers; running at the maximum",
                         extra={"model": self.model, "pool": self.pool, "reason": dec.note})
         # 5. reconcile
@@ -321,6 +351,19 @@ class Autoscaler:
         dec.note = "; ".join(x for x in (dec.note, *held) if x)
         return self._finish(dec, workers)
 
+    def _adopt(self, workers: Sequence[WorkerView]) -> None:
+        """On the first view of the fleet, take over the drains an earlier planner (before a
+        restart) started: draining workers the actuator runs that this planner has no
+        intent for are stopped once idle. Their old intent (stop or flip) is not known;
+        stopping is the safe reading, and sizing starts what is then missing."""
+        self._adopted = True
+        for w in workers:
+            if w.phase is Phase.DRAINING and w.name not in self._intents:
+                self._intents[w.name] = None
+                log.info("adopting a drain started before this planner", extra={
+                    "model": self.model, "pool": self.pool, "worker": w.name,
+                    "inflight": w.inflight})
+
     def hold(self, now: float, note: str) -> Decision:
         """A tick without a view of the fleet (the actuator could not list it): nothing is
         planned and the drain intents are kept for the next tick."""
@@ -364,6 +407,8 @@ class Autoscaler:
                     m.target.labels(*lab, str(r)).set(dec.target[str(r)])
             if dec.observed_rate is not None:
                 m.observed_rate.labels(*lab).set(dec.observed_rate)
+            if dec.kv_usage is not None:
+                m.kv_usage.labels(*lab).set(dec.kv_usage)
             if dec.forecast is not None:
                 m.predicted_rate.labels(*lab).set(dec.forecast.rate)
                 m.slo_unreachable.labels(*lab).set(1.0 if dec.slo_unreachable else 0.0)

@@ -35,9 +35,10 @@ import grpc
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvrouter._proto.v1 import router_pb2
 from kvrouter.autoscale.actuators import Actuator, ActuatorError, Launched
 from kvrouter.autoscale.core import Action, ActionKind, Autoscaler, Decision, Phase, PoolTelemetry, WorkerView
-from kvrouter.client import AsyncRouterClient, WorkerState
+from kvrouter.client import AsyncRouterClient, WorkerState, to_workers
 from kvrouter.planner import POOL_METADATA_KEY, default_pool
 from kvrouter.registry import Role
 from kvrouter.retry import Backoff
@@ -135,6 +136,25 @@ def in_pool(w: WorkerState, pool: str) -> bool:
     return (w.metadata.get(POOL_METADATA_KEY) or default_pool(role)) == pool
 
 
+def decode_kv_usage(resp: router_pb2.ListWorkersResponse, pool: Mapping[str, WorkerState],
+                    ) -> tuple[float | None, int]:
+    """(KV usage, workers it covers) of the pool's serving decode workers, from the load
+    reports ListWorkers relays: blocks used / (used + free) summed over the workers that
+    report a cache (the share kvrouter.admission.kv_usage takes per worker); (None, 0)
+    when none does."""
+    used = total = n = 0
+    for w in resp.workers:
+        mine = pool.get(w.name)
+        if mine is None or mine.role != Role.DECODE.value or mine.status != "up":
+            continue
+        rep = w.load.reported
+        if rep.kv_used_blocks + rep.kv_free_blocks > 0:
+            used += rep.kv_used_blocks
+            total += rep.kv_used_blocks + rep.kv_free_blocks
+            n += 1
+    return (used / total, n) if total > 0 else (None, 0)
+
+
 class RouterTelemetry:
     """One model's pool, read from a running router (gRPC ListWorkers + /metrics).
 
@@ -162,8 +182,9 @@ class RouterTelemetry:
     async def read(self, now: float) -> PoolTelemetry | None:
         """The last interval's telemetry; None on the first read (nothing to difference)
         or after a counter reset (the router restarted)."""
-        workers = await self.client.list_workers(self.model)
-        self.workers = {w.name: w for w in workers if in_pool(w, self.pool)}
+        resp = await self.client.list_workers_pb(self.model)
+        self.workers = {w.name: w for w in to_workers(resp) if in_pool(w, self.pool)}
+        kv_usage, kv_workers = decode_kv_usage(resp, self.workers)
         cur = await self._counters()
         prev, self._prev = self._prev, (now, cur)
         if prev is None or now <= prev[0]:
@@ -180,7 +201,8 @@ class RouterTelemetry:
             d.prompt_tokens / n if n else 0.0, d.output_tokens / n if n else 0.0,
             ttft_p95_s=quantile(d.ttft, 0.95), itl_p95_s=quantile(d.itl, 0.95),
             queue=sum(w.reported_queued for w in self.workers.values()),
-            queued_prefill_tokens=sum(max(0, w.prefill_tokens) for w in prefill))
+            queued_prefill_tokens=sum(max(0, w.prefill_tokens) for w in prefill),
+            kv_usage=kv_usage, kv_workers=kv_workers)
 
 
 def merge_views(launched: list[Launched], registered: Mapping[str, WorkerState],

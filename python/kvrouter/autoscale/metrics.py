@@ -23,6 +23,9 @@ class AutoscaleMetrics:
             "kvrouter_autoscale_slo_unreachable",
             "1 while the SLO cannot be met within max_workers (the pool runs at the maximum)",
             labels, registry=r)
+        self.kv_usage = Gauge("kvrouter_autoscale_kv_usage",
+                              "Share of the decode workers' KV blocks in use (load reports)",
+                              labels, registry=r)
         self.correction = Gauge("kvrouter_autoscale_correction",
                                 "Multiplier on the modelled need from observed SLO misses",
                                 [*labels, "role"], registry=r)

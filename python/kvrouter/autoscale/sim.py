@@ -66,15 +66,20 @@ class SimDriver:
         first = [d.first_token - d.arrival for d in fleet._done[-4 * max(n, 50):]
                  if t - window < d.first_token <= t]
         out = float(np.mean([d.output_tokens for d in done])) if done else 0.0
-        queued = tokens = 0
+        queued = tokens = kv_used = kv_total = kv_workers = 0
         for w, sl in enumerate(fleet.slots):
             if sl.role is not None:
                 rep = fleet.engines[w].load_report()
                 queued += rep.queued
                 tokens += rep.queued_prefill_tokens
+                if sl.role is Role.DECODE and sl.phase == READY:  # as RouterTelemetry reads it
+                    kv_used += rep.kv_used_blocks
+                    kv_total += rep.kv_used_blocks + rep.kv_free_blocks
+                    kv_workers += 1
         return PoolTelemetry(
             self.model, self.pool, t, window, n, prompt, out, queue=queued,
             queued_prefill_tokens=tokens,
+            kv_usage=kv_used / kv_total if kv_total else None, kv_workers=kv_workers,
             ttft_p95_s=float(np.percentile(first, 95)) if first else None,
             itl_p95_s=float(np.percentile([itl_s(d) for d in done], 95)) if done else None)
 
