@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from kvrouter.autoscale.frontier import planner_split
+from kvrouter.autoscale.frontier import FrontierError, _bench_disagg, planner_split
 from kvrouter.autoscale.sizing import PerfModel
 from kvrouter.cli import main
 from kvrouter.engines.sim import EngineConfig, EngineProfile
@@ -49,4 +51,19 @@ def test_frontier_refuses_bad_arguments(tmp_path: Path,
     assert main(["frontier", "--workload", "3k_150", "--splits", "0,16",
                  "--out", str(tmp_path)]) == 1
     assert "--splits" in capsys.readouterr().err
+    assert not (tmp_path / "frontier.json").exists()
+
+
+def test_frontier_says_when_bench_is_not_importable(tmp_path: Path) -> None:
+    with pytest.raises(FrontierError, match=r"not part of the installed package .*checkout"):
+        _bench_disagg(tmp_path)  # an installed package: no bench/ next to it
+    # a checkout without the bench extra: a clear message, no traceback, nothing written
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from kvrouter.cli import main\n"
+            f"sys.exit(main(['frontier', '--workload', '3k_150', '--out', {str(tmp_path)!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "cannot import bench/disagg.py" in r.stderr and "'.[bench]'" in r.stderr
+    assert "Traceback" not in r.stderr
     assert not (tmp_path / "frontier.json").exists()

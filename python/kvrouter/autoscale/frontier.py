@@ -8,7 +8,8 @@ tokens/s per GPU against tokens/s per user, with the split the autoscaling plann
 choose for this workload marked on it (its `PerfModel` at the load that fills the fleet).
 
 The sweep code is bench/disagg's (one implementation), so the command needs a
-repository checkout: bench/ is not part of the installed package.
+repository checkout with the `bench` extra: bench/ is not part of the installed package,
+and the command says so (FrontierError) before anything runs.
 """
 
 from __future__ import annotations
@@ -31,14 +32,29 @@ class FrontierError(RuntimeError):
     pass
 
 
-def _bench_disagg() -> ModuleType:
-    root = Path(__file__).resolve().parents[3]
+# The checkout this module runs from (python/kvrouter/autoscale/frontier.py); in an installed
+# package this is site-packages' parent, which has no bench/.
+CHECKOUT = Path(__file__).resolve().parents[3]
+
+
+def _bench_disagg(root: Path = CHECKOUT) -> ModuleType:
+    """bench/disagg.py of the checkout at `root`, with what the command needs to import it
+    (its sweep, bench.common, and matplotlib for the plot) checked before the sweep runs."""
     if not (root / "bench" / "disagg.py").exists():
-        raise FrontierError("kvrouter frontier runs bench/disagg's sweep and needs a repository "
-                            "checkout (bench/ is not installed)")
+        raise FrontierError(
+            f"kvrouter frontier runs the sweep of bench/disagg.py, which is not part of the "
+            f"installed package (no {root / 'bench' / 'disagg.py'}): run it from a kvrouter "
+            f"repository checkout installed with `pip install -e '.[bench]'`")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module("bench.disagg")
+    try:
+        module = importlib.import_module("bench.disagg")
+        importlib.import_module("matplotlib")  # the plot: fail before a long sweep, not after
+    except ImportError as e:
+        raise FrontierError(
+            f"kvrouter frontier cannot import bench/disagg.py from {root} ({e}); install the "
+            f"bench extra in that checkout: pip install -e '.[bench]'") from None
+    return module
 
 
 def register(sub: Any) -> None:
