@@ -271,7 +271,9 @@ def _snapshot_sets(r: redis_sync.Redis, keys: Keys, model: str, replica: str
     if not raw:
         return 0.0, {}
     meta = msgpack.unpackb(raw[b"meta"], raw=False)
-    index = PrefixIndex.from_snapshot(raw[b"data"])
+    data = raw[b"data"]
+    assert isinstance(data, bytes), "the client decodes no responses"
+    index = PrefixIndex.from_snapshot(data)
     return float(meta["t"]), {w["name"]: {h for h, _ in index.worker_router_hashes(w["wid"])}
                               for w in meta["workers"]}
 

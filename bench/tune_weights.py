@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each grid point: the SchedulerWeights fields it sets (the rest keep their defaults).
     names = (("pressure_weight",) if args.grid == "pressure"
              else ("decode_weight", "queued_prefill_weight"))
-    weights: dict[str, float] = dict(DEFAULT_WEIGHTS)
+    weights: dict[str, float] = {n: DEFAULT_WEIGHTS[n] for n in names}  # type: ignore[literal-required]
     default = tuple(weights[n] for n in names)
     values = (PRESSURE,) if args.grid == "pressure" else (DECODE, QUEUED_PREFILL)
     grid = sorted(set(itertools.product(*values)) | {default})

@@ -234,7 +234,7 @@ def _merge_page(merged: router_pb2.ListWorkersResponse, page: router_pb2.ListWor
     """Add one ListWorkers page to `merged`; the next page's token ("" when done)."""
     merged.workers.extend(page.workers)
     merged.admission.extend(page.admission)
-    if page.next_page_token == token:  # a router that would page forever
+    if page.next_page_token and page.next_page_token == token:  # would page forever
         raise RuntimeError("ListWorkers returned the same page token twice")
     return page.next_page_token
 

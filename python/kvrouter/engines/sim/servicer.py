@@ -99,9 +99,9 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"request_id {request.request_id!r} is already running here")
             raise
-        remaining = len(call.samples)
         if request.session_id:  # the session's chain, for Offload (a keep's pin ends here)
             note_session(self.sim, request.session_id, call.hashes)
+        remaining = len(call.samples)
         try:
             while remaining:
                 item = await call.queue.get()
