@@ -160,10 +160,13 @@ def run(policy: str, w: Workload, profile: EngineProfile) -> Result:
         res.useful_tokens += prompt + out
         engine.submit(req, now)
 
-    def start_turn(s: _Session, now: float, resumed_at: float, load_until: float = 0.0) -> None:
+    def start_turn(s: _Session, now: float, resumed_at: float) -> None:
         hashes = s.chain[: s.context // BLOCK]
         kv.note(str(s.sid), hashes, now)
-        submit("agent", s, s.context, hashes, w.output_tokens, now, resumed_at, load_until)
+        # blocks a reload is still copying in: the prefill overlaps the copy layer by layer
+        # (the live engine's Generate takes load_until from the same SessionKv call)
+        submit("agent", s, s.context, hashes, w.output_tokens, now, resumed_at,
+               kv.loading_until(hashes, now))
 
     def pause(s: _Session, now: float) -> None:
         """The turn ended in a tool call: apply the policy to the session's blocks."""
@@ -206,14 +209,10 @@ def run(policy: str, w: Workload, profile: EngineProfile) -> Result:
 
     def resume(s: _Session, now: float) -> None:
         key = str(s.sid)
-        delay = 0.0
         if kv.state(key) in ("kept", "host"):
-            moved = kv.reload(key, now)
-            res.reload_blocks += moved.blocks
-            delay = moved.seconds
-        # the turn starts now: the reload overlaps the new tokens' prefill layer by layer
-        # (SimRequest.load_until), as the engine's Reload does when a turn follows it
-        start_turn(s, now, now, now + delay)
+            res.reload_blocks += kv.reload(key, now).blocks
+        # the turn starts now, its prefill overlapping the reload's copy (start_turn)
+        start_turn(s, now, now)
 
     queue = list(sessions)
     for s in queue[: w.concurrent]:

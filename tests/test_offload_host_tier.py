@@ -106,3 +106,24 @@ def test_partial_reload_when_the_gpu_is_full_and_expiry_frees_everything() -> No
     assert kv.host_used == 0 and kv.state("t") == ""
     with pytest.raises(UnknownSession, match="unknown session"):
         kv.reload("t", now=200.0)
+
+
+def test_reloads_queue_on_the_host_link_and_their_blocks_land_when_the_copy_ends() -> None:
+    cache, kv = make(gpu=8, host=6)
+    for sid, chain in (("a", [1, 2]), ("b", [5, 6, 7])):
+        cached(cache, chain)
+        kv.note(sid, chain, now=0.0)
+        kv.offload(sid, now=0.5)
+    a = kv.reload("a", now=1.0)
+    b = kv.reload("b", now=1.0)  # same instant: its copy starts when a's ends
+    assert a.until == pytest.approx(1.0 + 2 * 1000 / 1e6)
+    assert b.until == pytest.approx(a.until + 3 * 1000 / 1e6)
+    # what a request reusing the blocks sets as its SimRequest.load_until
+    assert kv.loading_until([1, 2], now=1.0) == a.until
+    assert kv.loading_until([5, 6, 7, 99], now=1.0) == b.until
+    assert kv.loading_until([99], now=1.0) == 0.0
+    assert kv.loading_until([5, 6, 7], now=b.until) == 0.0  # landed
+    # the link is free again later: a copy then starts at once
+    kv.note("a", [1, 2], now=2.0)
+    kv.offload("a", now=2.0)
+    assert kv.reload("a", now=3.0).until == pytest.approx(3.0 + 2 * 1000 / 1e6)

@@ -194,6 +194,42 @@ def test_full_host_tier_and_no_host_tier_fall_back(stack: Stack, tmp_path: Path)
         w2.stop(5.0)
 
 
+def test_live_reload_overlaps_the_next_turns_prefill(stack: Stack, tmp_path: Path) -> None:
+    """Engine.Reload answers once its copy is queued and the next turn's prefill runs
+    alongside it layer by layer (SimRequest.load_until from host_tier, the path
+    bench/agentic measures), instead of the router waiting for the whole copy first. A slow
+    host link (0.02 GB/s: 16 blocks copy in 1.68 s) makes the copy outlast the hop from the
+    Reload to the turn's Generate; the engine reports in simulated time how long its steps
+    waited for copies still landing: some (the turn started during the copy), and less than
+    the copy (the part spent before the prefill, or under it, is hidden)."""
+    router = stack.router
+    w = start_sim_engine(tmp_path, "w3", router=router.target,
+                         args=["--time-scale", "1", "--h2d-gbps", "0.02"])
+    copy_s = 16 * BS * 131072 / 0.02e9
+    try:
+        with grpc.insecure_channel(router.target) as ch, grpc.insecure_channel(w.address) as ech:
+            stub = router_pb2_grpc.RouterStub(ch)
+            estub = engine_pb2_grpc.EngineStub(ech)
+            wait_until(lambda: "w3" in tiers(stub, prompt(0)), 20, what="w3 routable")
+            p = prompt(6)
+            turn(stub, "s6", p, tool_pause_s=20.0, tool_kv_action="offload")
+            wait_until(lambda: tiers(stub, p).get("w3") == (0, 16), 20, what="s6 on host")
+            before = estub.Stats(engine_pb2.StatsRequest()).extra
+            assert before["host_load_waits"] == 0
+            # the next turn: the router reloads (Engine.Reload), then sends the turn at once
+            req = router_pb2.RouterGenerateRequest(token_ids=p + prompt(16, 64), session_id="s6",
+                                                   request_id=uuid.uuid4().hex)
+            req.sampling.max_tokens = 2
+            out = list(stub.Generate(req, timeout=30))
+            assert out[-1].finished and out[-1].usage.cached_tokens == 16 * BS
+            extra = estub.Stats(engine_pb2.StatsRequest()).extra
+            assert extra["host_load_waits"] >= 1
+            assert 0.0 < extra["host_load_wait_s"] < copy_s
+            assert reservations(stub) == 0
+    finally:
+        w.stop(5.0)
+
+
 def test_offload_to_a_dead_worker_falls_back_to_reprefill() -> None:
     """The worker died between the turn and the Offload: the router's call fails (real gRPC
     to a closed port), the session is marked dropped and the resume says re-prefill."""

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-kv-capacity-tokens", type=int,
                    help="host KV tier for Offload/Reload, in tokens (default: 4x the GPU KV "
                         "capacity; 0: no host tier, Offload/Reload answer UNIMPLEMENTED)")
+    p.add_argument("--h2d-gbps", type=float,
+                   help="host <-> GPU copy bandwidth of the host tier, GB/s (default: the "
+                        "profile's measured copy, 54.9 on the H100 calibration)")
     p.add_argument("--session-ttl-s", type=float,
                    help="simulated seconds after which an idle session's pin or host copy is "
                         "dropped (default 600)")

@@ -134,6 +134,7 @@ class _Step:
     end: float
     decodes: list[SimRequest]
     chunks: list[tuple[SimRequest, int]]
+    load_wait: float = 0.0  # what the step waited for host copies beyond its compute
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,10 @@ class EngineStats(Counters):
     rejected: int = 0
     finished: int = 0
     cancelled: int = 0
+    # steps that ended late for a host reload still landing (SimRequest.load_until), and by
+    # how much in all: the part of the copies that the prefill did not hide
+    load_waits: int = 0
+    load_wait_s: float = 0.0
     # inter-token latency samples: (step duration, tokens produced with that gap)
     itl: list[tuple[float, int]] = field(default_factory=list)
     step_log: list[StepRecord] = field(default_factory=list)
@@ -489,7 +494,8 @@ class SimEngine:
         for r, _c in chunks:
             if r.load_until > now:  # layer i computes while layer i+1's KV is copied
                 end = max(end, r.load_until + dt / LAYERWISE_LOAD_LAYERS)
-        return _Step(start=now, end=end, decodes=decodes, chunks=chunks)
+        return _Step(start=now, end=end, decodes=decodes, chunks=chunks,
+                     load_wait=end - (now + dt))
 
     def _admit(self, r: SimRequest, now: float) -> None:
         m = self._match(r)
@@ -524,6 +530,9 @@ class SimEngine:
         st = self.stats
         st.steps += 1
         st.busy_s += dt
+        if step.load_wait > 0:
+            st.load_waits += 1
+            st.load_wait_s += step.load_wait
         finished: list[SimRequest] = []
         for r in step.decodes:
             if r.phase is not Phase.DECODE:  # preempted after planning (cannot happen today)

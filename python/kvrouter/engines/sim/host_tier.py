@@ -13,8 +13,12 @@ session waits for a tool, the router asks the engine (Engine.Offload) to either
 and before the next turn Engine.Reload copies the host blocks that are no longer on the
 GPU back into the GPU prefix cache (as many as fit; the rest will be prefilled) and
 frees the host copy. Copies take bytes over the calibrated host-to-device bandwidth
-(`EngineProfile.h2d_bytes_per_s`, 54 GB/s on the H100 calibration); the caller charges
-that time (the live worker delays the RPC's answer, the fleet bench the next turn).
+(`EngineProfile.h2d_bytes_per_s`, 54 GB/s on the H100 calibration), one after the other
+on the host link. A reload does not wait for its copy: the blocks are in the GPU prefix
+cache at once but still landing until the copy ends (`loading_until`), and a request
+that reuses them gets that time as its `SimRequest.load_until`, so its prefill overlaps
+the copy layer by layer (the live worker's Generate and bench/agentic both take it from
+here: one code path).
 
 Every move is announced with tier-tagged events in the cache's own event list, so one
 ordered stream reaches the router: BlockStored(tier=HOST) when a block lands on host,
@@ -55,6 +59,7 @@ class Moved:
     freed: int = 0  # GPU blocks freed (offload)
     seconds: float = 0.0  # copy time at the host link's bandwidth
     tier: Tier = Tier.HOST
+    until: float = 0.0  # reload: simulated time its copy ends (it queues behind earlier ones)
 
 
 @dataclass(slots=True)
@@ -82,6 +87,9 @@ class SessionKv:
         self.ttl_s = ttl_s
         self._host: dict[int, int] = {}  # block on host -> sessions holding it
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        # blocks reloaded whose host -> GPU copy is still running: block -> copy end
+        self._landing: dict[int, float] = {}
+        self._link_free = 0.0  # simulated time the host link finishes its queued copies
         self.offloads = 0
         self.reloads = 0
         self.expired = 0
@@ -108,6 +116,14 @@ class SessionKv:
 
     def copy_seconds(self, blocks: int) -> float:
         return blocks * self.bytes_per_block / self.h2d_bytes_per_s
+
+    def loading_until(self, hashes: Sequence[int], now: float) -> float:
+        """When the last of these blocks still being copied in lands (0.0: none is): what a
+        request reusing them sets as its SimRequest.load_until."""
+        if not self._landing:
+            return 0.0
+        until = max((self._landing.get(h, 0.0) for h in hashes), default=0.0)
+        return until if until > now else 0.0
 
     # -- requests -----------------------------------------------------------------------
     def note(self, session: str, chain: Sequence[int], now: float) -> None:
@@ -185,15 +201,23 @@ class SessionKv:
         missing = chain[m:]
         fit = min(len(missing), cache.available_blocks)
         back = missing[:fit]
+        seconds = self.copy_seconds(len(back))
+        until = 0.0
         if back:
             # blocks land unreferenced at the recent end of the LRU, like a finished request's
             cache.allocate(len(back))
             cache.commit(back, chain[m - 1] if m else None)
             cache.release(back)
+            # the copy queues behind the link's earlier ones; until it ends the blocks are
+            # landing (a request reusing them waits for them layer by layer)
+            self._landing = {h: t for h, t in self._landing.items() if t > now}
+            until = self._link_free = max(now, self._link_free) + seconds
+            for h in back:
+                self._landing[h] = until
         self._end(s)
         s.touched = now
         self.reloads += 1
-        return Moved(blocks=len(back), seconds=self.copy_seconds(len(back)), tier=Tier.GPU)
+        return Moved(blocks=len(back), seconds=seconds, tier=Tier.GPU, until=until)
 
     def forget(self, session: str) -> None:
         s = self._sessions.pop(session, None)

@@ -69,6 +69,8 @@ class SimOptions(LayeredSettings):
     pool: str = ""  # router pool (kvrouter.planner); empty: the role's default pool
     # host KV tier for Offload / Reload (host_tier.py); None: 4x the GPU KV capacity, 0: none
     host_kv_capacity_tokens: int | None = Field(default=None, ge=0)
+    # host <-> GPU copy bandwidth in GB/s; None: the profile's measured copy
+    h2d_gbps: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     session_ttl_s: float = Field(default=DEFAULT_TTL_S, gt=0, allow_inf_nan=False)
 
 
@@ -100,7 +102,10 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
         raise SetupError(str(e)) from None
     address = _advertised(opts.listen, server.port, opts.advertise)
 
-    meta = {"engine": "sim", "profile": profile.name}
+    h2d_bytes_per_s = opts.h2d_gbps * 1e9 if opts.h2d_gbps else profile.h2d_bytes_per_s
+    # what the router's keep / offload / re-prefill comparison needs (server/sessions.py)
+    meta = {"engine": "sim", "profile": profile.name, "h2d_gbps": f"{h2d_bytes_per_s / 1e9:g}",
+            "kv_bytes_per_token": str(profile.kv_bytes_per_token)}
     if opts.pool:
         meta["pool"] = opts.pool
     transport: RouterGrpcTransport | None = None
@@ -143,7 +148,7 @@ async def run_worker(opts: SimOptions, stop: asyncio.Event | None = None) -> Non
     if host_tokens:
         sim.kv = SessionKv(engine.cache, host_blocks=host_tokens // block_size,
                            bytes_per_block=profile.kv_bytes_per_token * block_size,
-                           h2d_bytes_per_s=profile.h2d_bytes_per_s, ttl_s=opts.session_ttl_s)
+                           h2d_bytes_per_s=h2d_bytes_per_s, ttl_s=opts.session_ttl_s)
     pub_opts: dict[str, Any] = {"block_size": block_size, "role": opts.role, "address": address,
                                 "dump": sim.dump, "heartbeat_interval_s": heartbeat_interval,
                                 "load_interval_s": 0.02,

@@ -177,6 +177,7 @@ class SimEngineService(engine_pb2_grpc.EngineServicer):
                    "decode_tokens": float(st.decode_tokens),
                    "preemptions": float(st.preemptions), "finished": float(st.finished),
                    "rejected": float(st.rejected), "requests": float(sim.stats.requests),
+                   "host_load_waits": float(st.load_waits), "host_load_wait_s": st.load_wait_s,
                    "abandoned": float(sim.stats.abandoned)})
 
     async def Offload(self, request: engine_pb2.OffloadRequest,

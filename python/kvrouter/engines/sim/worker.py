@@ -165,11 +165,15 @@ class SimWorker:
         now = self.sim_now()
         call = _Call(request_id, prompt, mode, hashes, [], asyncio.Queue(),
                      stop_token_ids=frozenset(stop_token_ids))
+        # a session's blocks still being copied in by Engine.Reload: the prefill overlaps
+        # the copy layer by layer (host_tier.SessionKv.loading_until, as in bench/agentic)
+        load_until = self.kv.loading_until(hashes, now) if self.kv is not None else 0.0
         for i in range(n):
             rid = request_id if n == 1 else f"{request_id}#{i}"
             req = SimRequest(request_id=rid, hashes=hashes, prompt_tokens=prompt,
                              max_tokens=max_tokens, mode=mode, record_tokens=True,
-                             fork_of=call.samples[0].req if i else None)
+                             fork_of=call.samples[0].req if i else None,
+                             load_until=load_until)
             base = seed if seed is not None else zlib.crc32(request_id.encode())
             lp_rng = random.Random(base * 1000003 + i + 0x5EED)
             call.samples.append(_Sample(req, i, random.Random(base * 1000003 + i),
