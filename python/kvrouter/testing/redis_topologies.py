@@ -50,6 +50,22 @@ def _redis(name: str, port: int, log_dir: Path, *args: str) -> ChildProcess:
                         log_dir / f"{name}.log", None).start()
 
 
+def _cluster_port() -> int:
+    """A free port a cluster node may take: Redis listens for the cluster bus on port + 10000,
+    so the port must be at most 55535 and its bus port free too."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a Redis cluster node")
+
+
 def _pings(port: int) -> bool:
     return _command(port, "PING").startswith(b"+PONG")
 
@@ -114,7 +130,7 @@ class ClusterSetup:
     """Three primaries (no replicas) with all 16384 slots assigned."""
 
     log_dir: Path
-    ports: list[int] = field(default_factory=lambda: [free_port() for _ in range(3)])
+    ports: list[int] = field(default_factory=lambda: [_cluster_port() for _ in range(3)])
     procs: list[ChildProcess] = field(default_factory=list)
 
     @property
