@@ -59,6 +59,7 @@ class _DefaultWeights(TypedDict):
     lease_s: float
     report_ttl_s: float
     approx_ttl_s: float
+    pending_ttl_s: float
 
 DEFAULT_WEIGHTS: _DefaultWeights
 """The default of every numeric Scheduler setting, by its keyword, from the core
@@ -233,6 +234,10 @@ class Candidate:
     def pressure_cost(self) -> float:
         """What those evictions add to cost (kv policy only)."""
     @property
+    def pending_blocks(self) -> int:
+        """Leading prompt blocks in flight to the worker: routed (reserved) there, not yet
+        prefilled; counted in the GPU overlap (docs/design.md §3.3)."""
+    @property
     def cost(self) -> float: ...
 
 @final
@@ -334,6 +339,7 @@ class Scheduler:
         seed: int | None = None,
         pressure_weight: float | None = None,
         approx_ttl_s: float | None = None,
+        pending_ttl_s: float | None = None,
     ) -> Self:
         """A setting left out (None) takes its DEFAULT_POLICY / DEFAULT_WEIGHTS value.
         Raises UnknownPolicy or InvalidArgument."""
@@ -353,6 +359,7 @@ class Scheduler:
         report_ttl_s: float | None = None,
         pressure_weight: float | None = None,
         approx_ttl_s: float | None = None,
+        pending_ttl_s: float | None = None,
     ) -> None: ...
     def add_worker(self, worker: int) -> None: ...
     def remove_worker(self, worker: int) -> list[str]:

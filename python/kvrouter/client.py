@@ -67,6 +67,7 @@ class Candidate:
     chosen: bool
     evicted_blocks: int = 0  # cached blocks the request would evict (cache pressure)
     pressure_cost: float = 0.0  # what they add to cost
+    pending_blocks: int = 0  # leading blocks in flight to the worker (counted in gpu_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +173,7 @@ def to_result(r: router_pb2.RouteResponse) -> RouteResult:
                       disk_blocks=c.disk_blocks, new_prefill_tokens=c.new_prefill_tokens,
                       decode_blocks=c.decode_blocks, queue=c.queue, cost=c.cost,
                       chosen=c.chosen, evicted_blocks=c.evicted_blocks,
-                      pressure_cost=c.pressure_cost)
+                      pressure_cost=c.pressure_cost, pending_blocks=c.pending_blocks)
             for c in r.candidates),
         affinity=r.affinity)
 

@@ -234,6 +234,10 @@ class ModelConfig(_Strict):
     approx_ttl_s: float = Field(default=_D["approx_ttl_s"], ge=0,
                                 description="approximate mode: seconds a block routed to a "
                                             "worker that publishes no KV events is assumed held")
+    pending_ttl_s: float = Field(default=_D["pending_ttl_s"], ge=0,
+                                 description="in-flight prefixes: seconds a routed request's "
+                                             "prompt counts as being computed on its worker at "
+                                             "most (ended by its prefill or release); 0: off")
     seed: int | None = Field(default=None, ge=0,
                              description="seed of random choices (tests, benches)")
     nsample: NSampleConfig = Field(default_factory=lambda: NSampleConfig())
@@ -250,6 +254,7 @@ class ModelConfig(_Strict):
             "queued_prefill_weight": self.weights.queued_prefill,
             "pressure_weight": self.weights.pressure,
             "approx_ttl_s": self.approx_ttl_s,
+            "pending_ttl_s": self.pending_ttl_s,
             "temperature": self.temperature,
             "host_credit": self.host_credit,
             "disk_credit": self.disk_credit,

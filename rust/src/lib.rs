@@ -9,6 +9,7 @@ pub mod index;
 pub mod load;
 pub mod msgpack;
 pub mod payload;
+pub mod pending;
 pub mod scheduler;
 pub mod scoring;
 pub mod tier;

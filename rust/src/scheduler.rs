@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::hashing::BlockHashes;
 use crate::index::{Overlap, PrefixIndex};
 use crate::load::{External, LoadTable, Report, Reservation, MAX_CAPACITY_BLOCKS};
+use crate::pending::PendingPrefixes;
 use crate::scoring::{
     choose, cost_all, CacheView, Candidate, LoadView, Policy, Rng, Scored, Weights,
 };
@@ -31,6 +32,9 @@ pub struct Config {
     pub report_ttl_s: f64,
     /// Approximate mode: how long a block routed to an approximate worker is assumed held.
     pub approx_ttl_s: f64,
+    /// In-flight prefixes (crate::pending): how long a routed request's prompt counts as
+    /// pending on its exact worker at most, when its prefill end is never reported; 0: off.
+    pub pending_ttl_s: f64,
 }
 
 impl Default for Config {
@@ -41,6 +45,7 @@ impl Default for Config {
             lease_s: 300.0,
             report_ttl_s: 5.0,
             approx_ttl_s: 120.0,
+            pending_ttl_s: 60.0,
         }
     }
 }
@@ -70,6 +75,7 @@ impl Config {
         non_negative(self.lease_s, "lease_s")?;
         non_negative(self.report_ttl_s, "report_ttl_s")?;
         non_negative(self.approx_ttl_s, "approx_ttl_s")?;
+        non_negative(self.pending_ttl_s, "pending_ttl_s")?;
         Ok(())
     }
 }
@@ -99,6 +105,7 @@ pub struct Scheduler {
     pub config: Config,
     pub load: LoadTable,
     pub approx: ApproxCaches,
+    pub pending: PendingPrefixes,
     pub capacity_reports: CapacityCounts,
     rng: Rng,
     rr: u64,
@@ -110,6 +117,7 @@ impl Scheduler {
         config.validate()?;
         Ok(Scheduler {
             approx: ApproxCaches::new(config.approx_ttl_s),
+            pending: PendingPrefixes::new(config.pending_ttl_s),
             capacity_reports: CapacityCounts::default(),
             config,
             load: LoadTable::default(),
@@ -157,11 +165,14 @@ impl Scheduler {
         let mut overlaps = Vec::new();
         let skip_match = matches!(policy, Policy::RoundRobin | Policy::Random) && !req.explain;
         let bs = block_size as usize;
-        // With approximate workers the prompt's full hashes are needed (to match the predicted
-        // caches and to record the decision), so they are computed once up front.
+        // With approximate workers, or a reserved request whose prompt becomes pending, the
+        // prompt's full hashes are needed (to match the predicted caches and to record the
+        // decision), so they are computed once up front.
+        let records_pending =
+            self.pending.enabled() && req.reserve && req.request_id.is_some() && !skip_match;
         let owned_hashes: Vec<u64>;
         let prompt = match req.prompt {
-            Prompt::Tokens { tokens, root } if !self.approx.is_empty() => {
+            Prompt::Tokens { tokens, root } if !self.approx.is_empty() || records_pending => {
                 owned_hashes = BlockHashes::new(tokens, bs, root).collect();
                 Prompt::Hashes(&owned_hashes)
             }
@@ -186,6 +197,22 @@ impl Scheduler {
             if let (Some(ai), Prompt::Hashes(h), false) = (self.approx.index(), prompt, skip_match)
             {
                 overlaps.extend(ai.find_matches(h));
+            }
+        }
+        // In-flight prefixes of exact workers (none recorded for approximate ones). The kv
+        // cost alone counts them: prefix_only has no load term, so it would herd every
+        // request sharing a prefix onto the worker computing it; the baselines keep what
+        // the index says.
+        let mut pending = Vec::new();
+        if !self.pending.is_empty() {
+            self.pending.expire(req.now);
+            if !skip_match && policy == Policy::Kv {
+                pending = match prompt {
+                    Prompt::Hashes(h) => self.pending.find_matches(h),
+                    Prompt::Tokens { tokens, root } => self
+                        .pending
+                        .find_matches_iter(BlockHashes::new(tokens, bs, root)),
+                };
             }
         }
         let ttl = self.config.report_ttl_s;
@@ -228,6 +255,13 @@ impl Scheduler {
         for (w, ov) in overlaps {
             if let Ok(i) = pool.binary_search(&w) {
                 cands[i].cand.overlap = ov;
+            }
+        }
+        for (w, n) in pending {
+            if let Ok(i) = pool.binary_search(&w) {
+                let c = &mut cands[i].cand;
+                c.pending_blocks = n;
+                c.overlap = crate::pending::with_pending(c.overlap, n);
             }
         }
         cost_all(
@@ -296,6 +330,10 @@ impl Scheduler {
                         self.approx
                             .record(chosen.worker, h, req.now, cap, block_size);
                     }
+                } else if let (true, Some(id), Prompt::Hashes(h)) =
+                    (records_pending, req.request_id, prompt)
+                {
+                    self.pending.add(id, chosen.worker, h, req.now);
                 }
             }
         }
@@ -330,8 +368,25 @@ impl Scheduler {
     }
 
     pub fn mark_prefill_done(&mut self, request_id: &str, now: f64) -> bool {
+        // Its blocks are in the engine's KV events from now on: no longer pending.
+        self.pending.remove(request_id);
         let lease = self.config.lease_s;
         self.load.mark_prefill_done(request_id, now + lease)
+    }
+
+    /// Ends a request (finished, cancelled or failed): its reservation and pending prefix.
+    pub fn release(&mut self, request_id: &str) -> bool {
+        self.pending.remove(request_id);
+        self.load.release(request_id)
+    }
+
+    /// Drops the reservations past their lease (and their pending prefixes); returns their ids.
+    pub fn expire_leases(&mut self, now: f64) -> Vec<String> {
+        let gone = self.load.expire(now);
+        for id in &gone {
+            self.pending.remove(id);
+        }
+        gone
     }
 
     pub fn report_load(&mut self, worker: u64, report: Report) -> Result<()> {
@@ -363,6 +418,7 @@ impl Scheduler {
         if st.approx != approx {
             st.approx = approx;
             if approx {
+                self.pending.remove_worker(worker);
                 self.approx.add(worker);
             } else {
                 self.approx.remove(worker);
@@ -375,6 +431,7 @@ impl Scheduler {
     /// request ids.
     pub fn remove_worker(&mut self, worker: u64) -> Vec<String> {
         self.approx.remove(worker);
+        self.pending.remove_worker(worker);
         self.load.remove_worker(worker)
     }
 
@@ -540,6 +597,8 @@ mod tests {
         s.route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6], Some("a"), 0.0))
             .unwrap();
         assert_eq!(s.load.workers[&1].reuse.likelihood(), prior);
+        // Prefilled: "a"'s blocks are no longer in flight (else they would be no regret).
+        assert!(s.mark_prefill_done("a", 0.0));
         s.report_load(1, report(6, 0)).unwrap();
         s.route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6], Some("b"), 0.0))
             .unwrap();
@@ -550,6 +609,88 @@ mod tests {
         s.route(&idx, &hashes_req(&[1, 2, 9], Some("c"), 0.0))
             .unwrap();
         assert!((s.load.workers[&1].reuse.likelihood() - 0.625).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_routed_prompt_is_pending_on_its_worker_until_prefilled_or_released() {
+        // Nothing indexed yet: the engines have not stored anything.
+        let idx = PrefixIndex::new(1).unwrap();
+        let mut s = Scheduler::new(Config::default(), 9).unwrap();
+        for w in 1..=4 {
+            s.load.add_worker(w);
+        }
+        let first = s
+            .route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6, 7, 8], Some("a"), 0.0))
+            .unwrap();
+        assert_eq!(first.overlap.total(), 0);
+        // A request sharing the prefix follows it, though the index is still empty.
+        let next = s
+            .route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6, 9], Some("b"), 0.5))
+            .unwrap();
+        assert_eq!((next.worker, next.overlap.gpu), (first.worker, 6));
+        let c = next
+            .candidates
+            .iter()
+            .find(|c| c.worker == first.worker)
+            .unwrap();
+        assert_eq!((c.pending_blocks, c.new_prefill_tokens), (6, 1 + 8));
+        assert!(next
+            .candidates
+            .iter()
+            .all(|c| c.worker == first.worker || c.pending_blocks == 0));
+        // The baselines see the index only.
+        let base = RouteRequest {
+            policy: Some(Policy::PrefixOnly),
+            ..hashes_req(&[1, 2, 3], None, 0.5)
+        };
+        assert_eq!(s.route(&idx, &base).unwrap().overlap.total(), 0);
+        // Prefilled ("a") and released ("b"): nothing pending any more.
+        assert!(s.mark_prefill_done("a", 1.0));
+        assert!(s.release("b"));
+        assert!(s.pending.is_empty());
+        // Not reserved (no request id): nothing recorded.
+        s.route(&idx, &hashes_req(&[1, 2], None, 2.0)).unwrap();
+        assert!(s.pending.is_empty());
+        // Expiry, worker removal.
+        let d = s.route(&idx, &hashes_req(&[1, 2], Some("c"), 3.0)).unwrap();
+        s.route(&idx, &hashes_req(&[5], Some("d"), 3.0)).unwrap();
+        assert_eq!(s.pending.len(), 2);
+        s.remove_worker(d.worker);
+        let late = s.route(&idx, &hashes_req(&[5], None, 3.0 + 61.0)).unwrap();
+        assert_eq!(late.overlap.total(), 0);
+        assert!(s.pending.is_empty());
+        // Token prompts (hashed here): recorded when reserved, matched when only explained.
+        let toks: Vec<u32> = (100..132).collect();
+        fn tok_req<'a>(tokens: &'a [u32], id: Option<&'a str>) -> RouteRequest<'a> {
+            RouteRequest {
+                prompt: Prompt::Tokens { tokens, root: 0 },
+                prompt_tokens: tokens.len() as u64,
+                request_id: id,
+                expected_output_tokens: 0,
+                candidates: None,
+                policy: None,
+                explain: true,
+                reserve: id.is_some(),
+                now: 70.0,
+                prefill_weight: None,
+            }
+        }
+        let t = s.route(&idx, &tok_req(&toks, Some("t"))).unwrap();
+        let again = s.route(&idx, &tok_req(&toks[..24], None)).unwrap();
+        assert_eq!((again.worker, again.overlap.gpu), (t.worker, 24));
+        // Off with a zero TTL.
+        let mut off = Scheduler::new(
+            Config {
+                pending_ttl_s: 0.0,
+                ..Config::default()
+            },
+            9,
+        )
+        .unwrap();
+        off.load.add_worker(1);
+        off.route(&idx, &hashes_req(&[1, 2], Some("a"), 0.0))
+            .unwrap();
+        assert!(off.pending.is_empty());
     }
 
     #[test]

@@ -183,6 +183,9 @@ pub struct Scored {
 pub struct Candidate {
     pub worker: u64,
     pub overlap: Overlap,
+    /// Leading prompt blocks in flight to the worker (routed, not yet prefilled; counted
+    /// in `overlap.gpu`, see crate::pending).
+    pub pending_blocks: u32,
     pub new_prefill_tokens: u64,
     pub decode_blocks: u64,
     pub queue: u64,

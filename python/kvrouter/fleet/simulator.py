@@ -87,6 +87,7 @@ class SchedulerWeights:
     queued_prefill_weight: float = _D["queued_prefill_weight"]
     pressure_weight: float = _D["pressure_weight"]
     approx_ttl_s: float = _D["approx_ttl_s"]
+    pending_ttl_s: float = _D["pending_ttl_s"]
 
     def as_kwargs(self) -> dict[str, float | None]:
         """The Scheduler keyword arguments (the field names are the Scheduler's)."""

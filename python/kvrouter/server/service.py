@@ -438,7 +438,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     new_prefill_tokens=clamp_i64(c.new_prefill_tokens),
                     decode_blocks=clamp_i64(c.decode_blocks),
                     queue=clamp_i64(c.queue), cost=c.cost, chosen=c.worker == d.worker,
-                    evicted_blocks=clamp_i64(c.evicted_blocks), pressure_cost=c.pressure_cost)
+                    evicted_blocks=clamp_i64(c.evicted_blocks), pressure_cost=c.pressure_cost,
+                    pending_blocks=c.pending_blocks)
                 for c in d.candidates)
         ratio = d.overlap_blocks / d.prompt_blocks if d.prompt_blocks else 0.0
         self.metrics.decided(m.cfg.name, d.policy, time.perf_counter() - t0, ratio,

@@ -31,6 +31,7 @@ fn default_weights(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("lease_s", c.lease_s)?;
     d.set_item("report_ttl_s", c.report_ttl_s)?;
     d.set_item("approx_ttl_s", c.approx_ttl_s)?;
+    d.set_item("pending_ttl_s", c.pending_ttl_s)?;
     Ok(d)
 }
 

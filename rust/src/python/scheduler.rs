@@ -30,8 +30,8 @@ impl Candidate {
     }
     fn __repr__(&self) -> String {
         format!(
-            "Candidate(worker={}, gpu={}, host={}, disk={}, new_prefill_tokens={}, decode_blocks={}, queue={}, evicted_blocks={}, pressure_cost={:.3}, cost={:.3})",
-            self.worker, self.overlap.gpu, self.overlap.host, self.overlap.disk, self.new_prefill_tokens, self.decode_blocks, self.queue, self.evicted_blocks, self.pressure_cost, self.cost
+            "Candidate(worker={}, gpu={}, host={}, disk={}, pending={}, new_prefill_tokens={}, decode_blocks={}, queue={}, evicted_blocks={}, pressure_cost={:.3}, cost={:.3})",
+            self.worker, self.overlap.gpu, self.overlap.host, self.overlap.disk, self.pending_blocks, self.new_prefill_tokens, self.decode_blocks, self.queue, self.evicted_blocks, self.pressure_cost, self.cost
         )
     }
 }
@@ -120,6 +120,7 @@ struct Settings<'a> {
     lease_s: Option<f64>,
     report_ttl_s: Option<f64>,
     approx_ttl_s: Option<f64>,
+    pending_ttl_s: Option<f64>,
 }
 
 /// `c` with the given settings applied and validated.
@@ -139,6 +140,7 @@ fn configured(mut c: Config, s: Settings<'_>) -> crate::Result<Config> {
     c.lease_s = s.lease_s.unwrap_or(c.lease_s);
     c.report_ttl_s = s.report_ttl_s.unwrap_or(c.report_ttl_s);
     c.approx_ttl_s = s.approx_ttl_s.unwrap_or(c.approx_ttl_s);
+    c.pending_ttl_s = s.pending_ttl_s.unwrap_or(c.pending_ttl_s);
     c.validate()?;
     Ok(c)
 }
@@ -222,7 +224,7 @@ impl PyScheduler {
 impl PyScheduler {
     /// Every setting left out (or None) takes the core's default (`Config::default()`).
     #[new]
-    #[pyo3(signature = (index, policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, seed=None, pressure_weight=None, approx_ttl_s=None))]
+    #[pyo3(signature = (index, policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, seed=None, pressure_weight=None, approx_ttl_s=None, pending_ttl_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         index: &PyPrefixIndex,
@@ -239,6 +241,7 @@ impl PyScheduler {
         seed: Option<u64>,
         pressure_weight: Option<f64>,
         approx_ttl_s: Option<f64>,
+        pending_ttl_s: Option<f64>,
     ) -> PyResult<Self> {
         let defaults = Config::default();
         let config = configured(
@@ -256,6 +259,7 @@ impl PyScheduler {
                 lease_s,
                 report_ttl_s,
                 approx_ttl_s,
+                pending_ttl_s,
             },
         )?;
         let seed = seed.unwrap_or_else(|| {
@@ -276,7 +280,7 @@ impl PyScheduler {
     }
 
     /// Changes the given settings; the others keep their current values.
-    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, pressure_weight=None, approx_ttl_s=None))]
+    #[pyo3(signature = (policy=None, prefill_weight=None, decode_weight=None, queue_weight=None, queued_prefill_weight=None, temperature=None, host_credit=None, disk_credit=None, lease_s=None, report_ttl_s=None, pressure_weight=None, approx_ttl_s=None, pending_ttl_s=None))]
     #[allow(clippy::too_many_arguments)]
     fn configure(
         &self,
@@ -292,6 +296,7 @@ impl PyScheduler {
         report_ttl_s: Option<f64>,
         pressure_weight: Option<f64>,
         approx_ttl_s: Option<f64>,
+        pending_ttl_s: Option<f64>,
     ) -> PyResult<()> {
         let mut s = self.inner.lock();
         s.config = configured(
@@ -309,9 +314,14 @@ impl PyScheduler {
                 lease_s,
                 report_ttl_s,
                 approx_ttl_s,
+                pending_ttl_s,
             },
         )?;
         s.approx.ttl_s = s.config.approx_ttl_s;
+        s.pending.ttl_s = s.config.pending_ttl_s;
+        if !s.pending.enabled() {
+            s.pending = crate::pending::PendingPrefixes::new(0.0);
+        }
         Ok(())
     }
 
@@ -451,7 +461,7 @@ impl PyScheduler {
     }
 
     fn release(&self, request_id: &str) -> bool {
-        self.inner.lock().load.release(request_id)
+        self.inner.lock().release(request_id)
     }
 
     fn has_reservation(&self, request_id: &str) -> bool {
@@ -466,7 +476,7 @@ impl PyScheduler {
     fn expire(&self, now: Option<f64>) -> Vec<String> {
         let mut s = self.inner.lock();
         let now = self.at(&s, now);
-        s.load.expire(now)
+        s.expire_leases(now)
     }
 
     #[pyo3(signature = (worker, running, queued, kv_used_blocks, kv_free_blocks, queued_prefill_tokens=0, now=None, kv_capacity_blocks=0, kv_cached_blocks=0))]

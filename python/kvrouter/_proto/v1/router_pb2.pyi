@@ -55,7 +55,7 @@ class RouteRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_ids_le: _Optional[bytes] = ..., extra_key: _Optional[bytes] = ..., request_id: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., candidates: _Optional[_Iterable[str]] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., policy: _Optional[str] = ..., explain: _Optional[bool] = ..., dry_run: _Optional[bool] = ..., session_id: _Optional[str] = ..., priority: _Optional[str] = ..., tenant: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class CandidateScore(_message.Message):
-    __slots__ = ("worker", "gpu_blocks", "host_blocks", "disk_blocks", "new_prefill_tokens", "decode_blocks", "queue", "cost", "chosen", "evicted_blocks", "pressure_cost")
+    __slots__ = ("worker", "gpu_blocks", "host_blocks", "disk_blocks", "new_prefill_tokens", "decode_blocks", "queue", "cost", "chosen", "evicted_blocks", "pressure_cost", "pending_blocks")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class CandidateScore(_message.Message):
     CHOSEN_FIELD_NUMBER: _ClassVar[int]
     EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PRESSURE_COST_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker: str
     gpu_blocks: int
     host_blocks: int
@@ -78,7 +79,8 @@ class CandidateScore(_message.Message):
     chosen: bool
     evicted_blocks: int
     pressure_cost: float
-    def __init__(self, worker: _Optional[str] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., new_prefill_tokens: _Optional[int] = ..., decode_blocks: _Optional[int] = ..., queue: _Optional[int] = ..., cost: _Optional[float] = ..., chosen: _Optional[bool] = ..., evicted_blocks: _Optional[int] = ..., pressure_cost: _Optional[float] = ...) -> None: ...
+    pending_blocks: int
+    def __init__(self, worker: _Optional[str] = ..., gpu_blocks: _Optional[int] = ..., host_blocks: _Optional[int] = ..., disk_blocks: _Optional[int] = ..., new_prefill_tokens: _Optional[int] = ..., decode_blocks: _Optional[int] = ..., queue: _Optional[int] = ..., cost: _Optional[float] = ..., chosen: _Optional[bool] = ..., evicted_blocks: _Optional[int] = ..., pressure_cost: _Optional[float] = ..., pending_blocks: _Optional[int] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("worker", "address", "request_id", "overlap_blocks", "gpu_blocks", "prompt_blocks", "prompt_tokens", "block_size", "policy", "candidates", "model", "affinity")
