@@ -138,14 +138,37 @@ def test_status_table() -> None:
 def test_mid_stream_chunk_bytes_equal_the_dict_encoding() -> None:
     """The streaming hot path writes pre-encoded bytes around the text: they must be the
     very bytes json would give for the chunk's choice (OpenAI's format, key order kept)."""
-    from kvrouter.http.server import _MID_CHUNK, _dumps
+    from kvrouter.http.server import _dumps, _json_str, _mid_chunk
 
     for chat in (False, True):
         for i in (0, 7, 63):
-            for text in ["", 'h\u00e9llo "x"\n\u2028\x00\\', "a"]:
+            for text in ["", 'h\u00e9llo "x"\n\u2028\x00\\', "a", "\U0001f600 </script>"]:
                 item: dict[str, object] = (
                     {"index": i, "delta": {"content": text}, "logprobs": None,
                      "finish_reason": None} if chat else
                     {"index": i, "text": text, "logprobs": None, "finish_reason": None})
-                pre, post = _MID_CHUNK[i][chat]
-                assert pre + _dumps(text) + post == _dumps(item)
+                pre, post = _mid_chunk(i, chat)
+                assert pre + _json_str(text).encode() + post == _dumps(item)
+                assert _dumps(item) == json.dumps(item, separators=(",", ":"),
+                                                  ensure_ascii=False).encode()
+
+
+def test_streamed_choice_sends_what_the_whole_text_holds(tok: ModelTokenizer) -> None:
+    """A streamed choice without stop strings keeps only its unsent text; what it sends,
+    chunk by chunk (several tokens per engine message), is the whole choice's text, and
+    the decoder's batch step equals its token steps."""
+    text = "abc def \u00e9t\u00e9 xyz qq \U0001f600 ghi"
+    ids = tok.encode(text)
+    whole = _Choice(0, tok.decoder(), [])
+    streamed = _Choice(0, tok.decoder(), [], stream=True)
+    sent = []
+    for k in range(0, len(ids), 3):
+        whole.feed(ids[k:k + 3])
+        streamed.feed(ids[k:k + 3])
+        sent.append(streamed.take(False))
+        assert len(streamed.text) == 0  # nothing kept once taken
+    assert "".join(sent) == whole.text == tok.decode(ids)
+    assert streamed.tokens == whole.tokens == len(ids) and streamed.token_ids == ids
+    one, batch = tok.decoder(), tok.decoder()
+    assert "".join(one.step(t) for t in ids) == batch.steps(ids)
+    assert batch.steps([VOCAB + 5]) == ""  # an unknown id decodes to nothing, as step does

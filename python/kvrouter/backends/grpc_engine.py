@@ -75,7 +75,7 @@ class GrpcEngineBackend:
                 chunk = EngineChunk(token_ids=list(resp.token_ids), finished=resp.finished,
                                     finish_reason=resp.finish_reason,
                                     sample_index=resp.sample_index,
-                                    logprobs=list(resp.logprobs))
+                                    logprobs=list(resp.logprobs) if resp.logprobs else [])
                 if resp.HasField("disaggregated"):
                     chunk.disagg = DisaggParams.from_pb(resp.disaggregated)
                 if resp.HasField("usage"):

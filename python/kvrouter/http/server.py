@@ -55,8 +55,14 @@ GenerateFn = Callable[[router_pb2.RouterGenerateRequest, GenerateTrace],
                       AsyncGenerator[engine_pb2.GenerateResponse, None]]
 
 
+# one encoder for every reply (json.dumps with options builds a new one per call)
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# a str as a JSON string, as _encode writes it (the C escaper json itself calls)
+_json_str = json.encoder.encode_basestring
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(obj).encode()
 
 
 def _sse(obj: Any) -> bytes:
@@ -76,11 +82,14 @@ class _Model:
 
 @dataclass
 class _Choice:
-    """One sample's output while it streams: decoding, stop strings, counts."""
+    """One sample's output while it streams: decoding, stop strings, counts. With
+    `stream` and no stop strings, `text` holds only what `take` has not returned yet (a
+    streamed reply never needs the whole text); otherwise all of it."""
 
     index: int
     detok: Detokenizer | None
     stops: list[str]
+    stream: bool = False
     text: str = ""
     sent: int = 0  # len(text) already sent to the client
     token_ids: list[int] = field(default_factory=list)
@@ -95,6 +104,13 @@ class _Choice:
 
     def feed(self, ids: Sequence[int]) -> None:
         """Decode `ids`; a stop string ends the choice at the token that completed it."""
+        if not self.stops:  # nothing can end the choice early: the whole chunk at once
+            if self.finish_reason is None:
+                self.tokens += len(ids)
+                self.token_ids.extend(ids)
+                if self.detok is not None:
+                    self.text += self.detok.steps(ids)
+            return
         for t in ids:
             if self.finish_reason is not None:
                 return
@@ -117,6 +133,9 @@ class _Choice:
     def take(self, final: bool) -> str:
         """Text ready to send: all of it at the end, else all but what could still turn
         out to be the start of a stop string."""
+        if self.stream and not self.stops:  # nothing held back, nothing kept
+            out, self.text = self.text, ""
+            return out
         end = len(self.text) if final or self.finish_reason else len(self.text) - self.hold
         if end <= self.sent:
             return ""
@@ -361,8 +380,8 @@ class HttpFront:
         stops = body.stops()
         # an aggregator other than "all" makes the n samples one reply (server/nsample.py)
         n_choices = body.n if body.aggregator in ("", "all") else 1
-        choices = [_Choice(i, m.tokenizer.decoder() if m.tokenizer else None, stops)
-                   for i in range(n_choices)]
+        choices = [_Choice(i, m.tokenizer.decoder() if m.tokenizer else None, stops,
+                           stream=body.stream) for i in range(n_choices)]
         trace = GenerateTrace()
         created = int(time.time())
         async with aclosing(self.generate(req, trace)) as gen:
@@ -397,10 +416,15 @@ class HttpFront:
             c = choices[idx]
             c.feed(resp.token_ids)
             if resp.finished:
-                c.usage = resp.usage
-                if c.finish_reason is None:
-                    c.finish_reason = _FINISH.get(resp.finish_reason, resp.finish_reason)
+                HttpFront._finish(c, resp)
         return all(c.finish_reason is not None for c in choices)
+
+    @staticmethod
+    def _finish(c: _Choice, resp: engine_pb2.GenerateResponse) -> None:
+        """The engine's final response for choice `c`."""
+        c.usage = resp.usage
+        if c.finish_reason is None:
+            c.finish_reason = _FINISH.get(resp.finish_reason, resp.finish_reason)
 
     @staticmethod
     def _usage(choices: list[_Choice], prompt_len: int) -> dict[str, Any]:
@@ -451,19 +475,35 @@ class HttpFront:
                 await resp.write(_sse({**head, "choices": [
                     {"index": c.index, "delta": {"role": "assistant", "content": ""},
                      "logprobs": None, "finish_reason": None}], **tail}))
+        with_ids = body.return_token_ids or m.tokenizer is None
+        # per choice: the bytes of a mid-stream chunk before and after its JSON text
+        mids = [(frame[0] + pre, post + frame[1])
+                for pre, post in (_mid_chunk(c.index, chat) for c in choices)]
+        single = choices[0] if len(choices) == 1 else None
+        write, step = resp.write, gen.__anext__
         item = first
         try:
             while item is not None:
-                done = self._apply(choices, item)
-                idx = item.sample_index if len(choices) > 1 else 0
-                if idx < len(choices):
-                    # a model without a tokenizer has no text: its chunks carry the ids
-                    await self._send(resp, frame, choices[idx], chat,
-                                     body.return_token_ids or m.tokenizer is None,
-                                     item.token_ids)
+                ch: _Choice | None
+                if single is not None:  # the common case, without _apply's generality
+                    ch = single
+                    ch.feed(item.token_ids)
+                    if item.finished:
+                        self._finish(ch, item)
+                    done = ch.finish_reason is not None
+                else:
+                    done = self._apply(choices, item)
+                    ch = choices[item.sample_index] if item.sample_index < len(choices) else None
+                if ch is not None and not ch.closed:
+                    data = self._chunk(mids, frame, ch, chat, with_ids, item.token_ids)
+                    if data:
+                        await write(data)
                 if done:
                     break
-                item = await anext(gen, None)
+                try:
+                    item = await step()
+                except StopAsyncIteration:
+                    break
         except Exception as e:  # after the 200: OpenAI's error object as an event
             err = HttpError.from_exception(e)
             await resp.write(_sse(err.body()))
@@ -476,20 +516,18 @@ class HttpFront:
         return resp
 
     @staticmethod
-    async def _send(resp: web.StreamResponse, frame: tuple[bytes, bytes],
-                    c: _Choice, chat: bool, with_ids: bool, ids: Sequence[int]) -> None:
-        if c.closed:
-            return
+    def _chunk(mids: list[tuple[bytes, bytes]], frame: tuple[bytes, bytes], c: _Choice,
+               chat: bool, with_ids: bool, ids: Sequence[int]) -> bytes | None:
+        """The SSE event for what choice `c` has to send now (None: nothing yet)."""
         finished = c.closed = c.finish_reason is not None
         text = c.take(finished)
-        if not text and not finished and not with_ids:
-            return
-        if not finished and not with_ids and c.index < len(_MID_CHUNK):
+        if not finished and not with_ids:
+            if not text:
+                return None
             # the hot path (a token's text mid-stream): only the text is serialised; the
             # bytes are those of the dict below (same key order, same separators)
-            pre, post = _MID_CHUNK[c.index][chat]
-            await resp.write(frame[0] + pre + _dumps(text) + post + frame[1])
-            return
+            pre, post = mids[c.index]
+            return pre + _json_str(text).encode() + post
         item: dict[str, Any]
         if chat:
             item = {"index": c.index, "delta": {"content": text} if text or not finished else {},
@@ -500,8 +538,7 @@ class HttpFront:
         if with_ids:
             item["token_ids"] = list(ids)
         # one chunk = the request's constant fields around this choice (pre-encoded)
-        await resp.write(frame[0] + _dumps(item) + frame[1])
-
+        return frame[0] + _dumps(item) + frame[1]
 
 def _mid_chunk(index: int, chat: bool) -> tuple[bytes, bytes]:
     """The bytes of a mid-stream choice around its JSON-encoded text."""
@@ -510,8 +547,6 @@ def _mid_chunk(index: int, chat: bool) -> tuple[bytes, bytes]:
                 b'},"logprobs":null,"finish_reason":null}')
     return b'{"index":%d,"text":' % index, b',"logprobs":null,"finish_reason":null}'
 
-
-_MID_CHUNK = [{chat: _mid_chunk(i, chat) for chat in (False, True)} for i in range(64)]
 
 
 def _trace_headers(trace: GenerateTrace) -> dict[str, str]:

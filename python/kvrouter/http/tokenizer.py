@@ -22,7 +22,7 @@ import json
 import os
 import random
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -197,6 +197,20 @@ class Detokenizer:
         except Exception:  # an id the vocabulary lacks decodes to nothing, as in engines
             return ""
         return out or ""
+
+    def steps(self, ids: Iterable[int]) -> str:
+        """The text of several tokens at once: what `step` gives for each, joined (one call
+        per streamed chunk instead of one per token)."""
+        step, tok = self._stream.step, self._tok
+        out = ""
+        for t in ids:
+            try:
+                piece = step(tok, t)
+            except Exception:  # as in step()
+                continue
+            if piece:
+                out += piece
+        return out
 
 
 # --------------------------------------------------------------------------- simulated models
