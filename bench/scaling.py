@@ -16,9 +16,10 @@ output). Ways to answer it with n samples of the 8B shape:
   is routed on its own: nothing tells the router they belong together);
 * ``independent``: the router fans the n samples out as n independent requests (one
   RTT; each sample is routed and prefilled on its own);
-* ``shared``: the router's n-sample path: placement by the cost function, one prefill
-  and n forked decodes on the prefix holder (the engine's n), spread only when the
-  holder's decode load makes another holder cheaper;
+* ``shared``: the router's n-sample path (nsample.run_samples): the pool an aggregated
+  request gets (a disaggregated pool's decode workers, prefilling locally), placement
+  by the cost function, one prefill and n forked decodes on the prefix holder (the
+  engine's n), spread only when the holder's decode load makes another holder cheaper;
 * ``big``: one query of the 49B shape (n = 1).
 
 Each is run aggregated (every GPU a whole-request worker) and disaggregated (one prefill
@@ -26,11 +27,13 @@ GPU, the rest decode; the planner's conditional disaggregation decides per reque
 Reported: GPU-seconds per answer (engine busy time summed over GPUs / answers), latency
 per answer p50/p99, output tokens/s per GPU, for n = 1, 2, 4, 8 at one concurrency, and
 the runtime-per-answer against concurrency plot (n = 4; three lines, each with and
-without disaggregation).
+without disaggregation); at one client, what one answer's runtime consists of per way
+(``breakdown_c1``: wait + prefill, decode steps, batch, step time, KV read per step) and
+the calibration's decode step costs (``step_facts``).
 
 Part 2 (``--vllm``): the two real vLLM CPU servers of kvrouter.testing.vllm_harness:
 n = 4 through Router.Generate against 4 parallel and 4 sequential client calls (wall
-time, vLLM's prefix-cache hits from its /metrics).
+time, vLLM's prefix-cache hits from its /metrics), interleaved question by question.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from kvrouter.events.model import AllCleared, BlockRemoved, BlockStored, KvEvent
 from kvrouter.fleet.simulator import Wakeups
 from kvrouter.planner import Planner, PlanPath, Prompt, build_pools
 from kvrouter.registry import Role
-from kvrouter.server.nsample import place_samples, sample_reservation
+from kvrouter.server.nsample import place_samples
 
 SMALL = "h200-llama3-8b-shape"
 BIG = "h200-llama-49b-shape"
@@ -94,6 +97,7 @@ class RunResult:
     output_tokens: int = 0
     gpus: int = 0
     prefill_tokens: int = 0
+    sim: ScalingSim | None = None  # kept with record=True (breakdown)
 
     def row(self) -> dict[str, Any]:
         n = len(self.latencies)
@@ -113,14 +117,17 @@ class ScalingSim:
     """Simulated engines behind the router's Scheduler and Planner, driven by C clients."""
 
     def __init__(self, profile: EngineProfile, gpus: int, disagg: bool, seed: int = 0,
-                 block_size: int = 64) -> None:
+                 block_size: int = 64, record: bool = False) -> None:
         self.bs = block_size
+        self.profile = profile
+        # with record: every engine request (worker, request) and the engines' step logs
+        self.log: list[tuple[int, SimRequest]] | None = [] if record else None
         self.index = PrefixIndex(block_size)
         self.sched = Scheduler(self.index, seed=seed, lease_s=1e12)
         self.cfg = ModelConfig(name="bench", block_size=block_size)
         self.planner = Planner(self.sched, DisaggConfig(), block_size=block_size,
                                prefill_weight=self.cfg.weights.prefill)
-        ecfg = EngineConfig(block_size=block_size)
+        ecfg = EngineConfig(block_size=block_size, record_steps=record)
         self.engines = [SimEngine(profile, ecfg, name=f"w{i}") for i in range(gpus)]
         roles = [Role.AGGREGATED] * gpus
         if disagg:
@@ -174,6 +181,8 @@ class ScalingSim:
         if res is not None:
             self._res[id(req)] = res
         self._on_done[id(req)] = done
+        if self.log is not None:
+            self.log.append((w, req))
         self.engines[w].submit(req, t)
         self._sync(w, t)
         self.wakeups.wake(w)
@@ -193,24 +202,17 @@ class ScalingSim:
             t, _, fn = heapq.heappop(self._events)
             fn(t)
 
-    # -- one request through the planner (client and independent ways, sample 0) --------
+    # -- one request through the planner (client and independent ways) -------------------
     def request(self, prompt: Prompt, rid: str, out: int, t: float,
-                done: Callable[[float, int], None], forks: int = 0) -> None:
-        """Plan and run one request; with `forks`, that many more samples fork from it on
-        its (decode) worker once its prompt KV is there (the engine's n). `done(t, k)` is
-        called as each of its 1 + forks samples finishes."""
+                done: Callable[[float, int], None]) -> None:
+        """Plan and run one request (conditional disaggregation included); `done(t, 0)`
+        when it finishes."""
         plan = self.planner.plan(prompt, rid, out, self.pools)
         hashes = prompt.hashes or ()
 
         def generation(mode: RequestMode, t0: float) -> None:
             lead = SimRequest(rid, hashes, prompt.prompt_tokens, out, mode=mode)
             self.submit(plan.worker, lead, t0, rid, lambda te: done(te, 0))
-            blocks = -(-out // self.bs)
-            for i in range(1, forks + 1):
-                res = sample_reservation(rid, i)
-                self.sched.reserve(plan.worker, res, 0, blocks, now=t0)
-                child = SimRequest(res, hashes, prompt.prompt_tokens, out, fork_of=lead)
-                self.submit(plan.worker, child, t0, res, _bind(done, i))
 
         if plan.path is PlanPath.DISAGGREGATED:
             assert plan.prefill_worker is not None
@@ -221,11 +223,15 @@ class ScalingSim:
         else:
             generation(RequestMode.BOTH, t)
 
-    def shared_aggregated(self, prompt: Prompt, rid: str, n: int, out: int, t: float,
-                          done: Callable[[float, int], None]) -> None:
-        """The router's n-sample path on aggregated workers: nsample.place_samples, then per
-        worker one request and forks of it."""
-        cands = self.pools["aggregated"].aggregated
+    def shared(self, prompt: Prompt, rid: str, n: int, out: int, t: float,
+               done: Callable[[float, int], None]) -> None:
+        """The router's n-sample path (nsample.run_samples): the pool chosen for an
+        aggregated request (a disaggregated pool's decode workers, prefilling locally),
+        nsample.place_samples over it, then per worker one request and forks of it."""
+        name, _cls = self.planner.choose_pool(prompt.prompt_tokens, out, self.pools,
+                                              "aggregated")
+        pool = self.pools[name]
+        cands = pool.aggregated or pool.decode
         pl = place_samples(self.planner, prompt, rid, n, out, cands, self.cfg, now=t)
         hashes = prompt.hashes or ()
         for _w, idxs in pl.groups.items():
@@ -238,14 +244,15 @@ class ScalingSim:
 
 
 def simulate(way: str, n: int, concurrency: int, questions: int, wl: Workload,
-             profile: EngineProfile, gpus: int, disagg: bool, seed: int = 0) -> RunResult:
+             profile: EngineProfile, gpus: int, disagg: bool, seed: int = 0,
+             record: bool = False) -> RunResult:
     """Closed loop: `concurrency` clients ask `questions` questions in all."""
-    sim = ScalingSim(profile, gpus, disagg, seed)
+    sim = ScalingSim(profile, gpus, disagg, seed, record=record)
     bs = sim.bs
     sys_blocks = wl.system_tokens // bs
     q_blocks = wl.prompt_tokens // bs - sys_blocks
     system = list(range(1, sys_blocks + 1))
-    res = RunResult(gpus=gpus)
+    res = RunResult(gpus=gpus, sim=sim if record else None)
     issued = 0
 
     def prompt_of(q: int) -> Prompt:
@@ -288,10 +295,8 @@ def simulate(way: str, n: int, concurrency: int, questions: int, wl: Workload,
             if way == "independent" or n == 1:
                 for k in range(n):
                     sim.request(prompt, f"{rid}.i{k}", wl.output_tokens, t0, sample_done)
-            elif disagg:
-                sim.request(prompt, rid, wl.output_tokens, t0, sample_done, forks=n - 1)
             else:
-                sim.shared_aggregated(prompt, rid, n, wl.output_tokens, t0, sample_done)
+                sim.shared(prompt, rid, n, wl.output_tokens, t0, sample_done)
 
         sim.at(t + wl.rtt_s / 2, start)
 
@@ -305,6 +310,71 @@ def simulate(way: str, n: int, concurrency: int, questions: int, wl: Workload,
     if len(res.latencies) != questions:
         raise RuntimeError(f"{way} n={n}: {len(res.latencies)} of {questions} answered")
     return res
+
+
+def breakdown(res: RunResult, question: int, wl: Workload) -> dict[str, Any]:
+    """What one answer's runtime consists of (a run with record=True): per engine request
+    of the question, its worker, wait + prefill (arrival to first token; a
+    generation-only request's KV transfer included), its decode steps with their mean
+    batch and step time on that worker, and the KV it reads per step."""
+    sim = res.sim
+    assert sim is not None and sim.log is not None
+    q = f"q{question}"
+    kv = sim.profile.kv_bytes_per_token
+    out: list[dict[str, Any]] = []
+    computed = 0
+    for w, r in sim.log:
+        if not (r.request_id == q or r.request_id.startswith((q + ".", q + "#"))):
+            continue
+        if r.mode is not RequestMode.GENERATION_ONLY:
+            computed += r.prompt_tokens - max(0, r.hit_blocks) * sim.bs
+        if r.mode is RequestMode.CONTEXT_ONLY:
+            continue
+        assert r.first_token_time is not None and r.finish_time is not None
+        t0, t1 = r.first_token_time, r.finish_time
+        steps = [s for s in sim.engines[w].stats.step_log if t0 < s.end <= t1 + 1e-12]
+        n_steps = sum(s.steps for s in steps)
+        batch = sum(s.decodes * s.steps for s in steps) / n_steps if n_steps else 0.0
+        ctx = r.prompt_tokens + wl.output_tokens / 2  # mean context over its decode
+        out.append({"worker": w, "wait_and_prefill_ms": (t0 - r.arrival) * 1e3,
+                    "decode_steps": n_steps, "mean_batch": batch,
+                    "mean_step_ms": (t1 - t0) / n_steps * 1e3 if n_steps else 0.0,
+                    "decode_ms": (t1 - t0) * 1e3,
+                    "kv_read_mb_per_step": batch * ctx * kv / 1e6})
+    return {"latency_ms": res.latencies[question] * 1e3, "rtt_ms": wl.rtt_s * 1e3,
+            "workers": len({s["worker"] for s in out}), "prefill_tokens_computed": computed,
+            "samples": out}
+
+
+def step_facts(profile: EngineProfile, wl: Workload, n: int) -> dict[str, Any]:
+    """The calibration's decode step at the workload's mean context for batch 1..n, with
+    the prompt's KV read once per step for the batch (a shared-prefix attention kernel)
+    instead of once per sample, and the KV bandwidth the decode points imply."""
+    p, o = wl.prompt_tokens, wl.output_tokens
+    steps = o - 1
+    ctx = p + o / 2
+    kv = profile.kv_bytes_per_token
+    batch_ms = {str(b): profile.decode_time(b, ctx) * 1e3 for b in (1, 2, n)}
+    shared_ms = {str(b): profile.decode_time(b, (p + b * o / 2) / b) * 1e3 for b in (2, n)}
+    # KV bandwidth: extra decode time per extra KV byte between the two largest contexts
+    # measured at the largest batch both have (the calibration's decode grid)
+    grid: dict[int, dict[int, float]] = {}
+    for r in profile.raw:
+        if r.kind == "decode":
+            grid.setdefault(r.batch, {})[r.context] = r.seconds
+    bw: dict[str, float] = {}
+    for b, by_ctx in sorted(grid.items()):
+        if len(by_ctx) >= 2:
+            c0, c1 = sorted(by_ctx)[:2]
+            bw[str(b)] = b * (c1 - c0) * kv / (by_ctx[c1] - by_ctx[c0]) / 1e12
+    return {"mean_context": ctx, "decode_steps": steps, "step_ms": batch_ms,
+            "step_ms_prefix_read_once": shared_ms,
+            "decode_ms": {b: v * steps for b, v in batch_ms.items()},
+            "decode_ms_prefix_read_once": {b: v * steps for b, v in shared_ms.items()},
+            "kv_tb_per_s_implied": bw,
+            "prefill_ms": {"question_on_cached_system": profile.prefill_time(
+                wl.question_tokens, wl.system_tokens) * 1e3,
+                "whole_prompt": profile.prefill_time(p) * 1e3}}
 
 
 def part_sim(quick: bool, gpus: int, wl: Workload) -> dict[str, Any]:
@@ -335,13 +405,18 @@ def part_sim(quick: bool, gpus: int, wl: Workload) -> dict[str, Any]:
                 .setdefault(way if n > 1 else "n1", {})[str(n)] = r.row()
         elif kind == "c":
             way, c, disagg = args
-            r = simulate(way, 4, c, max(questions, 2 * c), wl, small, gpus, disagg)
-            out["curve"].setdefault("disagg" if disagg else "agg", {}) \
-                .setdefault(way, {})[str(c)] = r.row()
+            qs = max(questions, 2 * c)
+            r = simulate(way, 4, c, qs, wl, small, gpus, disagg, record=c == 1)
+            mode = "disagg" if disagg else "agg"
+            out["curve"].setdefault(mode, {}).setdefault(way, {})[str(c)] = r.row()
+            if c == 1:  # what one answer's runtime consists of (the last, in steady state)
+                out.setdefault("breakdown_c1", {}).setdefault(mode, {})[way] = \
+                    breakdown(r, qs - 1, wl)
         else:
             r = simulate("shared", 1, ref_c, questions, wl, big, gpus, args)
             out.setdefault("big", {})["disagg" if args else "agg"] = r.row()
     progress(len(jobs), len(jobs), "scaling (simulated)")
+    out["step_facts"] = step_facts(small, wl, 4)
     return out
 
 
@@ -350,16 +425,20 @@ def headline(sim: dict[str, Any]) -> dict[str, Any]:
     shared4, client4 = agg["shared"]["4"], agg["client"]["4"]
     big = sim["big"]["agg"]
     curve = sim["curve"]
-    below = {mode: all(curve[mode]["shared"][c]["latency_ms"]["mean"]
-                       <= curve[mode]["independent"][c]["latency_ms"]["mean"]
-                       for c in curve[mode]["shared"]) for mode in curve}
+    # runtime per answer (mean), prefix-aware over independent, per concurrency; "below"
+    # is strict (a tie is not below)
+    ratio = {mode: {c: curve[mode]["shared"][c]["latency_ms"]["mean"]
+                    / curve[mode]["independent"][c]["latency_ms"]["mean"]
+                    for c in curve[mode]["shared"]} for mode in curve}
+    below = {mode: all(v < 1.0 for v in ratio[mode].values()) for mode in curve}
     h = {"router_n4_gpu_s": shared4["gpu_s_per_answer"],
          "big_model_gpu_s": big["gpu_s_per_answer"],
          "router_n4_latency_ms": shared4["latency_ms"]["p50"],
          "client_n4_latency_ms": client4["latency_ms"]["p50"],
          "independent_n4_latency_ms": agg["independent"]["4"]["latency_ms"]["p50"],
          "big_model_latency_ms": big["latency_ms"]["p50"],
-         "aware_below_unaware_at_every_concurrency": below}
+         "aware_below_unaware_at_every_concurrency": below,
+         "aware_over_unaware_runtime": ratio}
     h["targets"] = {
         "router_n4_gpu_below_big": h["router_n4_gpu_s"] < h["big_model_gpu_s"],
         "router_n4_faster_than_client": h["router_n4_latency_ms"] < h["client_n4_latency_ms"],
@@ -418,6 +497,16 @@ def print_sim(sim: dict[str, Any]) -> None:
                      r["prefill_tokens_per_answer"]])
     print(table(rows, ["mode", "way", "n", "GPU-s/answer", "p50 ms", "p99 ms",
                        "tok/s/GPU", "prefill tok/answer"]))
+    rows = []
+    for mode, by_way in sim.get("breakdown_c1", {}).items():
+        for way, b in by_way.items():
+            for s in b["samples"]:
+                rows.append([mode, way, b["latency_ms"], s["worker"], s["wait_and_prefill_ms"],
+                             s["decode_steps"], s["mean_batch"], s["mean_step_ms"],
+                             s["kv_read_mb_per_step"]])
+    print("one answer at 1 client (n = 4), per engine request:")
+    print(table(rows, ["mode", "way", "answer ms", "worker", "wait+prefill ms", "steps",
+                       "batch", "step ms", "KV MB/step"]))
 
 
 # --------------------------------------------------------------------------- real vLLM
@@ -437,10 +526,13 @@ def run_vllm(quick: bool) -> dict[str, Any]:
     # room for 4 samples of a question on one server (the harness default, 12 blocks,
     # is sized to force evictions in bench/real_vllm)
     with VllmFleet(VllmFleetConfig(num_gpu_blocks=64)) as fleet:
-        return asyncio.run(_vllm_ways(fleet, 4 if quick else 12))
+        return asyncio.run(_vllm_ways(fleet, 6 if quick else 24))
 
 
 async def _vllm_ways(fleet: Any, questions: int) -> dict[str, Any]:
+    """The three ways interleaved question by question (the order rotating), each way with
+    questions of its own under the shared system prompt, so the machine's drift and the
+    warm-up fall on all three alike; prefix hits are counted around each question."""
     import grpc
 
     from bench.real_vllm import reset_caches
@@ -452,11 +544,11 @@ async def _vllm_ways(fleet: Any, questions: int) -> dict[str, Any]:
     # 64 shared + 80 unique tokens: 4 full blocks of 32, so a sample that follows another
     # of its question can hit 128 tokens (vLLM never serves the block of the last token)
     system = [rng.randrange(4, VOCAB_SIZE) for _ in range(64)]
-    prompts = [system + [rng.randrange(4, VOCAB_SIZE) for _ in range(80)]
-               for _ in range(questions)]
+    prompts = {way: [system + [rng.randrange(4, VOCAB_SIZE) for _ in range(80)]
+                     for _ in range(questions)] for way in VLLM_WAYS}
     max_tokens = 16
-    out: dict[str, Any] = {"questions": questions, "prompt_tokens": len(prompts[0]),
-                           "max_tokens": max_tokens, "samples": 4}
+    out: dict[str, Any] = {"questions": questions, "prompt_tokens": len(system) + 80,
+                           "max_tokens": max_tokens, "samples": 4, "interleaved": True}
 
     async def one(stub: Any, prompt: list[int], n: int) -> int:
         sp = common_pb2.SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0,
@@ -467,13 +559,21 @@ async def _vllm_ways(fleet: Any, questions: int) -> dict[str, Any]:
             got += resp.finished
         return got
 
-    for way in VLLM_WAYS:
-        await reset_caches(fleet)
-        before = {w.name: scrape_prefix_cache(w) for w in fleet.workers}
-        walls: list[float] = []
-        async with grpc.aio.insecure_channel(fleet.router_target) as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
-            for p in prompts:
+    def counters() -> dict[str, Any]:
+        return wait_stable(lambda: {w.name: scrape_prefix_cache(w) for w in fleet.workers},
+                           0.3, 30, what="the engines' prefix-cache counters")
+
+    await reset_caches(fleet)
+    walls: dict[str, list[float]] = {w: [] for w in VLLM_WAYS}
+    hits = dict.fromkeys(VLLM_WAYS, 0)
+    queries = dict.fromkeys(VLLM_WAYS, 0)
+    async with grpc.aio.insecure_channel(fleet.router_target) as ch:
+        stub = router_pb2_grpc.RouterStub(ch)
+        before = await asyncio.to_thread(counters)
+        for q in range(questions):
+            for k in range(len(VLLM_WAYS)):
+                way = VLLM_WAYS[(q + k) % len(VLLM_WAYS)]
+                p = prompts[way][q]
                 t0 = time.perf_counter()
                 if way == "router_n4":
                     done = await one(stub, p, 4)
@@ -483,18 +583,19 @@ async def _vllm_ways(fleet: Any, questions: int) -> dict[str, Any]:
                     done = 0
                     for _ in range(4):
                         done += await one(stub, p, 1)
+                walls[way].append(time.perf_counter() - t0)
                 if done != 4:
                     raise RuntimeError(f"{way}: {done} of 4 samples finished")
-                walls.append(time.perf_counter() - t0)
-        after = await asyncio.to_thread(
-            wait_stable, lambda: {w.name: scrape_prefix_cache(w) for w in fleet.workers},
-            0.5, 30, what="the engines' prefix-cache counters")
-        hits = sum(after[n].hits - before[n].hits for n in after)
-        queries = sum(after[n].queries - before[n].queries for n in after)
-        out[way] = {"wall_ms": summary(np.asarray(walls) * 1e3), "prefix_hit_tokens": hits,
-                    "prefix_query_tokens": queries,
-                    "prefix_hit_rate": hits / queries if queries else 0.0}
-        print(f"vLLM {way}: p50 {out[way]['wall_ms']['p50']:.0f} ms, hit rate "
+                after = await asyncio.to_thread(counters)
+                hits[way] += sum(after[n].hits - before[n].hits for n in after)
+                queries[way] += sum(after[n].queries - before[n].queries for n in after)
+                before = after
+    for way in VLLM_WAYS:
+        out[way] = {"wall_ms": summary(np.asarray(walls[way]) * 1e3),
+                    "prefix_hit_tokens": hits[way], "prefix_query_tokens": queries[way],
+                    "prefix_hit_rate": hits[way] / queries[way] if queries[way] else 0.0}
+        print(f"vLLM {way}: p50 {out[way]['wall_ms']['p50']:.0f} ms, mean "
+              f"{out[way]['wall_ms']['mean']:.0f} ms, hit rate "
               f"{out[way]['prefix_hit_rate']:.2f}", file=sys.stderr)
     out["headline"] = {f"vllm_{w}_wall_ms": out[w]["wall_ms"]["p50"] for w in VLLM_WAYS}
     out["headline"].update({f"vllm_{w}_hit_rate": out[w]["prefix_hit_rate"] for w in VLLM_WAYS})

@@ -214,14 +214,18 @@ class _Req:
     session_id: str = ""
 
 
-def test_backend_without_n_starts_the_other_samples_after_the_first_output() -> None:
+@pytest.mark.parametrize("stagger", [False, True])
+def test_backend_without_n_gets_one_call_per_sample(stagger: bool) -> None:
+    """All at once by default (the engine shares a prompt among calls it schedules
+    together); with nsample.stagger_calls the others start after the first output."""
     planner, prompt, _ = _planner([])
     state = ModelState("m", BS, PrefixIndex(BS), planner.scheduler)
     for w in (1, 2):
         state.workers[f"w{w}"] = WorkerInfo(f"w{w}", w, "m", metadata={"backend": "plain"})
     fake = _PerSampleBackend()
-    r = _Req("q", state, ModelConfig(name="m"), np.asarray(prompt.tokens, dtype=np.uint32))
-    spec = SampleSpec.parse(3, "all", "", "", NSampleConfig())
+    cfg = ModelConfig(name="m", nsample=NSampleConfig(stagger_calls=stagger))
+    r = _Req("q", state, cfg, np.asarray(prompt.tokens, dtype=np.uint32))
+    spec = SampleSpec.parse(3, "all", "", "", cfg.nsample)
     trace = _Trace()
 
     async def run() -> list[Any]:
@@ -231,9 +235,12 @@ def test_backend_without_n_starts_the_other_samples_after_the_first_output() -> 
 
     out = asyncio.run(run())
     assert sorted(x.sample_index for x in out if x.finished) == [0, 1, 2]
-    first = fake.log.index("output q.s0")
-    assert fake.log[:2] == ["start q.s0", "output q.s0"] and first == 1
-    assert {"start q.s1", "start q.s2"} <= set(fake.log[2:])
+    starts = {"start q.s0", "start q.s1", "start q.s2"}
+    if stagger:
+        assert fake.log[:2] == ["start q.s0", "output q.s0"]
+        assert starts - {"start q.s0"} <= set(fake.log[2:])
+    else:
+        assert set(fake.log[:3]) == starts  # every call started before any output
     assert dict(trace.samples)["kvrouter-samples"] == "n=3,finished=3,cancelled=0,failed=0"
     assert planner.scheduler.load(1).reserved_requests == 0
     assert planner.scheduler.load(2).reserved_requests == 0

@@ -142,6 +142,13 @@ class NSampleConfig(_Strict):
     scorer_timeout_s: float = Field(default=2.0, gt=0, le=600,
                                     description="a scorer slower than this is given up on "
                                                 "(fallback: vote)")
+    stagger_calls: bool = Field(
+        default=False,
+        description="a backend without n (OpenAI-compatible servers): start a worker's further "
+                    "per-sample calls only once its first call produced output, for servers "
+                    "that do not share a prompt another request is computing; off: all at once "
+                    "(vLLM v1 caches a prompt's blocks when it schedules them, and SGLang's "
+                    "cache-aware policies hold back requests sharing a prefix in a batch)")
 
     @model_validator(mode="after")
     def _consistent(self) -> NSampleConfig:

@@ -13,7 +13,9 @@ the contract is docs/inference-scaling.md. In short:
   sample on another worker: that worker's own prefill and blocks).
 * Fan-out: one Engine.Generate per worker with ``n`` = its samples (engines
   fork the sequence after one prefill), read concurrently; a backend without n gets
-  one call per sample, the worker's later ones once its first produced output.
+  one call per sample, all at once (the engine shares the prompt among calls it
+  schedules together), or with ``nsample.stagger_calls`` the worker's later ones once
+  its first produced output.
 * Aggregation: ``all`` streams every sample; ``vote`` returns the first sample
   with the majority answer (regex over the sample's text, or its token ids written
   as decimals when the model has no tokenizer) and,
@@ -472,10 +474,14 @@ async def run_samples(r: RequestLike, spec: SampleSpec, planner: Planner,
                 samples[i].worker = info.name
             # an engine that takes n runs the worker's samples as one call (one prefill, n
             # decodes); a backend without n (the OpenAI client here) gets one call per
-            # sample, the others once the first has produced output (its prompt KV is in
-            # the engine's prefix cache then, so they do not compute it again)
+            # sample: all at once (vLLM v1 caches a prompt's blocks as it schedules them, so
+            # calls arriving together compute it once; SGLang's cache-aware policies hold
+            # back same-prefix requests of a batch), or, staggered, the others once the first has produced
+            # output (its prompt KV is in the engine's prefix cache then)
             if _supports_n(backends, info):
                 tasks.append(asyncio.create_task(pump(wid, idxs)))
+            elif not r.cfg.nsample.stagger_calls:
+                tasks.extend(asyncio.create_task(pump(wid, [i])) for i in idxs)
             else:
                 tasks.append(asyncio.create_task(pump(wid, idxs[:1])))
                 if len(idxs) > 1:
