@@ -11,10 +11,19 @@ next to ours. Absolute latencies are not comparable between the two simulators
 were tuned on the synthetic trace (bench.tune_weights): conversation is the trace
 reported, synthetic the one tuned on.
 
-Besides the policies, three kv variants run side by side: `kv_no_pressure` (the cost
+Besides the policies, kv variants run side by side: `kv_no_pressure` (the cost
 without its cache-pressure term, pressure weight 0: what the term costs or gains),
-`kv_approx` (every worker in approximate mode: the router predicts the caches from its
-own decisions, no KV events) and `kv_mixed` (half the workers approximate).
+`kv_no_pending` (no in-flight prefixes, pending_ttl_s 0: a routed prompt counts on its
+worker only once the engine's KV events store it), `kv_approx` (every worker in
+approximate mode: the router predicts the caches from its own decisions, no KV events),
+`kv_mixed` (half the workers approximate) and `kv_admission` (the router's admission
+queue, kvrouter.admission, enabled with its default saturation points; nothing is shed:
+no wait limit, an unbounded queue; TTFT counts from the trace arrival, queue wait included).
+
+Whether a cell is past saturation is stated with numbers: the prefill GPU-seconds the
+trace needs with the pooled oracle's hits (the calibrated cost model, 8K-token chunks as
+the engine runs them) over the workers' time in the arrival window. Above 1, no router
+can keep up with prefill alone; decode needs more.
 
     python -m bench.routing --quick --json bench/results/routing-quick.json
     python -m bench.routing --json bench/results/routing.json          # whole traces
@@ -23,20 +32,25 @@ own decisions, no KV events) and `kv_mixed` (half the workers approximate).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from bench.admission import FleetAdmission, Outcomes, Tag
 from bench.common import machine, table, write_json
+from kvrouter.admission import AdmissionController
+from kvrouter.config import AdmissionConfig
 from kvrouter.engines.sim import EngineConfig, EngineProfile
 from kvrouter.engines.sim.profile import DEFAULT_CALIBRATION
 from kvrouter.fleet import (
     POLICIES,
     FleetConfig,
+    FleetRequest,
     FleetResult,
     FleetSimulator,
     SchedulerWeights,
@@ -46,6 +60,7 @@ from kvrouter.fleet import (
     prepare,
     trace_hashes,
 )
+from kvrouter.fleet.report import percentiles
 from kvrouter.fleet.traces import MOONCAKE_CONVERSATION, MOONCAKE_SYNTHETIC
 
 log = logging.getLogger("bench.routing")
@@ -56,31 +71,104 @@ DYNAMO_CAPACITY_TOKENS = 1_048_576  # Dynamo mocker default: 16384 blocks of 64 
 # conversation figures are not fitted to the trace they are reported on.
 TUNING_TRACE = "synthetic"
 QUICK_LIMITS = {"conversation": 1500, "synthetic": 600}
-# kv variants: name -> (pressure weight override, share of workers in approximate mode)
-VARIANTS: dict[str, tuple[float | None, float]] = {
-    "kv_no_pressure": (0.0, 0.0),
-    "kv_approx": (None, 1.0),
-    "kv_mixed": (None, 0.5),
+
+
+class Variant(NamedTuple):
+    """A kv variant: what it changes from the product's defaults."""
+
+    pressure_weight: float | None = None
+    approx_share: float = 0.0  # share of workers in approximate mode
+    pending_ttl_s: float | None = None
+    admission: bool = False
+
+
+VARIANTS: dict[str, Variant] = {
+    "kv_no_pressure": Variant(pressure_weight=0.0),
+    "kv_no_pending": Variant(pending_ttl_s=0.0),
+    "kv_approx": Variant(approx_share=1.0),
+    "kv_mixed": Variant(approx_share=0.5),
+    "kv_admission": Variant(admission=True),
 }
 RUNS = (*POLICIES, *VARIANTS)
+# kv_admission: the default saturation points; no wait limit and an unbounded queue, so
+# every request is served and TTFTs compare with the other runs'.
+ADMISSION = AdmissionConfig(enabled=True, max_wait_s=1e12, max_queue=1 << 40)
 
 
 def run_ours(trace: Trace, hashes: list[list[int]], profile: EngineProfile, workers: int,
              speedup: float, capacity_tokens: int, policy: str, block_size: int,
              seed: int) -> FleetResult:
-    weights, approx = SchedulerWeights(), 0
+    weights, v = SchedulerWeights(), VARIANTS.get(policy, Variant())
     if policy in VARIANTS:
-        pressure, share = VARIANTS[policy]
         policy = "kv"
-        if pressure is not None:
-            weights.pressure_weight = pressure
-        approx = round(workers * share)
-    cfg = FleetConfig(num_workers=workers, policy=policy, approx_workers=approx,
-                      weights=weights,
+        if v.pressure_weight is not None:
+            weights.pressure_weight = v.pressure_weight
+        if v.pending_ttl_s is not None:
+            weights.pending_ttl_s = v.pending_ttl_s
+    cfg = FleetConfig(num_workers=workers, policy=policy,
+                      approx_workers=round(workers * v.approx_share), weights=weights,
                       engine=EngineConfig(block_size=block_size,
                                           kv_capacity_tokens=capacity_tokens),
                       seed=seed)
-    return FleetSimulator(profile, cfg).run(prepare(trace, block_size, speedup, hashes))
+    sim = FleetSimulator(profile, cfg)
+    reqs = prepare(trace, block_size, speedup, hashes)
+    if not v.admission:
+        return sim.run(reqs)
+    out = Outcomes(arrival={r.request_id: r.arrival_s for r in reqs})
+    ctl: AdmissionController[FleetRequest] = AdmissionController(sim.scheduler, ADMISSION)
+    tag = Tag("normal", "default")
+    res = sim.run(reqs, gate=FleetAdmission(ctl, {r.request_id: tag for r in reqs}, out))
+    if out.refused:
+        raise RuntimeError(f"admission refused {len(out.refused)} requests")
+    # The simulator's records start at dispatch; TTFT here counts from the trace arrival.
+    res.records = [dataclasses.replace(r, arrival_s=out.arrival[r.request_id])
+                   for r in res.records]
+    res.report.ttft_ms = percentiles([r.ttft_s * 1000.0 for r in res.records])
+    res.report.e2e_ms = percentiles([r.e2e_s * 1000.0 for r in res.records])
+    return res
+
+
+def prefill_seconds(profile: EngineProfile, trace: Trace, hashes: list[list[int]],
+                    capacity_blocks: int, block_size: int, chunk: int) -> dict[str, float]:
+    """Prefill GPU-seconds the trace needs without cache hits and with the pooled oracle's
+    hits (one LRU of `capacity_blocks`), each prompt in `chunk`-token steps on top of its
+    cached prefix as the engine runs it; and the attention-over-context share of the
+    latter (the calibration's new x context term)."""
+    from collections import OrderedDict
+
+    def run(new: int, done: int) -> tuple[float, float]:
+        t = attn = 0.0
+        while new > 0:
+            c = min(chunk, new)
+            a = profile.attn_s_per_token_pair * c * done
+            t += profile.prefill_time(c, 0) + a
+            attn += a
+            done += c
+            new -= c
+        return t, attn
+
+    lru: OrderedDict[int, None] = OrderedDict()
+    none = hit = attn = 0.0
+    for r, hs in zip(trace.requests, hashes, strict=True):
+        k = 0
+        for h in hs:
+            if h not in lru:
+                break
+            k += 1
+        for h in reversed(hs):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = None
+        while len(lru) > capacity_blocks:
+            lru.popitem(last=False)
+        cached = min(k * block_size, r.input_length - 1)
+        none += run(r.input_length, 0)[0]
+        t, a = run(r.input_length - cached, cached)
+        hit += t
+        attn += a
+    return {"no_hits_gpu_s": none, "oracle_hits_gpu_s": hit,
+            "oracle_attention_share": attn / hit if hit else 0.0}
 
 
 def run_dynamo(trace_path: Path, workers: int, speedup: float) -> dict[str, Any]:
@@ -127,6 +215,7 @@ def metrics(res: FleetResult, oracle: float) -> dict[str, Any]:
                 "imbalance_requests": r.imbalance_requests,
                 "imbalance_prefill_tokens": r.imbalance_prefill_tokens,
                 "completed": r.completed, "rejected": r.rejected, "wall_s": res.wall_s,
+                "makespan_s": r.makespan_s,
                 "index_orphan_events": res.apply["orphan_events"]})
     return out
 
@@ -186,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--synthetic", type=Path, default=MOONCAKE_SYNTHETIC)
     ap.add_argument("--traces", default="conversation,synthetic")
     ap.add_argument("--workers", default="8,16")
-    ap.add_argument("--speedups", default="1,4,8")
+    ap.add_argument("--speedups", default="1,2,4,8")
     ap.add_argument("--policies", default=",".join(RUNS),
                     help="policies and kv variants (kv_no_pressure, kv_approx, kv_mixed)")
     ap.add_argument("--scale-sizes", default="4,8,16,32",
@@ -234,13 +323,24 @@ def main(argv: list[str] | None = None) -> int:
             sliced = slice_file(paths[tname], limit, Path(tmp))
             tres: dict[str, Any] = {"requests": len(trace), "duration_s": trace.duration_s}
             result["results"][tname] = tres
+            engine_chunk = EngineConfig().max_num_batched_tokens
+            pf = {nw: prefill_seconds(profile, trace, hashes,
+                                      nw * (DYNAMO_CAPACITY_TOKENS // args.block_size),
+                                      args.block_size, engine_chunk)
+                  for nw in workers_list}
+            tres["prefill_gpu_s_dynamo_capacity"] = {str(nw): v for nw, v in pf.items()}
             # the reference figure as the trace states it: 512-token blocks, 8 x 1M tokens
             tres["pooled_oracle_trace_blocks_8x1M"] = pooled_lru(
                 [r.content_ids for r in trace.requests], 8 * DYNAMO_CAPACITY_TOKENS // 512
             ).hit_rate
             for nw in workers_list:
                 for sp in speedups:
-                    cell: dict[str, Any] = {}
+                    window = trace.duration_s / sp
+                    cell: dict[str, Any] = {"saturation": {
+                        "arrival_window_s": window,
+                        # > 1: prefill alone, at the pooled oracle's hits, outruns the fleet
+                        "oracle_prefill_utilisation": pf[nw]["oracle_hits_gpu_s"] / (nw * window),
+                    }}
                     for cname, cap in capacities.items():
                         oracle = pooled_lru(hashes, nw * (cap // args.block_size)).hit_rate
                         pol_out: dict[str, Any] = {}
@@ -267,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                                     pol_out[f"{k}_ttft_gain"] = (rr["mean_ttft_ms"]
                                                                  / pol_out[k]["mean_ttft_ms"])
                         cell[cname] = pol_out
+                        if "kv" in pol_out:
+                            cell["saturation"][f"kv_makespan_over_window_{cname}"] = (
+                                pol_out["kv"]["makespan_s"] / window)
                     if not args.no_dynamo:
                         d = run_dynamo(sliced, nw, sp)
                         cell["dynamo"] = d
@@ -314,6 +417,32 @@ def main(argv: list[str] | None = None) -> int:
             "meets_imbalance_target": bool(kv and kv["imbalance"] <= 1.3),
         }
     result["targets"] = tg
+    # every cell at Dynamo's default capacity (issue 14 item 4), with its saturation figures
+    cells: dict[str, Any] = {}
+    for tname, tres in result["results"].items():
+        for nw in workers_list:
+            for sp in speedups:
+                cell = tres.get(str(nw), {}).get(f"{sp:g}")
+                if not cell or "kv" not in cell["dynamo_default"]:
+                    continue
+                ours = cell["dynamo_default"]
+                dyn_gain = cell.get("dynamo", {}).get("ttft_gain")
+                gain = ours.get("kv_ttft_gain")
+                sat = cell["saturation"]
+                cells[f"{tname}/{nw}/{sp:g}x"] = {
+                    "kv_hit_over_oracle": ours["kv"]["hit_over_oracle"],
+                    "kv_no_pending_hit_over_oracle": ours.get("kv_no_pending", {}).get(
+                        "hit_over_oracle"),
+                    "kv_ttft_gain": gain, "dynamo_ttft_gain": dyn_gain,
+                    "kv_admission_ttft_gain": ours.get("kv_admission_ttft_gain"),
+                    "oracle_prefill_utilisation": sat["oracle_prefill_utilisation"],
+                    "kv_makespan_over_window": sat.get("kv_makespan_over_window_dynamo_default"),
+                    "past_saturation": sat["oracle_prefill_utilisation"] > 1.0,
+                    "meets_hit_target": ours["kv"]["hit_over_oracle"] >= 0.9,
+                    "meets_gain_target": bool(gain is not None and dyn_gain is not None
+                                              and gain >= dyn_gain),
+                }
+    result["targets_cells"] = cells
     result["wall_s"] = time.perf_counter() - t_start
     print(table(rows, ["trace", "workers", "speedup", "capacity", "policy", "mean_ttft_ms",
                        "p99_ttft_ms", "hit", "oracle", "imbalance", "wall_s"]))
@@ -327,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table([[k, v["kv_hit_over_oracle"], v["kv_ttft_gain"], v["dynamo_ttft_gain"],
                   v["kv_imbalance"]] for k, v in tg.items()],
                 ["speedup", "kv_hit/oracle", "kv_gain", "dynamo_gain", "kv_imbalance"]))
+    print(table([[k, v["kv_hit_over_oracle"], v["kv_no_pending_hit_over_oracle"],
+                   v["kv_ttft_gain"], v["dynamo_ttft_gain"], v["kv_admission_ttft_gain"],
+                   v["oracle_prefill_utilisation"], v["kv_makespan_over_window"]]
+                  for k, v in cells.items()],
+                ["cell (Dynamo capacity)", "kv_hit/oracle", "no_pending", "kv_gain",
+                 "dynamo_gain", "admission_gain", "oracle_prefill_util", "kv_makespan/window"]))
     write_json(args.json, result)
     return 0
 
