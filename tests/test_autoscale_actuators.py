@@ -51,7 +51,7 @@ class ApiServer:
     """Deployments' replicas and pods in memory; every request recorded as (method, path)."""
 
     def __init__(self) -> None:
-        self.replicas = {"kvrouter-prefill": 1, "kvrouter-decode": 1}
+        self.replicas = {"kvrouter-prefill": 1, "kvrouter-decode": 1, "kvrouter-aggregated": 0}
         self.pods: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, str, Any]] = []
         self.fail: dict[str, int] = {}  # method -> status to answer
@@ -141,7 +141,8 @@ def test_kubernetes_start_stop_and_flip_scale_the_role_deployments(
     assert server.replicas["kvrouter-prefill"] == 0
     asyncio.run(act.stop("gone-already"))  # not an error
     asyncio.run(act.set_role("kvrouter-decode-def", Role.PREFILL))
-    assert server.replicas == {"kvrouter-prefill": 1, "kvrouter-decode": 1}
+    assert server.replicas == {"kvrouter-prefill": 1, "kvrouter-decode": 1,
+                               "kvrouter-aggregated": 0}
 
 
 def test_kubernetes_api_errors_are_actuator_errors(
@@ -221,7 +222,7 @@ def test_manifests_validate_and_rbac_grants_every_call(
         assert need in grants, need
     # the engine Deployments are what the actuator scales, labelled as it selects them
     deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    for role_name in ("prefill", "decode"):
+    for role_name in ("prefill", "decode", "aggregated"):
         d = deps[act.deployment(Role(role_name))]
         assert "replicas" not in d["spec"]
         labels = d["spec"]["template"]["metadata"]["labels"]
@@ -279,7 +280,7 @@ def test_router_counters_parse_and_difference() -> None:
     before = parse_counters(generate_latest(rm.registry).decode(), "m", "disaggregated")
     for ttft in (0.2, 0.8, 0.9, 0.95, 5.0):
         rm.generated("m", "disaggregated", 2000, 50, ttft, 0.98)  # ITL 20 ms
-    rm.generated("m", "aggregated", 99, 9, 0.1, 0.1)  # another pool
+    rm.generated("m", "long-context", 99, 9, 0.1, 0.1)  # a pool this planner does not size
     after = parse_counters(generate_latest(rm.registry).decode(), "m", "disaggregated")
     assert (after.requests, after.prompt_tokens, after.output_tokens) == (6, 13000, 350)
     d = after.minus(before)

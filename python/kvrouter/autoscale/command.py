@@ -24,7 +24,8 @@ log = logging.getLogger("kvrouter.autoscale")
 
 def register(sub: Any) -> None:
     d = AutoscaleConfig()
-    p = sub.add_parser("planner", help="autoscale prefill/decode workers from router telemetry",
+    p = sub.add_parser("planner", help="autoscale prefill/decode/aggregated workers from router "
+                                       "telemetry",
                        description=__doc__)
     p.add_argument("--router", metavar="HOST:PORT", default=None,
                    help="plan a running router (default: start one here)")
@@ -41,6 +42,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-workers", type=int, default=d.max_workers)
     p.add_argument("--min-prefill", type=int, default=d.min_prefill)
     p.add_argument("--min-decode", type=int, default=d.min_decode)
+    p.add_argument("--no-aggregated", action="store_true",
+                   help="never size an aggregated pool (prefill and decode workers only)")
     p.add_argument("--start-s", type=float, default=None,
                    help="expected cold start (default: 5 s locally, else "
                         f"{d.start_s:g})")
@@ -51,7 +54,7 @@ def register(sub: Any) -> None:
     p.add_argument("--workdir", type=Path, default=None, help="local: logs of the engines")
     p.add_argument("--namespace", default="kvrouter", help="kubernetes: namespace")
     p.add_argument("--instance", default="kvrouter",
-                   help="kubernetes: Deployments <instance>-prefill and <instance>-decode")
+                   help="kubernetes: Deployments <instance>-prefill, -decode and -aggregated")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve the planner's own /metrics here (0: off)")
     p.add_argument("--ticks", type=int, default=0, help="stop after this many ticks (0: run)")
@@ -72,7 +75,8 @@ def _config(args: argparse.Namespace) -> AutoscaleConfig:
                                                              AutoscaleConfig().start_s)
     return AutoscaleConfig(slo=SLO(ttft_s=args.ttft, itl_s=args.itl), interval_s=args.interval,
                            max_workers=args.max_workers, min_prefill=args.min_prefill,
-                           min_decode=args.min_decode, start_s=start_s)
+                           min_decode=args.min_decode, start_s=start_s,
+                           aggregated=not args.no_aggregated)
 
 
 async def _main(args: argparse.Namespace, cfg: AutoscaleConfig) -> None:

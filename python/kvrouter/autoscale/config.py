@@ -18,7 +18,15 @@ class AutoscaleConfig(BaseModel):
     slo: SLO = Field(default_factory=SLO)
     interval_s: float = Field(default=30.0, gt=0, description="one planning tick")
     min_prefill: int = Field(default=1, ge=0)
-    min_decode: int = Field(default=1, ge=1)
+    min_decode: int = Field(default=1, ge=1,
+                            description="decode workers at least; when every request is sized "
+                                        "onto aggregated workers, aggregated workers at least")
+    aggregated: bool = Field(default=True,
+                             description="size an aggregated pool for the specialiser's short "
+                                         "requests when cheaper (telemetry must split them)")
+    layout_margin: int = Field(default=1, ge=0,
+                               description="workers a layout change (with/without aggregated "
+                                           "workers) must save, for down_stable_ticks ticks")
     max_workers: int = Field(default=32, ge=2, description="GPUs of the pool at most")
     # predictor (docs/autoscale.md: Holt level + trend, floored by the max of the recent ticks)
     ewma_alpha: float = Field(default=0.5, gt=0, le=1)

@@ -17,7 +17,13 @@ very same code. One `Autoscaler` plans one pool of one model:
 4. Size: forecast -> `PerfModel.need` -> target prefill/decode workers (decode at least
    what the KV the decode workers report holding needs at `kv_usage_target`), clamped to the
    minimums and `max_workers` (an SLO that cannot be met there runs at the maximum and
-   raises the `slo_unreachable` metric).
+   raises the `slo_unreachable` metric). When the telemetry splits off the requests the
+   specialiser sends to the aggregated pool (class "short": short prompts, or outputs long
+   next to them), a second layout is sized too: those on aggregated workers
+   (`PerfModel.need_aggregated`) and the rest on prefill/decode. The layout with fewer
+   GPUs wins, with hysteresis: a change must save `layout_margin` workers for
+   `down_stable_ticks` ticks in a row. Without an aggregated worker the specialiser sends
+   short requests to the disaggregated pool, so the first layout is "no aggregated pool".
 5. Reconcile with hysteresis: scale up at once (after `up_cooldown_s`); scale down only
    when the surplus exceeds `down_band` for `down_stable_ticks` ticks and
    `down_cooldown_s` has passed, by at most `max_step_down_share` of the role, draining first
@@ -46,7 +52,9 @@ from kvrouter.registry import Role
 
 log = logging.getLogger("kvrouter.autoscale")
 
-ROLES = (Role.PREFILL, Role.DECODE)
+ROLES = (Role.PREFILL, Role.DECODE, Role.AGGREGATED)
+DISAGGREGATED_LAYOUT = "disaggregated"  # prefill + decode workers only
+MIXED_LAYOUT = "with_aggregated"  # short requests on aggregated workers, the rest disaggregated
 
 
 class Phase(StrEnum):
@@ -92,13 +100,23 @@ class PoolTelemetry:
     # (used + free)), over `kv_workers` ready decode workers; None: not reported.
     kv_usage: float | None = None
     kv_workers: int = 0
+    # Of `arrivals`, those of the specialiser's "short" class (the aggregated pool's
+    # requests; kvrouter.planner.LengthSpecialiser) and their mean lengths; None: the
+    # telemetry does not split them (no aggregated pool is sized).
+    short_arrivals: int | None = None
+    short_prompt_tokens: float = 0.0
+    short_output_tokens: float = 0.0
 
     def problem(self) -> str:
         """Why this sample cannot be used ('' when it can)."""
-        nums = (self.window_s, self.prompt_tokens, self.output_tokens)
+        nums = (self.window_s, self.prompt_tokens, self.output_tokens,
+                self.short_prompt_tokens, self.short_output_tokens)
         if not all(math.isfinite(v) and v >= 0 for v in nums) or min(
-                self.arrivals, self.queue, self.queued_prefill_tokens, self.kv_workers) < 0:
+                self.arrivals, self.queue, self.queued_prefill_tokens, self.kv_workers,
+                self.short_arrivals or 0) < 0:
             return "non-finite or negative values"
+        if self.short_arrivals is not None and self.short_arrivals > self.arrivals:
+            return f"{self.short_arrivals} short arrivals of {self.arrivals}"
         if self.kv_usage is not None and not 0.0 <= self.kv_usage <= 1.0:
             return f"KV usage {self.kv_usage} outside [0, 1]"
         if self.window_s <= 0:
@@ -129,6 +147,8 @@ class Decision:
     actions: list[Action] = field(default_factory=list)
     slo_unreachable: bool = False
     kv_usage: float | None = None
+    layout: str = DISAGGREGATED_LAYOUT
+    layouts: dict[str, int] = field(default_factory=dict)  # GPUs each layout sized needs
     note: str = ""
 
     def as_log(self) -> dict[str, Any]:
@@ -144,7 +164,11 @@ class Decision:
             out["kv_usage"] = round(self.kv_usage, 3)
         if self.need is not None:
             out.update(need_prefill=self.need.prefill, need_decode=self.need.decode,
+                       need_aggregated=self.need.aggregated,
                        decode_batch=self.need.decode_batch)
+        out["layout"] = self.layout
+        for k, v in self.layouts.items():
+            out[f"layout_{k}"] = v
         for k, v in self.target.items():
             out[f"target_{k}"] = v
         for k, v in self.current.items():
@@ -170,6 +194,11 @@ class Autoscaler:
         self.model, self.pool = model, pool
         self.metrics = metrics
         self.predictor = LoadPredictor(cfg.ewma_alpha, cfg.trend_beta, cfg.recent_ticks)
+        # the two classes apart (telemetry with a short/rest split): the mixed layout's loads
+        self.short = LoadPredictor(cfg.ewma_alpha, cfg.trend_beta, cfg.recent_ticks)
+        self.rest = LoadPredictor(cfg.ewma_alpha, cfg.trend_beta, cfg.recent_ticks)
+        self.layout: str | None = None  # from the first view of the fleet
+        self._layout_streak = 0
         self.correction = {Role.PREFILL: 1.0, Role.DECODE: 1.0}
         self._last_up = {r: -math.inf for r in ROLES}
         self._last_down = {r: -math.inf for r in ROLES}
@@ -184,6 +213,17 @@ class Autoscaler:
         rate = s.arrivals / s.window_s
         self.predictor.observe(rate, s.prompt_tokens if s.arrivals else 0.0,
                                s.output_tokens if s.arrivals else 0.0)
+        if s.short_arrivals is not None:
+            k, n = s.short_arrivals, s.arrivals - s.short_arrivals
+
+            def rest_mean(total: float, short: float) -> float:
+                m = (s.arrivals * total - k * short) / n if n else 0.0
+                return m if m > 0 else total  # inconsistent sums: the pool's mean
+
+            self.short.observe(k / s.window_s, s.short_prompt_tokens if k else 0.0,
+                               s.short_output_tokens if k else 0.0)
+            self.rest.observe(n / s.window_s, rest_mean(s.prompt_tokens, s.short_prompt_tokens),
+                              rest_mean(s.output_tokens, s.short_output_tokens))
         slo, step, cap = self.cfg.slo, self.cfg.correction_step, self.cfg.correction_max
         for role, seen, limit in ((Role.PREFILL, s.ttft_p95_s, slo.ttft_s),
                                   (Role.DECODE, s.itl_p95_s, slo.itl_s)):
@@ -210,18 +250,57 @@ class Autoscaler:
 
     def _targets(self, need: Need) -> tuple[dict[Role, int], bool]:
         cfg = self.cfg
+        a = need.aggregated
+        if a and need.prefill == need.decode == 0:
+            # everything on aggregated workers: the floor of workers that finish requests
+            return self._clamp({Role.PREFILL: 0, Role.DECODE: 0,
+                                Role.AGGREGATED: max(cfg.min_decode, a)}, not need.feasible)
         p = max(cfg.min_prefill, need.prefill)
         d = max(cfg.min_decode, need.decode)
         unreachable = not need.feasible
         if not need.feasible and need.decode == 0:
             # nothing to size decode with: run at the maximum, keep the split balanced
             p, d = cfg.max_workers // 2, cfg.max_workers - cfg.max_workers // 2
+        if a:
+            return self._clamp({Role.PREFILL: p, Role.DECODE: d, Role.AGGREGATED: a},
+                               unreachable)
         if p + d > cfg.max_workers:
             unreachable = True
             d = max(cfg.min_decode, min(cfg.max_workers - cfg.min_prefill,
                                         round(cfg.max_workers * d / (p + d))))
             p = cfg.max_workers - d
-        return {Role.PREFILL: p, Role.DECODE: d}, unreachable
+        return {Role.PREFILL: p, Role.DECODE: d, Role.AGGREGATED: 0}, unreachable
+
+    def _clamp(self, t: dict[Role, int], unreachable: bool) -> tuple[dict[Role, int], bool]:
+        """Targets over max_workers shrunk in proportion (each role keeps at least one
+        worker it had, the aggregated pool the rest)."""
+        total, cap = sum(t.values()), self.cfg.max_workers
+        if total <= cap:
+            return t, unreachable
+        out = {r: max(1 if n else 0, math.floor(cap * n / total)) for r, n in t.items()}
+        out[Role.AGGREGATED] += cap - sum(out.values())
+        return out, True
+
+    def _choose_layout(self, dec: Decision, single: Need, mixed: Need | None) -> Need:
+        """The layout to size for (module doc, step 4): hysteresis on a change."""
+        cost = {DISAGGREGATED_LAYOUT: self._targets(single)[0]}
+        if mixed is not None:
+            cost[MIXED_LAYOUT] = self._targets(mixed)[0]
+        dec.layouts = {k: sum(v.values()) for k, v in cost.items()}
+        cur = self.layout or DISAGGREGATED_LAYOUT
+        other = MIXED_LAYOUT if cur == DISAGGREGATED_LAYOUT else DISAGGREGATED_LAYOUT
+        if cur not in dec.layouts or (
+                other in dec.layouts
+                and dec.layouts[other] + self.cfg.layout_margin <= dec.layouts[cur]):
+            self._layout_streak += 1  # cheaper elsewhere, or the mixed one cannot be sized
+        else:
+            self._layout_streak = 0
+        if self._layout_streak >= self.cfg.down_stable_ticks:
+            cur, self._layout_streak = other, 0
+        self.layout = dec.layout = cur
+        if cur == MIXED_LAYOUT and mixed is not None:
+            return mixed
+        return single
 
     # -- one tick ----------------------------------------------------------------------
     def plan(self, now: float, sample: PoolTelemetry | None,
@@ -236,6 +315,10 @@ class Autoscaler:
             del self._intents[name]  # vanished (stopped elsewhere): forget the intent
         if not self._adopted:
             self._adopt(workers)
+        if self.layout is None:  # as found: aggregated workers serving or starting, or not
+            self.layout = MIXED_LAYOUT if any(
+                w.role is Role.AGGREGATED and w.phase is not Phase.DRAINING
+                for w in workers) else DISAGGREGATED_LAYOUT
         # 1. drains that are done
         for w in workers:
             if w.phase is Phase.DRAINING and w.inflight <= 0 and w.name in self._intents:
@@ -270,20 +353,34 @@ class Autoscaler:
         # queued prompts must clear too: as extra arrivals over backlog_drain_s
         backlog = (sample.queued_prefill_tokens / max(fc.prompt_tokens, 1.0)
                    / cfg.backlog_drain_s)
-        need = dec.need = self.perf.need(Load(fc.rate * (1 + cfg.headroom) + backlog,
-                                              fc.prompt_tokens,
-                                              fc.output_tokens), cfg,
-                                         self.correction[Role.PREFILL],
-                                         self.correction[Role.DECODE])
+        cp, cd = self.correction[Role.PREFILL], self.correction[Role.DECODE]
+        single = self.perf.need(Load(fc.rate * (1 + cfg.headroom) + backlog, fc.prompt_tokens,
+                                     fc.output_tokens), cfg, cp, cd)
         kv_floor = self._kv_floor(sample)
-        if need.feasible and kv_floor > need.decode:
-            need = dec.need = replace(need, decode=kv_floor)
+        if single.feasible and kv_floor > single.decode:
+            single = replace(single, decode=kv_floor)
+        mixed: Need | None = None
+        if cfg.aggregated and sample.short_arrivals is not None and self.short.primed:
+            fs, fr = self.short.forecast(horizon), self.rest.forecast(horizon)
+            agg = self.perf.need_aggregated(
+                Load(fs.rate * (1 + cfg.headroom), fs.prompt_tokens, fs.output_tokens), cfg,
+                max(cp, cd))
+            rest = self.perf.need(Load(fr.rate * (1 + cfg.headroom) + backlog, fr.prompt_tokens,
+                                       fr.output_tokens), cfg, cp, cd)
+            if agg.feasible and rest.feasible and agg.aggregated > 0:
+                if kv_floor > rest.decode and rest.decode > 0:
+                    rest = replace(rest, decode=kv_floor)
+                mixed = replace(rest, aggregated=agg.aggregated,
+                                aggregated_exact=agg.aggregated_exact)
+        need = dec.need = self._choose_layout(dec, single, mixed)
+        if need.feasible and kv_floor and kv_floor == need.decode:
             dec.note = (f"decode sized for KV usage {sample.kv_usage:.2f} on "
                         f"{sample.kv_workers} worker(s)")
         target, dec.slo_unreachable = self._targets(need)
         if dec.slo_unreachable:
             dec.note = "; ".join(x for x in (dec.note, need.reason or f"SLO needs {need.prefill}"
-                                             f"+{need.decode} > max_workers") if x)
+                                             f"+{need.decode}+{need.aggregated} > max_workers")
+                                 if x)
             log.warning("SLO unreachable within max_workers; running at the maximum",
                         extra={"model": self.model, "pool": self.pool, "reason": dec.note})
         # 5. reconcile
@@ -302,19 +399,30 @@ class Autoscaler:
         for r in ROLES:
             self._streak[r] = self._streak[r] + 1 if delta[r] < 0 else 0
         held: list[str] = []
+        flipped_up: set[Role] = set()
         # flips: a short role takes idle-able workers from a role with a surplus
         if cfg.flip_s < cfg.start_s:
-            for short, donor in ((Role.PREFILL, Role.DECODE), (Role.DECODE, Role.PREFILL)):
+            for short, donor in ((a, b) for a in ROLES for b in ROLES if a is not b):
                 n = min(delta[short], -delta[donor])
+                if Role.AGGREGATED in (short, donor):
+                    # a layout change moves a pool's traffic: a share of the donor per tick
+                    # (its requests still arrive until the other pool serves), starts for
+                    # the rest
+                    n = min(n, max(1, math.ceil(cfg.max_step_down_share * current[donor])))
                 if n <= 0:
                     continue
-                for w in self._pick(active, donor, n, ready_only=True):
+                for w in self._pick(active, donor, n, ready_only=True,
+                                    keep_last=self._keep_last(donor, target, active)):
                     self._intents[w.name] = short
                     actions.append(Action(ActionKind.DRAIN, donor, w.name, short,
                                           reason=f"flip to {short}"))
                     delta[short] -= 1
                     delta[donor] += 1
-                    self._last_up[short] = self._last_down[donor] = now
+                    self._last_down[donor] = now
+                    if Role.AGGREGATED in (short, donor):
+                        flipped_up.add(short)  # the rest may start this tick
+                    else:
+                        self._last_up[short] = now
         total = len(active)
         for r in ROLES:
             if delta[r] > 0:
@@ -329,7 +437,8 @@ class Autoscaler:
                                for _ in range(k))
                 total += k
                 self._last_up[r] = now
-            elif delta[r] < -cfg.down_band:
+            elif delta[r] < -cfg.down_band or (delta[r] < 0 and target[r] == 0):
+                # (no band for a role sized to none: its pool would still draw requests)
                 if self._streak[r] < cfg.down_stable_ticks:
                     held.append(f"{r} surplus for {self._streak[r]} tick(s)")
                     continue
@@ -337,13 +446,16 @@ class Autoscaler:
                     held.append(f"{r} down cooldown")
                     continue
                 n = min(-delta[r], max(1, math.ceil(cfg.max_step_down_share * current[r])))
-                for w in self._pick(active, r, n, ready_only=False):
+                for w in self._pick(active, r, n, ready_only=False,
+                                    keep_last=self._keep_last(r, target, active)):
                     if w.phase is Phase.STARTING:
                         actions.append(Action(ActionKind.STOP, r, w.name, reason="cancel start"))
                     else:
                         self._intents[w.name] = None
                         actions.append(Action(ActionKind.DRAIN, r, w.name, reason="above target"))
                 self._last_down[r] = now
+        for r in flipped_up:
+            self._last_up[r] = now
         if any(a.kind in (ActionKind.START, ActionKind.DRAIN) for a in actions):
             dec.outcome = "scaled"
         elif held:
@@ -370,10 +482,25 @@ class Autoscaler:
         return self._finish(Decision(t=now, model=self.model, pool=self.pool, outcome="gap",
                                      note=note), None)
 
+    def _keep_last(self, role: Role, target: dict[Role, int],
+                   workers: Sequence[WorkerView]) -> bool:
+        """Whether the last ready worker of `role` stays: yes while the role has a target;
+        with none, a prefill worker may go (decode workers prefill locally) and a decode or
+        aggregated one once the other of the two serves (the router sends its requests
+        there)."""
+        if target[role] > 0:
+            return True
+        if role is Role.PREFILL:
+            return False
+        other = Role.AGGREGATED if role is Role.DECODE else Role.DECODE
+        return not any(w.role is other and w.phase is Phase.READY and w.name not in self._intents
+                       for w in workers)
+
     def _pick(self, workers: Sequence[WorkerView], role: Role, n: int, *,
-              ready_only: bool) -> list[WorkerView]:
+              ready_only: bool, keep_last: bool = True) -> list[WorkerView]:
         """Up to n workers of `role` to take away: starting ones first (nothing to drain),
-        then the ready ones with the least in flight."""
+        then the ready ones with the least in flight. `keep_last`: never the last ready
+        one (off only when the role's target is 0: other pools take its requests)."""
         pool = [w for w in workers if w.role is role and w.name not in self._intents
                 and (w.phase is Phase.READY or (not ready_only and w.phase is Phase.STARTING))]
         pool.sort(key=lambda w: (w.phase is not Phase.STARTING, w.inflight, w.name))
@@ -384,7 +511,7 @@ class Autoscaler:
             if len(out) >= n:
                 break
             if w.phase is Phase.READY:
-                if ready <= 1:
+                if ready <= 1 and keep_last:
                     break
                 ready -= 1
             out.append(w)
@@ -402,13 +529,16 @@ class Autoscaler:
                     if workers is not None:
                         m.workers.labels(*lab, str(r), str(ph)).set(
                             sum(1 for w in workers if w.role is r and w.phase is ph))
-                m.correction.labels(*lab, str(r)).set(self.correction[r])
+                m.correction.labels(*lab, str(r)).set(self.correction.get(r, max(
+                    self.correction.values())))  # aggregated: the larger of the two
                 if dec.target:
                     m.target.labels(*lab, str(r)).set(dec.target[str(r)])
             if dec.observed_rate is not None:
                 m.observed_rate.labels(*lab).set(dec.observed_rate)
             if dec.kv_usage is not None:
                 m.kv_usage.labels(*lab).set(dec.kv_usage)
+            for layout, n in dec.layouts.items():
+                m.layout_workers.labels(*lab, layout).set(n)
             if dec.forecast is not None:
                 m.predicted_rate.labels(*lab).set(dec.forecast.rate)
                 m.slo_unreachable.labels(*lab).set(1.0 if dec.slo_unreachable else 0.0)

@@ -5,7 +5,9 @@ role, pool, status, reservations, reported load) and its Prometheus counters, as
 differences between two reads: Route calls (`kvrouter_decisions`, `kvrouter_routed_tokens`:
 per model, expected output lengths) and answered Generate calls (`kvrouter_generate_*`:
 per pool, real output lengths, TTFT and ITL histograms whose p95 the planner checks
-against the SLO). `PlannerLoop.tick` merges the
+against the SLO; `kvrouter_generate_class_*`: the specialiser's short requests apart, which
+the planner may size an aggregated pool for). The planned pool's prefill/decode workers and
+the aggregated pool's aggregated workers are one fleet. `PlannerLoop.tick` merges the
 actuator's list of launched workers with the router's (registered and up: ready;
 draining: draining; launched but not registered: starting), asks the `Autoscaler` (the
 code the fleet-simulator bench runs) for a decision, and carries out its actions:
@@ -39,7 +41,7 @@ from kvrouter._proto.v1 import router_pb2
 from kvrouter.autoscale.actuators import Actuator, ActuatorError, Launched
 from kvrouter.autoscale.core import Action, ActionKind, Autoscaler, Decision, Phase, PoolTelemetry, WorkerView
 from kvrouter.client import AsyncRouterClient, WorkerState, to_workers
-from kvrouter.planner import POOL_METADATA_KEY, default_pool
+from kvrouter.planner import AGGREGATED_POOL, POOL_METADATA_KEY, RequestClass, default_pool
 from kvrouter.registry import Role
 from kvrouter.retry import Backoff
 from kvrouter.security.channels import ClientSecurity
@@ -58,13 +60,20 @@ class Counters:
     output_tokens: float = 0.0
     ttft: tuple[tuple[float, float], ...] = ()  # Generate histogram buckets (le, count)
     itl: tuple[tuple[float, float], ...] = ()
+    # Generate calls of the specialiser's short class (None: the router does not export it)
+    short: tuple[float, float, float] | None = None  # requests, prompt, output tokens
 
     def minus(self, old: Counters) -> Counters | None:
         """The interval between two reads; None when a counter went back (a restart)."""
+        short = None
+        if self.short is not None:
+            (n, p, o), (n0, p0, o0) = self.short, old.short or (0.0, 0.0, 0.0)
+            short = (n - n0, p - p0, o - o0)
         d = Counters(self.requests - old.requests, self.prompt_tokens - old.prompt_tokens,
                      self.output_tokens - old.output_tokens,
-                     _bucket_delta(self.ttft, old.ttft), _bucket_delta(self.itl, old.itl))
-        if min(d.requests, d.prompt_tokens, d.output_tokens) < 0 or any(
+                     _bucket_delta(self.ttft, old.ttft), _bucket_delta(self.itl, old.itl),
+                     short)
+        if min(d.requests, d.prompt_tokens, d.output_tokens, *(short or ())) < 0 or any(
                 c < 0 for _, c in (*d.ttft, *d.itl)):
             return None
         return d
@@ -93,13 +102,19 @@ def quantile(buckets: tuple[tuple[float, float], ...], q: float) -> float | None
     return prev_le
 
 
-def parse_counters(text: str, model: str, pool: str) -> Counters:
+def parse_counters(text: str, model: str, pool: str,
+                   aggregated_pool: str = AGGREGATED_POOL) -> Counters:
     """Arrivals, token totals and Generate latency histograms of `model` (Route counters are
-    per model; Generate's are per pool) from the router's /metrics text."""
+    per model; Generate's are per pool: `pool` and `aggregated_pool` together) from the
+    router's /metrics text."""
     req = prompt = output = 0.0
     ttft: dict[float, float] = {}
     itl: dict[float, float] = {}
+    short: list[float] | None = None
+    pools = (pool, aggregated_pool)
     for fam in text_string_to_metric_families(text):
+        if fam.name.startswith("kvrouter_generate_class_") and short is None:
+            short = [0.0, 0.0, 0.0]  # exported (empty until a Generate call is answered)
         for s in fam.samples:
             lab = s.labels
             if lab.get("model") != model:
@@ -112,8 +127,15 @@ def parse_counters(text: str, model: str, pool: str) -> Counters:
                     prompt += s.value
                 elif lab.get("kind") == "expected_output":
                     output += s.value
-            elif lab.get("pool") != pool:
+            elif lab.get("pool") not in pools:
                 continue
+            elif fam.name.startswith("kvrouter_generate_class_") and s.name.endswith("_total"):
+                if short is None or lab.get("class") != RequestClass.SHORT.value:
+                    continue
+                if fam.name == "kvrouter_generate_class_requests":
+                    short[0] += s.value
+                elif lab.get("kind") in ("prompt", "output"):
+                    short[1 if lab["kind"] == "prompt" else 2] += s.value
             elif fam.name == "kvrouter_generate_requests" and s.name.endswith("_total"):
                 req += s.value
             elif fam.name == "kvrouter_generate_tokens" and s.name.endswith("_total"):
@@ -124,16 +146,22 @@ def parse_counters(text: str, model: str, pool: str) -> Counters:
             elif s.name.endswith("_bucket") and fam.name in ("kvrouter_generate_ttft_seconds",
                                                              "kvrouter_generate_itl_seconds"):
                 into = ttft if fam.name == "kvrouter_generate_ttft_seconds" else itl
-                into[float(lab["le"])] = s.value
-    return Counters(req, prompt, output, tuple(sorted(ttft.items())), tuple(sorted(itl.items())))
+                le = float(lab["le"])
+                into[le] = into.get(le, 0.0) + s.value
+    return Counters(req, prompt, output, tuple(sorted(ttft.items())), tuple(sorted(itl.items())),
+                    None if short is None else (short[0], short[1], short[2]))
 
 
-def in_pool(w: WorkerState, pool: str) -> bool:
+def in_pool(w: WorkerState, pool: str, aggregated_pool: str | None = None) -> bool:
+    """A prefill/decode worker of `pool`, or an aggregated worker of `aggregated_pool`."""
     try:
         role = Role(w.role)
     except ValueError:
         return False
-    return (w.metadata.get(POOL_METADATA_KEY) or default_pool(role)) == pool
+    name = w.metadata.get(POOL_METADATA_KEY) or default_pool(role)
+    if role is Role.AGGREGATED and aggregated_pool is not None:
+        return name == aggregated_pool
+    return name == pool
 
 
 def decode_kv_usage(resp: router_pb2.ListWorkersResponse, pool: Mapping[str, WorkerState],
@@ -164,8 +192,10 @@ class RouterTelemetry:
     token, so none is sent to it."""
 
     def __init__(self, client: AsyncRouterClient, metrics_url: str, model: str,
-                 pool: str, *, security: ClientSecurity | None = None) -> None:
+                 pool: str, *, security: ClientSecurity | None = None,
+                 aggregated_pool: str = AGGREGATED_POOL) -> None:
         self.client, self.metrics_url, self.model, self.pool = client, metrics_url, model, pool
+        self.aggregated_pool = aggregated_pool
         tls = security.tls if security is not None else None
         # httpx's `verify`: the CA (and this process's certificate, for mutual TLS) of the
         # kvrouter TLS settings; system roots when there are none.
@@ -177,13 +207,14 @@ class RouterTelemetry:
         async with httpx.AsyncClient(timeout=5.0, verify=self._verify) as http:
             resp = await http.get(self.metrics_url)
             resp.raise_for_status()
-            return parse_counters(resp.text, self.model, self.pool)
+            return parse_counters(resp.text, self.model, self.pool, self.aggregated_pool)
 
     async def read(self, now: float) -> PoolTelemetry | None:
         """The last interval's telemetry; None on the first read (nothing to difference)
         or after a counter reset (the router restarted)."""
         resp = await self.client.list_workers_pb(self.model)
-        self.workers = {w.name: w for w in to_workers(resp) if in_pool(w, self.pool)}
+        self.workers = {w.name: w for w in to_workers(resp)
+                        if in_pool(w, self.pool, self.aggregated_pool)}
         kv_usage, kv_workers = decode_kv_usage(resp, self.workers)
         cur = await self._counters()
         prev, self._prev = self._prev, (now, cur)
@@ -196,13 +227,16 @@ class RouterTelemetry:
             return None
         n = int(d.requests)
         prefill = [w for w in self.workers.values() if w.role == Role.PREFILL.value]
+        k = min(n, int(d.short[0])) if d.short is not None else None
         return PoolTelemetry(
             self.model, self.pool, now, now - prev[0], n,
             d.prompt_tokens / n if n else 0.0, d.output_tokens / n if n else 0.0,
             ttft_p95_s=quantile(d.ttft, 0.95), itl_p95_s=quantile(d.itl, 0.95),
             queue=sum(w.reported_queued for w in self.workers.values()),
             queued_prefill_tokens=sum(max(0, w.prefill_tokens) for w in prefill),
-            kv_usage=kv_usage, kv_workers=kv_workers)
+            kv_usage=kv_usage, kv_workers=kv_workers, short_arrivals=k,
+            short_prompt_tokens=d.short[1] / k if d.short is not None and k else 0.0,
+            short_output_tokens=d.short[2] / k if d.short is not None and k else 0.0)
 
 
 def merge_views(launched: list[Launched], registered: Mapping[str, WorkerState],

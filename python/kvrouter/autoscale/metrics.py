@@ -26,6 +26,10 @@ class AutoscaleMetrics:
         self.kv_usage = Gauge("kvrouter_autoscale_kv_usage",
                               "Share of the decode workers' KV blocks in use (load reports)",
                               labels, registry=r)
+        self.layout_workers = Gauge(
+            "kvrouter_autoscale_layout_workers",
+            "Workers each layout needs at the last sizing (disaggregated; with_aggregated: "
+            "short requests on aggregated workers)", [*labels, "layout"], registry=r)
         self.correction = Gauge("kvrouter_autoscale_correction",
                                 "Multiplier on the modelled need from observed SLO misses",
                                 [*labels, "role"], registry=r)

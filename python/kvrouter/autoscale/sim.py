@@ -19,6 +19,7 @@ from kvrouter.autoscale.core import Action, ActionKind, Autoscaler, Phase, PoolT
 from kvrouter.fleet.disagg import DoneRequest
 from kvrouter.fleet.dynamic import DRAINING, READY, STARTING, DynamicFleet
 from kvrouter.fleet.simulator import FleetRequest
+from kvrouter.planner import LengthSpecialiser, RequestClass
 from kvrouter.registry import Role
 
 _PHASE = {STARTING: Phase.STARTING, READY: Phase.READY, DRAINING: Phase.DRAINING}
@@ -40,6 +41,10 @@ class TickRecord:
     draining: int
     target_prefill: int
     target_decode: int
+    aggregated: int = 0
+    target_aggregated: int = -1
+    layout: str = ""
+    layouts: dict[str, int] = field(default_factory=dict)  # GPUs each layout needed
 
 
 @dataclass
@@ -50,12 +55,20 @@ class SimDriver:
     autoscaler: Autoscaler | None  # None: a static fleet
     model: str = "default"
     pool: str = "disaggregated"
+    # the router's request classes (short: the aggregated pool's); None: no split reported
+    specialiser: LengthSpecialiser | None = field(default_factory=LengthSpecialiser)
     ticks: list[TickRecord] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._arrivals = [r.arrival_s for r in self.requests]
         self._prompts = np.cumsum([0] + [r.prompt_tokens for r in self.requests])
+        sp = self.specialiser
+        short = [sp is not None and sp.classify(r.prompt_tokens, r.output_tokens)
+                 is RequestClass.SHORT for r in self.requests]
+        self._short_n = np.cumsum([0] + [int(k) for k in short])
+        self._short_prompts = np.cumsum(
+            [0] + [r.prompt_tokens if k else 0 for r, k in zip(self.requests, short, strict=True)])
 
     def telemetry(self, t: float, window: float, fleet: DynamicFleet) -> PoolTelemetry:
         lo = bisect.bisect_right(self._arrivals, t - window)
@@ -66,18 +79,25 @@ class SimDriver:
         first = [d.first_token - d.arrival for d in fleet._done[-4 * max(n, 50):]
                  if t - window < d.first_token <= t]
         out = float(np.mean([d.output_tokens for d in done])) if done else 0.0
+        k = int(self._short_n[hi] - self._short_n[lo])
+        short_prompt = float(self._short_prompts[hi] - self._short_prompts[lo]) / k if k else 0.0
+        short_done = [d.output_tokens for d in done if d.cls == RequestClass.SHORT]
+        short_out = float(np.mean(short_done)) if short_done else 0.0
         queued = tokens = kv_used = kv_total = kv_workers = 0
         for w, sl in enumerate(fleet.slots):
             if sl.role is not None:
                 rep = fleet.engines[w].load_report()
                 queued += rep.queued
-                tokens += rep.queued_prefill_tokens
+                if sl.role is not Role.AGGREGATED:  # the disaggregated pool's backlog
+                    tokens += rep.queued_prefill_tokens
                 if sl.role is Role.DECODE and sl.phase == READY:  # as RouterTelemetry reads it
                     kv_used += rep.kv_used_blocks
                     kv_total += rep.kv_used_blocks + rep.kv_free_blocks
                     kv_workers += 1
         return PoolTelemetry(
             self.model, self.pool, t, window, n, prompt, out, queue=queued,
+            short_arrivals=k if self.specialiser is not None else None,
+            short_prompt_tokens=short_prompt, short_output_tokens=short_out,
             queued_prefill_tokens=tokens,
             kv_usage=kv_used / kv_total if kv_total else None, kv_workers=kv_workers,
             ttft_p95_s=float(np.percentile(first, 95)) if first else None,
@@ -110,19 +130,25 @@ class SimDriver:
     def on_tick(self, t: float, fleet: DynamicFleet) -> None:
         window = self.autoscaler.cfg.interval_s if self.autoscaler else 30.0
         tel = self.telemetry(t, window, fleet)
-        tp = td = -1
+        tp = td = ta = -1
+        layout, layouts = "", {}
         if self.autoscaler is not None:
             dec = self.autoscaler.plan(t, tel, self.views(fleet))
             for a in dec.actions:
                 self.apply(a, t, fleet)
             tp = dec.target.get(Role.PREFILL.value, -1)
             td = dec.target.get(Role.DECODE.value, -1)
+            ta = dec.target.get(Role.AGGREGATED.value, -1)
+            layout, layouts = dec.layout, dict(dec.layouts)
         live = fleet.live()
+
+        def serving(role: Role) -> int:
+            return sum(1 for s in live if s.role is role and s.phase != DRAINING)
+
         self.ticks.append(TickRecord(
-            t, tel.arrivals / window,
-            sum(1 for s in live if s.role is Role.PREFILL and s.phase != DRAINING),
-            sum(1 for s in live if s.role is Role.DECODE and s.phase != DRAINING),
-            sum(1 for s in live if s.phase == DRAINING), tp, td))
+            t, tel.arrivals / window, serving(Role.PREFILL), serving(Role.DECODE),
+            sum(1 for s in live if s.phase == DRAINING), tp, td, serving(Role.AGGREGATED), ta,
+            layout, layouts))
 
 
 def within_slo(d: DoneRequest, ttft_s: float, itl_limit_s: float) -> bool:

@@ -15,6 +15,16 @@ planner and the fleet it is judged on agree on what a GPU can do:
   in decode (rate x output tokens x step time), divided by that batch at
   `decode_util_max`.
 
+* aggregated: a worker that prefills and decodes (chunked prefill mixed into its decode
+  steps, as the sim engine schedules them). Its prefill work (rate x prompt over the
+  prefill throughput) is the share `rho` of its time that decode steps carry a prefill
+  chunk; a decode token then costs its step time / (1 - rho) on average, so the largest
+  batch is the one whose step time stays under (1 - rho) x `itl_margin` x the ITL SLO
+  and whose KV fits. The pool is the smallest n whose prefill share is at most
+  `prefill_util_max`, whose prompts meet the TTFT tail (Erlang C over n workers, as the
+  prefill pool) and whose sequences in decode (Little's law at that per-token time) fit
+  n such batches at `decode_util_max`.
+
 An SLO no fleet meets (a prompt whose prefill alone exceeds the TTFT SLO, a single decode
 step over the ITL SLO) is reported as infeasible rather than sized.
 """
@@ -51,6 +61,12 @@ class Need:
     prefill_exact: float = 0.0  # fractional workers before rounding (for logs)
     decode_exact: float = 0.0
     decode_batch: int = 0
+    aggregated: int = 0  # aggregated workers (PerfModel.need_aggregated; the planner's layout)
+    aggregated_exact: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return self.prefill + self.decode + self.aggregated
 
 
 def erlang_c(c: int, a: float) -> float:
@@ -101,6 +117,49 @@ class PerfModel:
                 hi = mid - 1
         return lo
 
+    def _ttft_ok(self, c: int, rate: float, mu: float, budget: float, tail: float) -> bool:
+        """M/M/c: P(wait > budget) <= tail with c servers of rate mu (offered load rate/mu)."""
+        return erlang_c(c, rate / mu) * math.exp(-(c * mu - rate) * budget) <= tail
+
+    def need_aggregated(self, load: Load, cfg: AutoscaleConfig, scale: float = 1.0) -> Need:
+        """Aggregated workers for `load` (prefill and decode on each; see the module doc);
+        `scale` is the planner's SLO correction."""
+        slo = cfg.slo
+        if not load.valid():
+            raise ValueError(f"invalid load {load}")
+        if load.rate <= 0:
+            return Need(0, 0)
+        p, o = max(load.prompt_tokens, 1.0), max(load.output_tokens, 1.0)
+        rate = load.rate * scale
+        context = p + o / 2
+        itl = slo.itl_s * cfg.itl_margin
+        step1 = self.profile.decode_time(1, context)
+        # a new prompt joins the next step: it waits for at most the one running
+        budget = slo.ttft_s - self.prefill_service_s(p) - step1
+        if budget <= 0:
+            return Need(0, 0, False, f"one {p:.0f}-token prefill exceeds the TTFT SLO "
+                        f"{slo.ttft_s}s")
+        if self.decode_batch(context, p + o, itl) == 0:  # then no n helps either
+            return Need(0, 0, False, f"no decode batch meets the ITL SLO {slo.itl_s}s at "
+                        f"context {context:.0f}")
+        mu = self.prefill_tok_s / p
+        a = rate / mu  # workers' worth of prefill
+        # the share of decode time prompts take: a mixed step pays the chunk's prefill, the
+        # decode part only above the step floor (EngineProfile.step_time)
+        chunks = math.ceil(p / self.engine.max_num_batched_tokens)
+        extra = max(0.0, self.prefill_service_s(p) - chunks * self.profile.decode_floor_s)
+        n = max(1, math.ceil(a / cfg.prefill_util_max))
+        while True:
+            rho = min(1.0, rate * extra / n)
+            batch = self.decode_batch(context, p + o, itl * (1 - rho)) if rho < 1 else 0
+            if batch > 0 and self._ttft_ok(n, rate, mu, budget, cfg.ttft_tail):
+                per_token = self.profile.decode_time(batch, context) / (1 - rho)
+                exact = rate * o * per_token / (batch * cfg.decode_util_max)
+                if exact <= n:
+                    return Need(0, 0, aggregated=n, aggregated_exact=max(exact, a),
+                                decode_batch=batch)
+            n += 1
+
     def need(self, load: Load, cfg: AutoscaleConfig, prefill_scale: float = 1.0,
              decode_scale: float = 1.0) -> Need:
         """Workers for `load` under cfg's SLO; the scales are the planner's SLO corrections."""
@@ -117,8 +176,7 @@ class PerfModel:
         mu = self.prefill_tok_s / p
         a = load.rate * prefill_scale / mu
         c = max(1, math.ceil(a / cfg.prefill_util_max))
-        while erlang_c(c, a) * math.exp(-(c * mu - load.rate * prefill_scale) * budget) \
-                > cfg.ttft_tail:
+        while not self._ttft_ok(c, load.rate * prefill_scale, mu, budget, cfg.ttft_tail):
             c += 1
         context = p + o / 2
         batch = self.decode_batch(context, p + o, slo.itl_s * cfg.itl_margin)

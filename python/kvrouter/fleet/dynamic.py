@@ -11,6 +11,10 @@ are in the pool. During the replay, at every tick, a callback may
   index forgets it;
 * `flip(name, role)`: a drained worker changes role and rejoins after `flip_s`.
 
+Aggregated workers (role aggregated) form the aggregated pool, which the request
+planner's specialiser uses in mode ``auto`` (short requests; the others fall back to it
+only when no decode worker is up).
+
 A request counts as in flight on its decode worker from its plan to its last token
 (the decode stage is reserved at plan time) and on its prefill worker until its
 prompt is done, so a drain is complete exactly when no plan still needs the worker.
@@ -29,7 +33,7 @@ from kvrouter.engines.sim.engine import RequestMode, RequestUpdate, SimEngine, S
 from kvrouter.engines.sim.profile import EngineProfile
 from kvrouter.fleet.disagg import DisaggFleetSimulator, DoneRequest, _Flight
 from kvrouter.fleet.simulator import FleetConfig, FleetRequest, Wakeups
-from kvrouter.planner import PlanPath, Prompt, build_pools, prefill_id
+from kvrouter.planner import AGGREGATED_POOL, PlanPath, Prompt, build_pools, prefill_id
 from kvrouter.registry import Role
 
 STARTING, READY, DRAINING = "starting", "ready", "draining"
@@ -127,8 +131,11 @@ class DynamicFleet(DisaggFleetSimulator):
         return [s for s in self.slots if s.role is not None]
 
     def _rebuild(self) -> None:
-        self.pools = build_pools((w, s.role, self.pool_name) for w, s in enumerate(self.slots)
-                                 if s.role is not None and s.phase == READY)
+        # aggregated workers form the aggregated pool (the specialiser's short requests in
+        # mode auto); prefill and decode workers the pool of `pool`
+        self.pools = build_pools(
+            (w, s.role, AGGREGATED_POOL if s.role is Role.AGGREGATED else self.pool_name)
+            for w, s in enumerate(self.slots) if s.role is not None and s.phase == READY)
 
     def _promote(self, now: float) -> None:
         changed = False
@@ -158,7 +165,7 @@ class DynamicFleet(DisaggFleetSimulator):
     def _arrive_open(self, fr: FleetRequest, t: float) -> None:
         plan = self.planner.plan(Prompt.from_hashes(fr.hashes, fr.prompt_tokens), fr.request_id,
                                  fr.output_tokens, self.pools, self.mode, now=t)
-        self._flights[fr.request_id] = _Flight(-1, "trace", plan, t, fr.prompt_tokens,
+        self._flights[fr.request_id] = _Flight(-1, plan.request_class, plan, t, fr.prompt_tokens,
                                                fr.output_tokens, list(fr.hashes))
         self.slots[plan.worker].inflight += 1
         if plan.path is PlanPath.DISAGGREGATED:

@@ -167,6 +167,15 @@ class RouterMetrics:
         self.generate_tokens = Counter(
             "kvrouter_generate_tokens", "Prompt and output tokens of answered Generate calls",
             ["model", "pool", "kind"], registry=r)
+        self.generate_class_requests = Counter(
+            "kvrouter_generate_class_requests",
+            "Router.Generate requests answered, by pool and the specialiser's request class "
+            "(short: the aggregated pool's; the autoscaling planner sizes that pool from it)",
+            ["model", "pool", "class"], registry=r)
+        self.generate_class_tokens = Counter(
+            "kvrouter_generate_class_tokens",
+            "Prompt and output tokens of answered Generate calls, by pool and request class",
+            ["model", "pool", "class", "kind"], registry=r)
         self.generate_ttft = Histogram(
             "kvrouter_generate_ttft_seconds", "Time to first token of Generate, by pool",
             ["model", "pool"], buckets=SLO_BUCKETS, registry=r)
@@ -208,11 +217,17 @@ class RouterMetrics:
         o.observe(overlap_ratio)
 
     def generated(self, model: str, pool: str, prompt_tokens: int, output_tokens: int,
-                  ttft_s: float, decode_s: float) -> None:
+                  ttft_s: float, decode_s: float, request_class: str = "") -> None:
         """One answered Generate call (the autoscaling planner's telemetry per pool)."""
         self.generate_requests.labels(model, pool).inc()
         self.generate_tokens.labels(model, pool, "prompt").inc(prompt_tokens)
         self.generate_tokens.labels(model, pool, "output").inc(output_tokens)
+        if request_class:
+            self.generate_class_requests.labels(model, pool, request_class).inc()
+            self.generate_class_tokens.labels(model, pool, request_class, "prompt").inc(
+                prompt_tokens)
+            self.generate_class_tokens.labels(model, pool, request_class, "output").inc(
+                output_tokens)
         self.generate_ttft.labels(model, pool).observe(ttft_s)
         if output_tokens > 1:
             self.generate_itl.labels(model, pool).observe(decode_s / (output_tokens - 1))

@@ -630,7 +630,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     asyncio.get_running_loop().call_soon(gate.kick)
         if first:
             self.metrics.generated(m.cfg.name, trace.pool, len(tokens), n_out, first - t0,
-                                   time.perf_counter() - first)
+                                   time.perf_counter() - first, trace.request_class)
         if pin is not None:
             await self.affinity.flush()
 

@@ -2,7 +2,7 @@
 
 One interface (`Actuator`), two implementations: `local.LocalActuator` (engine processes
 on this machine from a command template) and `kubernetes.KubernetesActuator` (replicas of
-the prefill and decode Deployments). The router side of a scale-down (drain, deregister)
+the prefill, decode and aggregated Deployments). The router side of a scale-down (drain, deregister)
 is the planner loop's, not the actuator's.
 """
 

@@ -1,4 +1,4 @@
-"""Kubernetes actuator: replicas of the prefill and decode Deployments (deploy/k8s/).
+"""Kubernetes actuator: replicas of the prefill, decode and aggregated Deployments (deploy/k8s/).
 
 The official `kubernetes` client (pip extra ``kubernetes``), called from a worker thread.
 Engine pods carry ``app.kubernetes.io/name=kvrouter-engine``,

@@ -2,10 +2,12 @@
 
 Each worker is one child process (its own session, output to `<workdir>/<name>.log`).
 The template is a list of arguments with `{name}`, `{role}`, `{pool}`, `{model}` and
-`{router}` placeholders; the default runs a simulated engine that registers with the
-router itself (`kvrouter engine sim ... --router {router}`), so "ready" is what the
-router says. A process that exits by itself drops out of `workers()`, and the planner
-replaces it at its next tick. `stop` sends SIGTERM, then SIGKILL after `grace_s`.
+`{router}` placeholders (`{pool}`: `pool` for prefill and decode workers, `aggregated_pool`
+for aggregated ones, which the router's specialiser sends short requests to); the default
+runs a simulated engine that registers with the router itself (`kvrouter engine sim ...
+--router {router}`), so "ready" is what the router says. A process that exits by itself
+drops out of `workers()`, and the planner replaces it at its next tick. `stop` sends
+SIGTERM, then SIGKILL after `grace_s`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrouter.autoscale.actuators import ActuatorError, Launched
+from kvrouter.planner import AGGREGATED_POOL
 from kvrouter.registry import Role
 
 log = logging.getLogger("kvrouter.autoscale")
@@ -46,9 +49,11 @@ class LocalActuator:
     def __init__(self, workdir: Path, *, router: str, model: str = "default",
                  pool: str = "disaggregated", template: Sequence[str] = DEFAULT_TEMPLATE,
                  extra_args: Sequence[str] = (), grace_s: float = 10.0, prefix: str = "auto",
+                 aggregated_pool: str = AGGREGATED_POOL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.workdir = workdir
-        self.fields = {"router": router, "model": model, "pool": pool}
+        self.fields = {"router": router, "model": model}
+        self.pools = {Role.PREFILL: pool, Role.DECODE: pool, Role.AGGREGATED: aggregated_pool}
         self.template = list(template)
         self.extra_args = list(extra_args)
         self.grace_s = grace_s
@@ -62,8 +67,8 @@ class LocalActuator:
             raise ValueError(f"bad command template {self.template!r}: {e!r}") from None
 
     def command(self, name: str, role: Role) -> list[str]:
-        return [a.format(name=name, role=role.value, **self.fields) for a in self.template] \
-            + self.extra_args
+        return [a.format(name=name, role=role.value, pool=self.pools[role], **self.fields)
+                for a in self.template] + self.extra_args
 
     def _launch(self, name: str, role: Role) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
