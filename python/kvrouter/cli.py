@@ -112,13 +112,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
         return 0
 
+    companions: list[Any] = []
+    if any(m.planner.enabled for m in config.models):  # the autoscaling planner, in here
+        from pydantic import ValidationError
+
+        from kvrouter.autoscale.embedded import settings, start_for
+
+        try:
+            settings(config)
+        except ValidationError as e:
+            print(f"kvrouter serve: planner.settings: {e}", file=sys.stderr)
+            return 2
+        companions.append(start_for)
+
     from kvrouter.logs import setup_logging
 
     setup_logging(config.router.log_level, config.router.log_format)
     from kvrouter.mainloop import run_command
     from kvrouter.server.app import serve
 
-    return run_command("kvrouter serve", serve(config), failures=(RuntimeError,))
+    return run_command("kvrouter serve", serve(config, companions), failures=(RuntimeError,))
 
 
 # ---------------------------------------------------------------------- route

@@ -222,6 +222,30 @@ class AdmissionConfig(_Strict):
         return self
 
 
+class PlannerConfig(_Strict):
+    """The autoscaling planner inside `kvrouter serve` (kvrouter.autoscale.embedded,
+    docs/autoscale.md): the loop `kvrouter planner` runs, against this router."""
+
+    enabled: bool = False
+    pool: str = Field(default="disaggregated", min_length=1,
+                      description="the prefill/decode pool it sizes (aggregated workers: the "
+                                  "aggregated pool)")
+    actuator: Literal["local", "kubernetes"] = "local"
+    command: list[str] | None = Field(
+        default=None, description="local: engine command template ({name} {role} {pool} "
+                                  "{model} {router}); None: a simulated engine")
+    workdir: Path | None = Field(default=None, description="local: engine logs (None: a temp dir)")
+    namespace: str = Field(default="kvrouter", description="kubernetes: namespace")
+    instance: str = Field(default="kvrouter",
+                          description="kubernetes: Deployments <instance>-<role>")
+    calibration: Path | None = Field(default=None,
+                                     description="the engines' calibration (None: the sim's)")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kvrouter.autoscale.AutoscaleConfig fields (SLO, limits, timing; "
+                    "checked by `kvrouter serve` before the router starts)")
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     block_size: int = Field(default=16, gt=0, le=1 << 20)
@@ -251,6 +275,7 @@ class ModelConfig(_Strict):
     disagg: DisaggConfig = Field(default_factory=lambda: DisaggConfig())
     admission: AdmissionConfig = Field(default_factory=lambda: AdmissionConfig())
     affinity: AffinityConfig = Field(default_factory=lambda: AffinityConfig())
+    planner: PlannerConfig = Field(default_factory=lambda: PlannerConfig())
 
     def scheduler_kwargs(self, lease_s: float, report_ttl_s: float) -> dict[str, object]:
         return {

@@ -82,16 +82,14 @@ def _config(args: argparse.Namespace) -> AutoscaleConfig:
 async def _main(args: argparse.Namespace, cfg: AutoscaleConfig) -> None:
     from prometheus_client import start_http_server
 
-    from kvrouter.autoscale.core import Autoscaler
-    from kvrouter.autoscale.loop import PlannerLoop, RouterTelemetry
+    from kvrouter.autoscale.embedded import make_actuator, make_loop, start_minimum
     from kvrouter.autoscale.metrics import AutoscaleMetrics
-    from kvrouter.autoscale.sizing import PerfModel
     from kvrouter.client import AsyncRouterClient
     from kvrouter.engines.sim.profile import EngineProfile
     from kvrouter.mainloop import stop_on_signals
-    from kvrouter.registry import Role
 
-    profile = EngineProfile.load(args.calibration) if args.calibration else EngineProfile.load()
+    if args.calibration:
+        EngineProfile.load(args.calibration)  # a bad file fails before anything starts
     metrics = AutoscaleMetrics()
     if args.metrics_port:
         start_http_server(args.metrics_port, registry=metrics.registry)
@@ -110,31 +108,18 @@ async def _main(args: argparse.Namespace, cfg: AutoscaleConfig) -> None:
         metrics_url = default_metrics_url(security, router_proc.metrics_port)
         print(f"router {target} (metrics {metrics_url}); engine logs in {workdir}", flush=True)
     metrics_url = metrics_url or default_metrics_url(security)
-    actuator: Any
-    if args.actuator == "kubernetes":
-        from kvrouter.autoscale.actuators.kubernetes import KubernetesActuator
-
-        actuator = KubernetesActuator(args.namespace, args.instance)
-    else:
-        from kvrouter.autoscale.actuators.local import DEFAULT_TEMPLATE, LocalActuator
-
-        template = shlex.split(args.command) if args.command else DEFAULT_TEMPLATE
-        actuator = LocalActuator(workdir, router=target, model=args.model, pool=args.pool,
-                                 template=template)
+    actuator = make_actuator(args.actuator, router=target, model=args.model, pool=args.pool,
+                             command=shlex.split(args.command) if args.command else None,
+                             workdir=workdir, namespace=args.namespace, instance=args.instance)
     stop = asyncio.Event()
     stop_on_signals(stop.set)
     try:
         async with AsyncRouterClient(target, security=security) as client:
-            scaler = Autoscaler(PerfModel(profile), cfg, model=args.model, pool=args.pool,
-                                metrics=metrics)
-            scaler.keep_decisions = False
-            telemetry = RouterTelemetry(client, metrics_url, args.model, args.pool,
-                                        security=security)
-            loop = PlannerLoop(scaler, telemetry, actuator, client)
-            if args.actuator == "local" and not await actuator.workers():
-                for role, n in ((Role.PREFILL, cfg.min_prefill), (Role.DECODE, cfg.min_decode)):
-                    for _ in range(n):
-                        await actuator.start(role)
+            loop = make_loop(client, metrics_url, actuator, cfg, model=args.model,
+                             pool=args.pool, calibration=args.calibration, metrics=metrics,
+                             security=security)
+            if args.actuator == "local":
+                await start_minimum(actuator, cfg)
             ticks = 0
             while not stop.is_set():
                 await loop.tick()  # each decision is logged (INFO when it acts)

@@ -8,7 +8,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from kvrouter import mainloop
 from kvrouter._proto.v1 import router_pb2, router_pb2_grpc
@@ -228,14 +229,31 @@ class RouterApp:
         await self._stopped.wait()
 
 
-async def serve(config: Config) -> None:
-    """Run a router until SIGINT / SIGTERM."""
+class Companion(Protocol):
+    async def stop(self) -> None: ...
+
+
+async def serve(config: Config, companions: Sequence[
+        Callable[[RouterApp], Awaitable[Companion]]] = ()) -> None:
+    """Run a router until SIGINT / SIGTERM. `companions`: started on the running router,
+    stopped before it (the entry point passes the embedded autoscaling planner)."""
     app = RouterApp(config)
     await app.start()
+    started: list[Companion] = []
+    try:
+        for start in companions:
+            started.append(await start(app))
+    except BaseException:
+        for c in reversed(started):
+            await c.stop()
+        await app.stop()
+        raise
     stop = asyncio.Event()
     mainloop.stop_on_signals(stop.set)
     await stop.wait()
     t0 = time.monotonic()
+    for c in reversed(started):
+        await c.stop()
     await app.stop()
     log.info("router stopped", extra={"shutdown_s": round(time.monotonic() - t0, 3)})
 
