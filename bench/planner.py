@@ -5,8 +5,9 @@ planner (`kvrouter.autoscale`, the code `kvrouter planner` runs) holds the SLO w
 GPU-hours. Everything runs in the fleet simulator's open-loop mode with workers that
 start, drain, stop and flip during the replay (`kvrouter.fleet.dynamic`): simulated
 engines of a Llama-49B shape on H200 (../shared/calibration), the router's own Rust
-scheduler and request planner (`mode=disaggregated`: every prompt prefilled remotely,
-so the split is what is measured).
+scheduler and request planner (`mode=auto` with local prefill off: the specialiser sends
+its short requests to aggregated workers when there are any, and every other prompt is
+prefilled remotely, so the split is what is measured).
 
 Workload: the Azure 2023 code trace (long prompts, ~28 output tokens: prefill-heavy)
 and conversation trace (shorter prompts, ~211 output tokens: decode-heavy), each
@@ -23,9 +24,12 @@ crossfade is stretched over it).
 Runs, compared on the same requests:
 * planner: starts at the perf model's size for the first minute's load (with the
   planner's headroom), ticks every
-  30 s (cold start 60 s, role flip 5 s);
+  30 s (cold start 60 s, role flip 5 s); it sizes prefill, decode and aggregated workers
+  (an aggregated pool for the specialiser's short requests when that layout needs fewer
+  GPUs; `layouts` in each tick: the GPUs each layout needed);
 * static_peak: provisioning for the peak: per role, the perf model's need for the
-  busiest minute (with the planner's headroom), fixed for the whole run;
+  busiest minute (with the planner's headroom), fixed for the whole run; the cheaper of
+  the two layouts (prefill/decode only, or short requests on aggregated workers);
 * best_static: every prefill:decode split of round(planner GPU-hours / T) GPUs (equal
   GPU-hours), fixed; the best SLO attainment is reported.
 
@@ -60,6 +64,7 @@ from kvrouter.engines.sim import EngineConfig, EngineProfile
 from kvrouter.fleet.dynamic import DynamicFleet
 from kvrouter.fleet.simulator import FleetConfig, FleetRequest
 from kvrouter.fleet.traces import load_azure
+from kvrouter.planner import LengthSpecialiser, RequestClass
 from kvrouter.registry import Role
 
 CALIBRATION = SHARED / "calibration" / "h200-llama-49b-shape.json"
@@ -106,25 +111,60 @@ def keep_share(trace: str, f: float) -> float:
     return TROUGH if f < 0.65 else min(1.0, TROUGH + (f - 0.65) / 0.1)
 
 
-def window_loads(reqs: Sequence[FleetRequest], window_s: float) -> list[Load]:
-    """Load of each window (rate, mean lengths) over the run."""
+# the router's request classes (mode auto): short requests go to aggregated workers
+DISAGG = DisaggConfig(mode="auto", local_prefill_max_tokens=0)
+SPECIALISER = LengthSpecialiser(DISAGG.specialisation)
+
+
+def is_short(r: FleetRequest) -> bool:
+    return SPECIALISER.classify(r.prompt_tokens, r.output_tokens) is RequestClass.SHORT
+
+
+def _load(w: Sequence[FleetRequest], window_s: float) -> Load:
+    if not w:
+        return Load(0.0, 0.0, 0.0)
+    return Load(len(w) / window_s, float(np.mean([r.prompt_tokens for r in w])),
+                float(np.mean([r.output_tokens for r in w])))
+
+
+def window_loads(reqs: Sequence[FleetRequest], window_s: float) -> list[tuple[Load, Load, Load]]:
+    """(all, short class, the rest) load of each busy window (rate, mean lengths)."""
     end = reqs[-1].arrival_s
     loads = []
     for k in range(math.ceil(end / window_s)):
         w = [r for r in reqs if k * window_s <= r.arrival_s < (k + 1) * window_s]
         if w:
-            loads.append(Load(len(w) / window_s, float(np.mean([r.prompt_tokens for r in w])),
-                              float(np.mean([r.output_tokens for r in w]))))
+            short = [r for r in w if is_short(r)]
+            rest = [r for r in w if not is_short(r)]
+            loads.append((_load(w, window_s), _load(short, window_s), _load(rest, window_s)))
     return loads
+
+
+def peak_fleet(perf: PerfModel, cfg: AutoscaleConfig,
+               loads: Sequence[tuple[Load, Load, Load]]) -> tuple[int, int, int]:
+    """Static provisioning for the peak (prefill, decode, aggregated): per role the most
+    any minute needs (the planner's headroom, its minimums), in the cheaper layout."""
+    def up(ld: Load) -> Load:
+        return Load(ld.rate * (1 + cfg.headroom), ld.prompt_tokens, ld.output_tokens)
+
+    single = [perf.need(up(a), cfg) for a, _, _ in loads]
+    disagg = (max(cfg.min_prefill, *(n.prefill for n in single)),
+              max(cfg.min_decode, *(n.decode for n in single)), 0)
+    agg = [perf.need_aggregated(up(s), cfg) for _, s, _ in loads]
+    rest = [perf.need(up(r), cfg) for _, _, r in loads]
+    if not cfg.aggregated or not all(n.feasible for n in (*agg, *rest)):
+        return disagg
+    mixed = (max(cfg.min_prefill, *(n.prefill for n in rest)),
+             max(cfg.min_decode, *(n.decode for n in rest)), max(n.aggregated for n in agg))
+    return mixed if sum(mixed) < sum(disagg) else disagg
 
 
 def run(profile: EngineProfile, engine: EngineConfig, reqs: Sequence[FleetRequest],
         cfg: AutoscaleConfig, initial: Sequence[Role], autoscaler: Autoscaler | None,
         max_workers: int, label: str) -> dict[str, Any]:
     fleet = DynamicFleet(profile, FleetConfig(engine=engine), max_workers, initial,
-                         disagg=DisaggConfig(mode="disaggregated"), mode="disaggregated",
-                         start_s=cfg.start_s, flip_s=cfg.flip_s)
-    driver = SimDriver(reqs, autoscaler)
+                         disagg=DISAGG, mode=DISAGG.mode, start_s=cfg.start_s, flip_s=cfg.flip_s)
+    driver = SimDriver(reqs, autoscaler, specialiser=SPECIALISER)
     t0 = time.perf_counter()
     done = fleet.run_open_loop(reqs, TICK_S, driver.on_tick)
     wall = time.perf_counter() - t0
@@ -144,6 +184,7 @@ def run(profile: EngineProfile, engine: EngineConfig, reqs: Sequence[FleetReques
         "actions": len(fleet.events), "flips": sum(1 for e in fleet.events
                                                   if e[1].startswith("flip")),
         "actuator_failures": driver.failures, "wall_s": wall,
+        "paths": {p: sum(1 for d in done if d.path == p) for p in sorted({d.path for d in done})},
         "ticks": [asdict(t) for t in driver.ticks],
         "slo_by_tick": _slo_by_tick(done, cfg),
     }
@@ -157,10 +198,27 @@ def _slo_by_tick(done: Sequence[Any], cfg: AutoscaleConfig) -> list[tuple[float,
     return [((k + 1) * TICK_S, float(np.mean(v))) for k, v in sorted(by.items())]
 
 
-def _peak_to_average(loads: Sequence[Load]) -> float:
+def _peak_to_average(loads: Sequence[tuple[Load, Load, Load]]) -> float:
     """Busiest minute over the mean, in prompt tokens per second (the prefill work)."""
-    work = [ld.rate * ld.prompt_tokens for ld in loads]
+    work = [ld.rate * ld.prompt_tokens for ld, _, _ in loads]
     return max(work) / (sum(work) / len(work)) if work else 0.0
+
+
+def _aggregated_summary(ticks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How the planner used aggregated workers, and what each layout needed (GPUs)."""
+    sized = [t for t in ticks if "with_aggregated" in t.get("layouts", {})]
+    cheaper = [t for t in sized if t["layouts"]["with_aggregated"] < t["layouts"]["disaggregated"]]
+    return {
+        "ticks": len(ticks),
+        "ticks_with_aggregated_workers": sum(1 for t in ticks if t.get("aggregated", 0) > 0),
+        "max_aggregated_workers": max((t.get("aggregated", 0) for t in ticks), default=0),
+        "ticks_mixed_layout_sized": len(sized),
+        "ticks_mixed_layout_cheaper": len(cheaper),
+        "median_gpus_disaggregated_layout": float(np.median(
+            [t["layouts"]["disaggregated"] for t in sized])) if sized else None,
+        "median_gpus_mixed_layout": float(np.median(
+            [t["layouts"]["with_aggregated"] for t in sized])) if sized else None,
+    }
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -178,6 +236,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[0].set_title("load (code -> conversation crossfade)")
     axes[1].step(t, [x["prefill"] for x in ticks], where="post", label="planner prefill")
     axes[1].step(t, [x["decode"] for x in ticks], where="post", label="planner decode")
+    axes[1].step(t, [x.get("aggregated", 0) for x in ticks], where="post", color="C2",
+                 label="planner aggregated")
     bs = result["best_static"]
     axes[1].axhline(bs["prefill"], ls="--", color="C0", alpha=0.6,
                     label=f"best static prefill ({bs['prefill']})")
@@ -222,22 +282,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     span = reqs[-1].arrival_s
     sys.stderr.write(f"{len(reqs)} requests over {span / 60:.1f} min\n")
     # the peak as the planner would size it: each minute's load with the same headroom
-    loads = [Load(ld.rate * (1 + cfg.headroom), ld.prompt_tokens, ld.output_tokens)
-             for ld in window_loads(reqs, 60.0)]
-    needs = [perf.need(ld, cfg) for ld in loads]
-    peak_p = max(n.prefill for n in needs)
-    peak_d = max(n.decode for n in needs)
+    loads = window_loads(reqs, 60.0)
+    needs = [perf.need(Load(ld.rate * (1 + cfg.headroom), ld.prompt_tokens, ld.output_tokens),
+                       cfg) for ld, _, _ in loads]
+    peak_p, peak_d, peak_a = peak_fleet(perf, cfg, loads)
     # a warm start, like the static fleets: sized for the busiest of the first 5 minutes
     first = max(needs[:5], key=lambda n: (n.prefill + n.decode, n.prefill))
     initial = [Role.PREFILL] * max(1, first.prefill) + [Role.DECODE] * max(1, first.decode)
-    max_workers = max(cfg.max_workers, peak_p + peak_d + 4)
+    max_workers = max(cfg.max_workers, peak_p + peak_d + peak_a + 4,
+                      max(n.prefill + n.decode for n in needs) + 4)
     cfg = cfg.model_copy(update={"max_workers": max_workers})
 
     scaler = Autoscaler(perf, cfg)
     planner = run(profile, engine, reqs, cfg, initial, scaler, max_workers, "planner")
-    peak = run(profile, engine, reqs, cfg, [Role.PREFILL] * peak_p + [Role.DECODE] * peak_d,
-               None, max_workers, "static_peak")
-    peak.update(prefill=peak_p, decode=peak_d)
+    peak = run(profile, engine, reqs, cfg, [Role.PREFILL] * peak_p + [Role.DECODE] * peak_d
+               + [Role.AGGREGATED] * peak_a, None, max_workers, "static_peak")
+    peak.update(prefill=peak_p, decode=peak_d, aggregated=peak_a)
     hours = span / 3600
     gpus = max(2, round(planner["gpu_hours"] / hours))
     ratio = sum(n.prefill_exact for n in needs) / max(
@@ -262,16 +322,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "gpu_hours", "ttft_ok", "itl_ok")}
                           for r in statics],
         "ratios": {"planner_vs_peak_gpu_hours": planner["gpu_hours"] / peak["gpu_hours"]},
+        "aggregated": _aggregated_summary(planner["ticks"]),
         "targets": {
             "slo_attainment_ge_0_95": planner["slo_attainment"] >= 0.95,
             "gpu_hours_le_0_7_peak": planner["gpu_hours"] <= 0.7 * peak["gpu_hours"],
             "beats_best_static": planner["slo_attainment"] > best["slo_attainment"],
         },
     }
-    rows = [(r["label"], r["prefill"] if "prefill" in r else "-",
-             r["decode"] if "decode" in r else "-", r["gpu_hours"], r["slo_attainment"],
-             r["ttft_ok"], r["itl_ok"]) for r in (planner, peak, *statics)]
-    print(table(rows, ["run", "prefill", "decode", "GPU-h", "SLO", "TTFT ok", "ITL ok"]))
+    rows = [(r["label"], r.get("prefill", "-"), r.get("decode", "-"), r.get("aggregated", "-"),
+             r["gpu_hours"], r["slo_attainment"], r["ttft_ok"], r["itl_ok"])
+            for r in (planner, peak, *statics)]
+    print(table(rows, ["run", "prefill", "decode", "aggregated", "GPU-h", "SLO", "TTFT ok",
+                       "ITL ok"]))
+    print(result["aggregated"])
     print(result["targets"])
     write_json(args.json, result)
     plot_path = args.plot or (args.json.with_suffix(".png") if args.json else
