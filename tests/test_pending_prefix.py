@@ -33,10 +33,14 @@ def test_a_routed_prompt_is_pending_until_prefilled_or_released() -> None:
     prompt = list(range(1, 9))
     first = s.route_hashes(prompt, 8, request_id="a", now=0.0)
     assert first.overlap_blocks == 0  # the index is empty: nothing stored yet
-    d = s.route_hashes([*prompt[:6], 99], 7, request_id="b", explain=True, now=0.1)
-    assert (d.worker, d.gpu_blocks) == (first.worker, 6)
+    d = s.route_hashes([*prompt[:4], 99], 5, request_id="b", explain=True, now=0.1)
+    assert (d.worker, d.gpu_blocks) == (first.worker, 4)
     c = {x.worker: x for x in d.candidates}
-    assert c[first.worker].pending_blocks == 6
+    assert c[first.worker].pending_blocks == 4
+    # Only checkpoint blocks are recorded (the first, every 4th, the last): a shared prefix
+    # ending between two is counted to the one before (6 shared -> 4).
+    e = s.route_hashes([*prompt[:6], 98], 7, explain=True, reserve=False, now=0.1)
+    assert (e.worker, e.gpu_blocks) == (first.worker, 4)
     assert all(x.pending_blocks == 0 for w, x in c.items() if w != first.worker)
     # The baselines see the index only (prefix_only has no load term to stop a herd).
     assert s.route_hashes(prompt, 8, policy="prefix_only", reserve=False,
@@ -110,10 +114,10 @@ def test_the_service_routes_a_shared_prefix_to_its_pending_worker(router: Any) -
             c.register_worker(MODEL, w, block_size=BS)
         first = c.route(prompt, MODEL, request_id="a")
         assert first.overlap_blocks == 0
-        r = c.explain([*prompt[:24], 7, 7, 7, 7], MODEL)
-        assert r.worker == first.worker and r.gpu_blocks == 6
+        r = c.explain([*prompt[:16], 7, 7, 7, 7], MODEL)
+        assert r.worker == first.worker and r.gpu_blocks == 4
         pend = {x.worker: x.pending_blocks for x in r.candidates}
-        assert pend.pop(first.worker) == 6 and set(pend.values()) == {0}
+        assert pend.pop(first.worker) == 4 and set(pend.values()) == {0}
         # A dry run reserves nothing, so it leaves nothing pending either.
         c.route(list(range(500, 508)), MODEL, dry_run=True)
         assert c.explain(list(range(500, 508)), MODEL).gpu_blocks == 0

@@ -11,6 +11,16 @@
 //! blocks are then in the engine's events), when the request is released (finished,
 //! cancelled or failed), when its worker is removed, or `ttl_s` after it was routed
 //! (a request whose end was never reported).
+//!
+//! Recording must stay cheap (it runs inside every reserved route), so only checkpoint
+//! blocks are kept: the first, every [`STRIDE`]-th (4th, 8th, ... block) and the last
+//! block of the prompt. Router hashes chain over their prefix, so a prompt whose block
+//! `i` has the hash a record holds at `i` shares the record's blocks `0..=i`: a pending
+//! match is exact at those checkpoints and rounded down to the last one in between (at
+//! most `STRIDE - 1` blocks short). Measured on a loaded 2-core machine, 8K-token prompt
+//! in 512 blocks, 64 requests in flight: recording and ending a request 21.4 us with
+//! every block kept, 4.7-5.4 us with checkpoints; matching a fully pending prompt 7.0 ->
+//! 2.5-3.9 us (hashing the prompt, needed to record it, 6.5-8.3 us).
 
 use std::collections::VecDeque;
 
@@ -34,7 +44,16 @@ pub fn with_pending(ov: Overlap, pending: u32) -> Overlap {
     }
 }
 
-/// One in-flight request's record.
+/// Every `STRIDE`-th block of a prompt is a checkpoint (besides its first and last).
+pub const STRIDE: usize = 4;
+
+/// Whether block `i` of an `n`-block prompt is a checkpoint.
+#[inline]
+fn checkpoint(i: usize, n: usize) -> bool {
+    i == 0 || (i + 1).is_multiple_of(STRIDE) || i + 1 == n
+}
+
+/// One in-flight request's record: its checkpoint hashes.
 #[derive(Debug, Clone)]
 struct Entry {
     worker: u64,
@@ -90,7 +109,14 @@ impl PendingPrefixes {
             return;
         }
         self.remove(id);
-        for &h in hashes {
+        let n = hashes.len();
+        let kept: Vec<u64> = hashes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| checkpoint(i, n))
+            .map(|(_, &h)| h)
+            .collect();
+        for &h in &kept {
             let holders = self.blocks.entry(h).or_default();
             match holders.iter_mut().find(|(w, _)| *w == worker) {
                 Some((_, n)) => *n += 1,
@@ -102,7 +128,7 @@ impl PendingPrefixes {
             id.to_owned(),
             Entry {
                 worker,
-                hashes: hashes.to_vec(),
+                hashes: kept,
                 expires_at,
             },
         );
@@ -166,39 +192,37 @@ impl PendingPrefixes {
         }
     }
 
-    /// Per worker, the leading blocks of `hashes` pending there (workers with none left out).
+    /// Per worker, the leading blocks of `hashes` pending there, to the last checkpoint
+    /// (workers with none left out).
     pub fn find_matches(&self, hashes: &[u64]) -> Vec<(u64, u32)> {
         self.find_matches_iter(hashes.iter().copied())
     }
 
-    /// [`Self::find_matches`] over hashes computed lazily: stops at the first block pending
-    /// nowhere, so a prompt is hashed only as far as its pending prefix goes.
+    /// [`Self::find_matches`] over hashes computed lazily: stops at the first stride
+    /// checkpoint pending nowhere, so a prompt is hashed only about as far as its pending
+    /// prefix goes.
     pub fn find_matches_iter(&self, hashes: impl Iterator<Item = u64>) -> Vec<(u64, u32)> {
-        let mut live: Vec<(u64, u32)> = Vec::new();
-        let mut done: Vec<(u64, u32)> = Vec::new();
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        if self.blocks.is_empty() {
+            return out;
+        }
         for (i, h) in hashes.enumerate() {
-            let Some(holders) = self.blocks.get(&h) else {
-                break;
-            };
-            if i == 0 {
-                live.extend(holders.iter().map(|&(w, _)| (w, 1)));
-            } else {
-                live.retain_mut(|(w, n)| {
-                    if holders.iter().any(|(x, _)| x == w) {
-                        *n += 1;
-                        true
-                    } else {
-                        done.push((*w, *n));
-                        false
+            match self.blocks.get(&h) {
+                // A hash at block i carries the whole prefix: blocks 0..=i match.
+                Some(holders) => {
+                    for &(w, _) in holders {
+                        match out.iter_mut().find(|(x, _)| *x == w) {
+                            Some(e) => e.1 = i as u32 + 1,
+                            None => out.push((w, i as u32 + 1)),
+                        }
                     }
-                });
-            }
-            if live.is_empty() {
-                break;
+                }
+                // Every record holds block 0 and every STRIDE-th: none goes further.
+                None if i == 0 || (i + 1).is_multiple_of(STRIDE) => break,
+                None => {}
             }
         }
-        done.extend(live);
-        done
+        out
     }
 }
 
@@ -216,6 +240,7 @@ mod tests {
         let mut p = PendingPrefixes::new(10.0);
         p.add("a", 1, &[1, 2, 3], 0.0);
         p.add("b", 2, &[1, 2], 1.0);
+        // Short prompts: every block is a checkpoint (first, 4th, last).
         assert_eq!(sorted(p.find_matches(&[1, 2, 3, 4])), vec![(1, 3), (2, 2)]);
         assert_eq!(sorted(p.find_matches(&[1, 9])), vec![(1, 1), (2, 1)]);
         assert!(p.find_matches(&[9, 1]).is_empty());
@@ -231,6 +256,18 @@ mod tests {
         p.remove_worker(1);
         assert!(p.is_empty());
         assert_eq!(p.blocks(), 0);
+    }
+
+    #[test]
+    fn a_pending_match_is_exact_at_checkpoints_and_rounded_down_between() {
+        let mut p = PendingPrefixes::new(10.0);
+        let h: Vec<u64> = (1..=10).collect();
+        p.add("a", 1, &h, 0.0); // checkpoints: blocks 0, 3, 7, 9 (1st, 4th, 8th, last)
+        let q = |n: usize| -> Vec<u64> { h[..n].iter().copied().chain([99, 98]).collect() };
+        for (shared, counted) in [(1, 1), (3, 1), (4, 4), (7, 4), (8, 8), (9, 8), (10, 10)] {
+            assert_eq!(p.find_matches(&q(shared)), vec![(1, counted)], "{shared}");
+        }
+        assert_eq!(p.blocks(), 4);
     }
 
     #[test]
@@ -280,7 +317,7 @@ mod tests {
                 0 | 1 => {
                     // prompts over a small alphabet of chains: prefixes get shared
                     let root = rng.below(3) as u64;
-                    let len = 1 + rng.below(6);
+                    let len = 1 + rng.below(12);
                     let h: Vec<u64> = (0..len).map(|i| root * 100 + i as u64).collect();
                     let w = rng.below(4) as u64;
                     p.add(&id, w, &h, now);
@@ -295,13 +332,14 @@ mod tests {
                 }
             }
             let root = rng.below(3) as u64;
-            let q: Vec<u64> = (0..6).map(|i| root * 100 + i).collect();
+            let q: Vec<u64> = (0..12).map(|i| root * 100 + i).collect();
             let mut want: std::collections::BTreeMap<u64, u32> = Default::default();
             for (w, h, _) in live.values() {
-                let n = h.iter().zip(&q).take_while(|(a, b)| a == b).count() as u32;
-                if n > 0 {
+                let n = h.iter().zip(&q).take_while(|(a, b)| a == b).count();
+                // the shared prefix, down to the record's last checkpoint within it
+                if let Some(i) = (0..n).rev().find(|&i| checkpoint(i, h.len())) {
                     let e = want.entry(*w).or_default();
-                    *e = (*e).max(n);
+                    *e = (*e).max(i as u32 + 1);
                 }
             }
             let got: std::collections::BTreeMap<u64, u32> =

@@ -623,17 +623,21 @@ mod tests {
             .route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6, 7, 8], Some("a"), 0.0))
             .unwrap();
         assert_eq!(first.overlap.total(), 0);
-        // A request sharing the prefix follows it, though the index is still empty.
+        // A request sharing the prefix follows it, though the index is still empty (8
+        // shared blocks: a checkpoint, so counted exactly; see crate::pending).
         let next = s
-            .route(&idx, &hashes_req(&[1, 2, 3, 4, 5, 6, 9], Some("b"), 0.5))
+            .route(
+                &idx,
+                &hashes_req(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], Some("b"), 0.5),
+            )
             .unwrap();
-        assert_eq!((next.worker, next.overlap.gpu), (first.worker, 6));
+        assert_eq!((next.worker, next.overlap.gpu), (first.worker, 8));
         let c = next
             .candidates
             .iter()
             .find(|c| c.worker == first.worker)
             .unwrap();
-        assert_eq!((c.pending_blocks, c.new_prefill_tokens), (6, 1 + 8));
+        assert_eq!((c.pending_blocks, c.new_prefill_tokens), (8, 2 + 8));
         assert!(next
             .candidates
             .iter()
