@@ -357,8 +357,10 @@ class Autoscaler:
         single = self.perf.need(Load(fc.rate * (1 + cfg.headroom) + backlog, fc.prompt_tokens,
                                      fc.output_tokens), cfg, cp, cd)
         kv_floor = self._kv_floor(sample)
+        floored: list[Need] = []  # the needs the KV floor raised
         if single.feasible and kv_floor > single.decode:
             single = replace(single, decode=kv_floor)
+            floored.append(single)
         mixed: Need | None = None
         if cfg.aggregated and sample.short_arrivals is not None and self.short.primed:
             fs, fr = self.short.forecast(horizon), self.rest.forecast(horizon)
@@ -368,12 +370,13 @@ class Autoscaler:
             rest = self.perf.need(Load(fr.rate * (1 + cfg.headroom) + backlog, fr.prompt_tokens,
                                        fr.output_tokens), cfg, cp, cd)
             if agg.feasible and rest.feasible and agg.aggregated > 0:
-                if kv_floor > rest.decode and rest.decode > 0:
-                    rest = replace(rest, decode=kv_floor)
                 mixed = replace(rest, aggregated=agg.aggregated,
                                 aggregated_exact=agg.aggregated_exact)
+                if kv_floor > rest.decode > 0:
+                    mixed = replace(mixed, decode=kv_floor)
+                    floored.append(mixed)
         need = dec.need = self._choose_layout(dec, single, mixed)
-        if need.feasible and kv_floor and kv_floor == need.decode:
+        if any(need is f for f in floored):
             dec.note = (f"decode sized for KV usage {sample.kv_usage:.2f} on "
                         f"{sample.kv_workers} worker(s)")
         target, dec.slo_unreachable = self._targets(need)
