@@ -58,12 +58,28 @@ type NodeTable = HashMap<u64, Holders, KeyIsHash>;
 
 /// One holder of a block: worker slot in the high bits, tier mask in the low 3.
 type Holder = u32;
-type Holders = SmallVec<[Holder; 2]>;
+/// Up to 4 holders inline: the same 24 bytes as 2 inline (the spilled form's pointer and
+/// length take 16), so blocks held by 3-4 workers need no second cache miss.
+type Holders = SmallVec<[Holder; 4]>;
 
 const TIER_BITS: u32 = 3;
 const TIER_MASK: u32 = 0b111;
 /// Slots are dense per index; this bounds workers per model to 2^29.
 const MAX_SLOT: u32 = u32::MAX >> TIER_BITS;
+
+/// Hints the CPU to start loading the cache line at `p` (a no-op off x86_64).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: SSE is part of the x86_64 baseline, and a prefetch is a hint that never
+        // faults or reads memory into the program, whatever the address.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
 
 #[inline]
 fn holder_slot(h: Holder) -> u32 {
@@ -565,15 +581,25 @@ impl PrefixIndex {
         // their cache misses overlap instead of being paid one after another (the walk
         // is memory-latency bound on large indexes). At most LOOKAHEAD - 1 are wasted.
         const LOOKAHEAD: usize = 8;
+        // A group's hashes are computed before any of its lookups: interleaved with the
+        // hashing, fewer lookups were in flight at once (see the table in docs/scaling.md).
+        let mut keys = [0u64; LOOKAHEAD];
         let mut group: [Option<&Holders>; LOOKAHEAD] = [None; LOOKAHEAD];
         'walk: loop {
             let mut n = 0;
             for hash in hashes.by_ref().take(LOOKAHEAD) {
-                group[n] = self.nodes.get(&hash);
+                keys[n] = hash;
                 n += 1;
             }
             if n == 0 {
                 break;
+            }
+            for (g, k) in group.iter_mut().zip(&keys[..n]) {
+                *g = self.nodes.get(k);
+                // A spilled holder list is one more miss: start it with the others.
+                if let Some(h) = g.filter(|h| h.spilled()) {
+                    prefetch(h.as_ptr());
+                }
             }
             for found in &group[..n] {
                 let Some(holders) = found else {
