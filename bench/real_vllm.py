@@ -188,16 +188,18 @@ async def one_request(router: AsyncRouterClient, state: RunState, item: Item, po
         prompt = state.prefixes[item.group] + item.new_tokens
     state.prompts.append(prompt)
     rid = f"bench-{policy}-{item.index}-{uuid.uuid4().hex[:6]}"
+    held: dict[str, int] = {}
+    if policy != "kv":
+        # Policies that ignore the cache do not match the prompt; ask what kv would credit
+        # each worker with (kept out of the measured TTFT). Asked before routing: once
+        # routed, the request's own in-flight prompt would count as held.
+        e = await router.explain(prompt, MODEL_NAME, policy="kv")
+        held = {c.worker: c.gpu_blocks for c in e.candidates}
     t0 = time.perf_counter()
     d = await router.route(prompt, MODEL_NAME, request_id=rid, policy=policy,
                            expected_output_tokens=item.max_tokens)
     routed_s = time.perf_counter() - t0
-    predicted_blocks = d.overlap_blocks
-    if policy != "kv":
-        # Policies that ignore the cache do not match the prompt; ask what the index
-        # holds for the chosen worker (kept out of the measured TTFT).
-        e = await router.explain(prompt, MODEL_NAME, candidates=[d.worker], policy="kv")
-        predicted_blocks = next(c.gpu_blocks for c in e.candidates if c.worker == d.worker)
+    predicted_blocks = d.overlap_blocks if policy == "kv" else held.get(d.worker, 0)
     t1 = time.perf_counter()
     out: list[int] = []
     ttft = None
