@@ -60,6 +60,7 @@ from kvrouter.fleet import (
     prepare,
     trace_hashes,
 )
+from kvrouter.fleet.oracle import lru_prefix_hits
 from kvrouter.fleet.report import percentiles
 from kvrouter.fleet.traces import MOONCAKE_CONVERSATION, MOONCAKE_SYNTHETIC
 
@@ -134,8 +135,6 @@ def prefill_seconds(profile: EngineProfile, trace: Trace, hashes: list[list[int]
     hits (one LRU of `capacity_blocks`), each prompt in `chunk`-token steps on top of its
     cached prefix as the engine runs it; and the attention-over-context share of the
     latter (the calibration's new x context term)."""
-    from collections import OrderedDict
-
     def run(new: int, done: int) -> tuple[float, float]:
         t = attn = 0.0
         while new > 0:
@@ -147,21 +146,9 @@ def prefill_seconds(profile: EngineProfile, trace: Trace, hashes: list[list[int]
             new -= c
         return t, attn
 
-    lru: OrderedDict[int, None] = OrderedDict()
     none = hit = attn = 0.0
-    for r, hs in zip(trace.requests, hashes, strict=True):
-        k = 0
-        for h in hs:
-            if h not in lru:
-                break
-            k += 1
-        for h in reversed(hs):
-            if h in lru:
-                lru.move_to_end(h)
-            else:
-                lru[h] = None
-        while len(lru) > capacity_blocks:
-            lru.popitem(last=False)
+    ks = lru_prefix_hits(hashes, capacity_blocks)
+    for r, k in zip(trace.requests, ks, strict=True):
         cached = min(k * block_size, r.input_length - 1)
         none += run(r.input_length, 0)[0]
         t, a = run(r.input_length - cached, cached)

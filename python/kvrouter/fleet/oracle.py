@@ -11,7 +11,7 @@ head of a prompt outlives its tail.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -26,18 +26,19 @@ class OracleResult:
         return self.hit_blocks / self.total_blocks if self.total_blocks else 0.0
 
 
-def pooled_lru(requests: Iterable[Sequence[int]], capacity_blocks: int) -> OracleResult:
-    """Block hit rate of one LRU of `capacity_blocks` over requests' block-hash chains."""
+def lru_prefix_hits(requests: Iterable[Sequence[int]], capacity_blocks: int) -> Iterator[int]:
+    """Per request, in order: how many leading blocks of its chain one LRU of
+    `capacity_blocks` holds when it arrives (the request's chain is then stored)."""
     if capacity_blocks <= 0:
         raise ValueError("capacity_blocks must be > 0")
     lru: OrderedDict[int, None] = OrderedDict()
-    hits = total = 0
     for hashes in requests:
-        total += len(hashes)
+        k = 0
         for h in hashes:
             if h not in lru:
                 break
-            hits += 1
+            k += 1
+        yield k
         # touch tail first so the prompt's head ends up most recently used
         for h in reversed(hashes):
             if h in lru:
@@ -46,4 +47,11 @@ def pooled_lru(requests: Iterable[Sequence[int]], capacity_blocks: int) -> Oracl
                 lru[h] = None
         while len(lru) > capacity_blocks:
             lru.popitem(last=False)
+
+
+def pooled_lru(requests: Iterable[Sequence[int]], capacity_blocks: int) -> OracleResult:
+    """Block hit rate of one LRU of `capacity_blocks` over requests' block-hash chains."""
+    chains = list(requests)
+    hits = sum(lru_prefix_hits(chains, capacity_blocks))
+    total = sum(len(h) for h in chains)
     return OracleResult(hit_blocks=hits, total_blocks=total, capacity_blocks=capacity_blocks)
