@@ -86,6 +86,14 @@ class SentinelSetup:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}"
 
     def start(self, timeout: float = 30.0) -> SentinelSetup:
+        """Starts the servers; on any failure stops what did start, then raises."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> SentinelSetup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs["primary"] = _redis("redis-primary", self.primary_port, self.log_dir)
         self.procs["replica"] = _redis("redis-replica", self.replica_port, self.log_dir,
@@ -138,6 +146,14 @@ class ClusterSetup:
         return f"redis+cluster://127.0.0.1:{self.ports[0]}"
 
     def start(self, timeout: float = 30.0) -> ClusterSetup:
+        """Starts the servers; on any failure stops what did start, then raises."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> ClusterSetup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for port in self.ports:
             self.procs.append(_redis(
@@ -181,6 +197,14 @@ class TlsRedis:
         return f"rediss://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 20.0) -> TlsRedis:
+        """Starts the servers; on any failure stops what did start, then raises."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> TlsRedis:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.proc = ChildProcess("redis-tls", [
             "redis-server", "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
