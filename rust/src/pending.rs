@@ -61,13 +61,21 @@ struct Entry {
     expires_at: f64,
 }
 
+/// Records kept at most (the oldest are dropped first): in-flight requests come from
+/// clients, and one that routes with reservations and never releases must not grow the
+/// router without bound. Far above a fleet's real concurrency (1,000 workers x 128 in
+/// flight); at ~1 KiB per 8K-token record, ~128 MiB at the bound.
+pub const MAX_ENTRIES: usize = 1 << 17;
+
 /// (worker, in-flight requests holding the block there).
 type Holders = SmallVec<[(u64, u32); 2]>;
 
 /// The pending blocks of a scheduler's exact workers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PendingPrefixes {
     pub ttl_s: f64,
+    /// [`MAX_ENTRIES`] unless a test sets it lower.
+    pub max_entries: usize,
     entries: HashMap<String, Entry>,
     blocks: HashMap<u64, Holders, KeyIsHash>,
     /// (expiry, request id) in routing order: with one TTL and a clock that does not go
@@ -75,11 +83,21 @@ pub struct PendingPrefixes {
     order: VecDeque<(f64, String)>,
 }
 
+impl Default for PendingPrefixes {
+    /// Off (TTL 0) until configured.
+    fn default() -> PendingPrefixes {
+        PendingPrefixes::new(0.0)
+    }
+}
+
 impl PendingPrefixes {
     pub fn new(ttl_s: f64) -> PendingPrefixes {
         PendingPrefixes {
             ttl_s,
-            ..PendingPrefixes::default()
+            max_entries: MAX_ENTRIES,
+            entries: HashMap::new(),
+            blocks: HashMap::default(),
+            order: VecDeque::new(),
         }
     }
 
@@ -133,6 +151,25 @@ impl PendingPrefixes {
             },
         );
         self.order.push_back((expires_at, id.to_owned()));
+        self.bound();
+    }
+
+    /// Drops the oldest records past `max_entries`, and the stale (expiry, id) pairs once
+    /// they outnumber the live ones (ended records leave theirs behind in `order`).
+    fn bound(&mut self) {
+        while self.entries.len() > self.max_entries {
+            let Some((t, id)) = self.order.pop_front() else {
+                break;
+            };
+            if self.entries.get(&id).is_some_and(|e| e.expires_at == t) {
+                self.remove(&id);
+            }
+        }
+        if self.order.len() > 2 * self.entries.len() + 1024 {
+            let entries = &self.entries;
+            self.order
+                .retain(|(t, id)| entries.get(id).is_some_and(|e| e.expires_at == *t));
+        }
     }
 
     /// Ends request `id`'s pending record; false if there was none.
@@ -233,6 +270,27 @@ mod tests {
     fn sorted(mut v: Vec<(u64, u32)>) -> Vec<(u64, u32)> {
         v.sort_unstable();
         v
+    }
+
+    #[test]
+    fn records_are_bounded_oldest_first_and_stale_order_pairs_compacted() {
+        let mut p = PendingPrefixes::new(60.0);
+        p.max_entries = 100;
+        for i in 0..250u64 {
+            p.add(&format!("r{i}"), i % 4, &[i, i + 1000], i as f64 * 0.01);
+        }
+        assert_eq!(p.len(), 100);
+        assert!(!p.remove("r149"), "the oldest records were dropped");
+        assert!(p.remove("r150") && p.remove("r249"));
+        assert_eq!(p.blocks(), 2 * 98);
+        // Records that end normally leave (expiry, id) pairs behind; they are compacted.
+        for i in 0..5000u64 {
+            let id = format!("s{i}");
+            p.add(&id, 1, &[7], 3.0);
+            p.remove(&id);
+        }
+        assert!(p.order.len() <= 2 * p.len() + 1024 + 1);
+        assert_eq!(p.len(), 98);
     }
 
     #[test]
