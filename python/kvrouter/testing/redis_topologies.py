@@ -13,6 +13,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from kvrouter.testing.processes import ChildProcess, free_port
 from kvrouter.testing.wait import wait_until
@@ -70,8 +71,28 @@ def _pings(port: int) -> bool:
     return _command(port, "PING").startswith(b"+PONG")
 
 
+class _Servers:
+    """Servers a test starts; `start` stops what did start when any step fails."""
+
+    default_timeout = 20.0
+
+    def _start(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> Self:
+        try:
+            self._start(self.default_timeout if timeout is None else timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+
 @dataclass
-class SentinelSetup:
+class SentinelSetup(_Servers):
     """A primary, one replica and one Sentinel (quorum 1) that fails over in ~1-3 s."""
 
     log_dir: Path
@@ -85,15 +106,9 @@ class SentinelSetup:
     def url(self) -> str:
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.service}"
 
-    def start(self, timeout: float = 30.0) -> SentinelSetup:
-        """Starts the servers; on any failure stops what did start, then raises."""
-        try:
-            return self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+    default_timeout = 30.0
 
-    def _start(self, timeout: float) -> SentinelSetup:
+    def _start(self, timeout: float) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.procs["primary"] = _redis("redis-primary", self.primary_port, self.log_dir)
         self.procs["replica"] = _redis("redis-replica", self.replica_port, self.log_dir,
@@ -114,7 +129,6 @@ class SentinelSetup:
         wait_until(lambda: f"{self.replica_port}".encode() in _command(
             self.sentinel_port, "SENTINEL", "REPLICAS", self.service),
             timeout, what="sentinel sees the replica", procs=procs, ignore=(OSError,))
-        return self
 
     def primary(self) -> int:
         """The port Sentinel names as primary now."""
@@ -134,7 +148,7 @@ class SentinelSetup:
 
 
 @dataclass
-class ClusterSetup:
+class ClusterSetup(_Servers):
     """Three primaries (no replicas) with all 16384 slots assigned."""
 
     log_dir: Path
@@ -145,15 +159,9 @@ class ClusterSetup:
     def url(self) -> str:
         return f"redis+cluster://127.0.0.1:{self.ports[0]}"
 
-    def start(self, timeout: float = 30.0) -> ClusterSetup:
-        """Starts the servers; on any failure stops what did start, then raises."""
-        try:
-            return self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+    default_timeout = 30.0
 
-    def _start(self, timeout: float) -> ClusterSetup:
+    def _start(self, timeout: float) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for port in self.ports:
             self.procs.append(_redis(
@@ -170,7 +178,6 @@ class ClusterSetup:
             wait_until(lambda p=port: _info(p, "cluster").get("cluster_enabled") == "1"  # type: ignore[misc]
                        and b"cluster_state:ok" in _command(p, "CLUSTER", "INFO"),
                        timeout, what=f"cluster state ok on {port}", procs=self.procs, ignore=(OSError,))
-        return self
 
     def keys_per_node(self) -> list[int]:
         return [int(_command(p, "DBSIZE").strip(b":\r\n") or 0) for p in self.ports]
@@ -181,7 +188,7 @@ class ClusterSetup:
 
 
 @dataclass
-class TlsRedis:
+class TlsRedis(_Servers):
     """A redis-server that accepts TLS only (`port 0`), with client certificates
     optional; the CA, certificate and key are files the caller made."""
 
@@ -196,15 +203,9 @@ class TlsRedis:
     def url(self) -> str:
         return f"rediss://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 20.0) -> TlsRedis:
-        """Starts the servers; on any failure stops what did start, then raises."""
-        try:
-            return self._start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+    default_timeout = 20.0
 
-    def _start(self, timeout: float) -> TlsRedis:
+    def _start(self, timeout: float) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.proc = ChildProcess("redis-tls", [
             "redis-server", "--port", "0", "--tls-port", str(self.port), "--bind", "127.0.0.1",
@@ -218,7 +219,6 @@ class TlsRedis:
                 return True
 
         wait_until(listening, timeout, what="TLS redis-server", procs=[self.proc], ignore=(OSError,))
-        return self
 
     def stop(self) -> None:
         if self.proc is not None:
