@@ -331,18 +331,24 @@ def test_every_decision_is_logged_with_inputs(caplog: pytest.LogCaptureFixture) 
 
 # -- in the loop of the fleet simulator ------------------------------------------------------------
 
-def _step_load(seed: int = 1) -> list[FleetRequest]:
-    """2 req/s for 4 min, 14 req/s for 4 min, then 1 req/s for 6 min."""
+def poisson_load(seed: int, phases: tuple[tuple[float, float], ...], prompt: tuple[int, int],
+                 output: tuple[int, int]) -> list[FleetRequest]:
+    """Poisson arrivals at each phase's (rate, until), uniform prompt/output lengths."""
     rng = np.random.default_rng(seed)
     out: list[FleetRequest] = []
     t = 0.0
-    for rate, until in ((2.0, 240.0), (14.0, 480.0), (1.0, 840.0)):
+    for rate, until in phases:
         while t < until:
             t += float(rng.exponential(1 / rate))
-            n_in = int(rng.integers(500, 3000))
-            out.append(FleetRequest(f"r{len(out)}", t, n_in, int(rng.integers(20, 300)),
+            n_in = int(rng.integers(*prompt))
+            out.append(FleetRequest(f"r{len(out)}", t, n_in, int(rng.integers(*output)),
                                     [int(h) for h in rng.integers(1, 2**62, n_in // 64)]))
     return out
+
+
+def _step_load(seed: int = 1) -> list[FleetRequest]:
+    """2 req/s for 4 min, 14 req/s for 4 min, then 1 req/s for 6 min."""
+    return poisson_load(seed, ((2.0, 240.0), (14.0, 480.0), (1.0, 840.0)), (500, 3000), (20, 300))
 
 
 def test_planner_in_the_fleet_simulator_answers_everything_and_leaks_nothing() -> None:

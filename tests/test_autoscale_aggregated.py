@@ -11,7 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-import numpy as np
 import pytest
 from kubernetes import client as k8s
 from prometheus_client import CollectorRegistry, generate_latest
@@ -23,7 +22,6 @@ from kvrouter.autoscale import (
     AutoscaleMetrics,
     Autoscaler,
     Load,
-    PerfModel,
     Phase,
     PoolTelemetry,
     WorkerView,
@@ -35,17 +33,15 @@ from kvrouter.autoscale.loop import in_pool, parse_counters
 from kvrouter.autoscale.sim import SimDriver
 from kvrouter.client import WorkerState
 from kvrouter.config import DisaggConfig
-from kvrouter.engines.sim import EngineConfig, EngineProfile
-from kvrouter.engines.sim.profile import PROFILES_DIR
+from kvrouter.engines.sim import EngineConfig
 from kvrouter.fleet.dynamic import DynamicFleet
 from kvrouter.fleet.simulator import FleetConfig, FleetRequest
 from kvrouter.planner import AGGREGATED_POOL, LengthSpecialiser, RequestClass
 from kvrouter.registry import Role
 from kvrouter.server.metrics import RouterMetrics
+from tests.test_autoscale import PERF, PROFILE, fleet, poisson_load
 from tests.test_autoscale_actuators import ApiServer
 
-PROFILE = EngineProfile.load(PROFILES_DIR / "h200-llama-49b-shape.json")
-PERF = PerfModel(PROFILE)
 P, D, A = Role.PREFILL, Role.DECODE, Role.AGGREGATED
 CFG = AutoscaleConfig(slo=SLO(ttft_s=2.0, itl_s=0.04))
 
@@ -106,9 +102,7 @@ def mixed_sample(t: float, rate: float, short_share: float, short: tuple[float, 
 
 
 def views(p: int, d: int, a: int = 0) -> list[WorkerView]:
-    return ([WorkerView(f"p{i}", P, Phase.READY, 0.0) for i in range(p)]
-            + [WorkerView(f"d{i}", D, Phase.READY, 0.0) for i in range(d)]
-            + [WorkerView(f"a{i}", A, Phase.READY, 0.0) for i in range(a)])
+    return fleet(p, d) + [WorkerView(f"a{i}", A, Phase.READY, 0.0) for i in range(a)]
 
 
 def test_short_long_output_mix_gets_aggregated_workers_after_hysteresis() -> None:
@@ -212,15 +206,7 @@ def test_bad_class_split_is_a_gap() -> None:
 # -- the fleet simulator ----------------------------------------------------------------------
 def _chat_load(seed: int = 3) -> list[FleetRequest]:
     """Short prompts with long answers (the aggregated class) at ~4 req/s for 5 minutes."""
-    rng = np.random.default_rng(seed)
-    out: list[FleetRequest] = []
-    t = 0.0
-    while t < 300.0:
-        t += float(rng.exponential(1 / 4.0))
-        n_in = int(rng.integers(64, 400))
-        out.append(FleetRequest(f"r{len(out)}", t, n_in, int(rng.integers(400, 900)),
-                                [int(h) for h in rng.integers(1, 2**62, n_in // 64)]))
-    return out
+    return poisson_load(seed, ((4.0, 300.0),), (64, 400), (400, 900))
 
 
 def test_fleet_simulator_moves_short_requests_onto_aggregated_workers() -> None:

@@ -669,14 +669,7 @@ mod tests {
             RouteRequest {
                 prompt: Prompt::Tokens { tokens, root: 0 },
                 prompt_tokens: tokens.len() as u64,
-                request_id: id,
-                expected_output_tokens: 0,
-                candidates: None,
-                policy: None,
-                explain: true,
-                reserve: id.is_some(),
-                now: 70.0,
-                prefill_weight: None,
+                ..hashes_req(&[], id, 70.0)
             }
         }
         let t = s.route(&idx, &tok_req(&toks, Some("t"))).unwrap();
