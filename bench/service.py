@@ -174,17 +174,27 @@ def start_server(workdir: Path) -> RouterProcess:
                         metrics=True)
 
 
-def decision_buckets(metrics_port: int) -> dict[float, float]:
-    """Cumulative counts of the server's kvrouter_decision_seconds histogram (the time
-    decide() takes inside the handler, without gRPC queueing/transport), by upper bound."""
+def _scrape(metrics_port: int) -> list[Any]:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        text = r.read().decode()
+        return list(text_string_to_metric_families(r.read().decode()))
+
+
+def heap_trims(metrics_port: int) -> float:
+    """The server's kvrouter_heap_trims_total (each one a full GC pass and malloc_trim in
+    the event loop: server/memory.py)."""
+    return sum(smp.value for fam in _scrape(metrics_port) if fam.name == "kvrouter_heap_trims"
+               for smp in fam.samples if smp.name.endswith("_total"))
+
+
+def decision_buckets(metrics_port: int) -> dict[float, float]:
+    """Cumulative counts of the server's kvrouter_decision_seconds histogram (the time
+    decide() takes inside the handler, without gRPC queueing/transport), by upper bound."""
     out: dict[float, float] = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in _scrape(metrics_port):
         if fam.name == "kvrouter_decision_seconds":
             for smp in fam.samples:
                 if smp.name.endswith("_bucket"):
@@ -429,6 +439,7 @@ def bench_grpc(quick: bool, workers: int = 64, prompt_tokens: int = 1024) -> dic
     pinned = pin_server(server.pid)
     try:
         setup_fleet(target, workers, prompts)
+        trims0 = heap_trims(server.metrics_port)
         unary = run_loadgen("unary", server.pid, target=target, reqs=reqs, seconds=seconds,
                             concurrency=64)
         half = max(100.0, float(unary.get("rps", 0.0)) / 2)
@@ -441,6 +452,7 @@ def bench_grpc(quick: bool, workers: int = 64, prompt_tokens: int = 1024) -> dic
                              streams=4, batch=32, inflight=4)
         stream1 = run_loadgen("stream", server.pid, target=target, reqs=reqs,
                               seconds=seconds / 2, streams=4, batch=1, inflight=16)
+        trims = heap_trims(server.metrics_port) - trims0
     finally:
         server.stop(15.0)
         err = server.logs()
@@ -462,6 +474,7 @@ def bench_grpc(quick: bool, workers: int = 64, prompt_tokens: int = 1024) -> dic
             fixed.get("server_decide_p99_ms_at_most"),
         "stream_rps": stream.get("rps"),
         "stream_rps_unbatched": stream1.get("rps"),
+        "server_heap_trims": trims,
         "server_stderr_tail": err[-2000:],
     }
 

@@ -1,9 +1,11 @@
-"""The command line's subcommand registry: a subcommand whose module fails to import is
-an error naming the module and the cause, never a silently missing command."""
+"""The command line: its subcommand registry (a subcommand whose module fails to import is
+an error naming the module and the cause, never a silently missing command) and the
+process runner its long-running commands share (kvrouter.mainloop)."""
 
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,3 +45,16 @@ def test_a_subcommand_module_without_register_is_an_error(
     monkeypatch.setitem(cli.EXTERNAL_COMMANDS, "nothing", "kvrouter.counters")
     assert cli.main(["nothing"]) == 1
     assert "has no register()" in capsys.readouterr().err
+
+
+def test_a_long_running_command_runs_with_its_import_heap_frozen() -> None:
+    """run_command leaves what the imports built out of GC passes (mainloop.freeze_heap):
+    in a fresh interpreter, the command's coroutine sees a frozen generation."""
+    code = ("import gc\n"
+            "from kvrouter.mainloop import run_command\n"
+            "async def main():\n"
+            "    print(gc.get_freeze_count())\n"
+            "raise SystemExit(run_command('probe', main(), failures=()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert int(out.stdout.strip()) > 1000, out

@@ -11,6 +11,8 @@ Two things kept it (measured with bench/chaos and a probe sending 2M-token promp
 `HeapTrimmer.maybe_trim`, called from the router's maintenance loop, runs a full
 collection and glibc's malloc_trim(0) when RSS has grown by `min_growth_bytes` since
 the last trim (at most every `min_interval_s`); on other C libraries only the collection.
+In a process started by `kvrouter.mainloop.run` that pass walks only what was allocated
+since the start (the imports' heap is frozen there), not the ~90K objects before it.
 """
 
 from __future__ import annotations
