@@ -9,9 +9,14 @@ Two things kept it (measured with bench/chaos and a probe sending 2M-token promp
   the heap, whose free space is not returned: one flood of oversized requests left RSS
   at 138 MiB from 89 MiB.
 `HeapTrimmer.maybe_trim`, called from the router's maintenance loop, runs a full
-collection and glibc's malloc_trim(0) when RSS has grown by `min_growth_bytes` since
-the last trim (at most every `min_interval_s`); on other C libraries only the collection.
-In a process started by `kvrouter.mainloop.run` that pass walks only what was allocated
+collection and glibc's malloc_trim(0) (on other C libraries only the collection): at once
+when RSS has grown by `min_growth_bytes` since the last trim, and otherwise on a backoff
+schedule, every `min_interval_s` doubling to `max_interval_s` while trims return little.
+The schedule is what brings RSS back after a flood: trims during the flood free little
+(its requests are still alive) and left the growth reference at the flood's height, so
+a rule on growth alone never trimmed again afterwards (bench/chaos: RSS stayed at ~200 MB
+from ~97 MB for 40-90 s, until glibc returned some of it by itself).
+In a process started by `kvrouter.mainloop.run` a pass walks only what was allocated
 since the start (the imports' heap is frozen there), not the ~90K objects before it.
 """
 
@@ -80,27 +85,43 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 class HeapTrimmer:
-    def __init__(self, min_growth_bytes: int = 8 << 20, min_interval_s: float = 1.0) -> None:
+    """When to give memory back (module doc). `rss` and `trim` (default: /proc and glibc's
+    malloc_trim) are for tests."""
+
+    def __init__(self, min_growth_bytes: int = 8 << 20, min_interval_s: float = 1.0,
+                 max_interval_s: float = 64.0, rss: Callable[[], int] = rss_bytes,
+                 trim: Callable[[int], int] | None = None) -> None:
         self.min_growth_bytes = min_growth_bytes
         self.min_interval_s = min_interval_s
-        self._trim = _malloc_trim()
-        self._baseline = rss_bytes()
+        self.max_interval_s = max_interval_s
+        self._rss = rss
+        self._trim = trim if trim is not None else _malloc_trim()
+        self._baseline = rss()
+        self._interval = min_interval_s
         self._last = 0.0
 
     def maybe_trim(self, now: float | None = None) -> int:
-        """Trim if RSS grew enough since the last trim; returns the bytes returned."""
+        """Trim when RSS grew enough since the last trim, or when the backoff interval has
+        passed since it; returns the bytes given back."""
         now = time.monotonic() if now is None else now
-        rss = rss_bytes()
-        if rss - self._baseline < self.min_growth_bytes or now - self._last < self.min_interval_s:
+        if now - self._last < self.min_interval_s:
+            return 0
+        rss = self._rss()
+        grew = rss - self._baseline >= self.min_growth_bytes
+        if not grew and now - self._last < self._interval:
             return 0
         self._last = now
         gc.collect()
         if self._trim is not None:
             self._trim(0)
-        after = rss_bytes()
+        after = self._rss()
         freed = max(0, rss - after)
         self._baseline = after
+        # Productive (or the heap is growing): check again soon; idle: back off.
+        self._interval = (self.min_interval_s if grew or freed >= self.min_growth_bytes
+                          else min(self.max_interval_s, self._interval * 2))
         TRIMS.inc()
         TRIMMED.inc(freed)
-        log.debug("heap trimmed", extra={"rss_before": rss, "rss_after": after})
+        log.debug("heap trimmed", extra={"rss_before": rss, "rss_after": after,
+                                         "next_s": self._interval})
         return freed
