@@ -58,10 +58,23 @@ def test_memory_left_after_a_flood_is_given_back_without_new_growth() -> None:
     assert now <= 1.0 + 2.0  # the interval had backed off at most once
 
 
-def test_an_idle_heap_is_trimmed_less_and_less_often() -> None:
+def test_a_heap_that_never_grows_is_never_trimmed() -> None:
     heap = FakeHeap(100 * MB)
     t = make(heap)
-    for s in range(1, 61):
+    for s in range(1, 200):
         t.maybe_trim(now=float(s))
-    # 1, 2, 4, then every 8 s (max_interval_s): 1+2+4 = 7 s to reach it, then 53 s / 8
-    assert heap.trims == 3 + 53 // 8
+    assert heap.trims == 0
+
+
+def test_after_growth_the_follow_ups_back_off_and_end() -> None:
+    heap = FakeHeap(100 * MB)
+    t = make(heap)
+    heap.rss = 120 * MB
+    trimmed_at = []
+    for s in range(1, 100):
+        before = heap.trims
+        t.maybe_trim(now=float(s))
+        if heap.trims > before:
+            trimmed_at.append(s)
+    # the trim on growth at 1 s, then follow-ups after 1, 2, 4 and 8 s (max_interval_s)
+    assert trimmed_at == [1, 2, 4, 8, 16]

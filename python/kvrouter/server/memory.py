@@ -10,12 +10,13 @@ Two things kept it (measured with bench/chaos and a probe sending 2M-token promp
   at 138 MiB from 89 MiB.
 `HeapTrimmer.maybe_trim`, called from the router's maintenance loop, runs a full
 collection and glibc's malloc_trim(0) (on other C libraries only the collection): at once
-when RSS has grown by `min_growth_bytes` since the last trim, and otherwise on a backoff
-schedule, every `min_interval_s` doubling to `max_interval_s` while trims return little.
-The schedule is what brings RSS back after a flood: trims during the flood free little
-(its requests are still alive) and left the growth reference at the flood's height, so
-a rule on growth alone never trimmed again afterwards (bench/chaos: RSS stayed at ~200 MB
-from ~97 MB for 40-90 s, until glibc returned some of it by itself).
+when RSS has grown by `min_growth_bytes` since the last trim, then on a backoff schedule
+(`min_interval_s`, doubling while trims return little, ending past `max_interval_s`; a
+heap that never grows is never trimmed). The schedule is what brings RSS back after a
+flood: trims during the flood free little (its requests are still alive) and leave the
+growth reference at the flood's height, so a rule on growth alone never trimmed again
+afterwards (bench/chaos: RSS stayed at ~200 MB from ~97 MB for 40-90 s, until glibc
+returned some of it by itself).
 In a process started by `kvrouter.mainloop.run` a pass walks only what was allocated
 since the start (the imports' heap is frozen there), not the ~90K objects before it.
 """
@@ -98,17 +99,18 @@ class HeapTrimmer:
         self._trim = trim if trim is not None else _malloc_trim()
         self._baseline = rss()
         self._interval = min_interval_s
+        self._scheduled = False  # armed by a trim on growth, ends past max_interval_s
         self._last = 0.0
 
     def maybe_trim(self, now: float | None = None) -> int:
-        """Trim when RSS grew enough since the last trim, or when the backoff interval has
-        passed since it; returns the bytes given back."""
+        """Trim when RSS grew enough since the last trim, or when a scheduled follow-up
+        is due; returns the bytes given back."""
         now = time.monotonic() if now is None else now
         if now - self._last < self.min_interval_s:
             return 0
         rss = self._rss()
         grew = rss - self._baseline >= self.min_growth_bytes
-        if not grew and now - self._last < self._interval:
+        if not grew and not (self._scheduled and now - self._last >= self._interval):
             return 0
         self._last = now
         gc.collect()
@@ -117,9 +119,12 @@ class HeapTrimmer:
         after = self._rss()
         freed = max(0, rss - after)
         self._baseline = after
-        # Productive (or the heap is growing): check again soon; idle: back off.
-        self._interval = (self.min_interval_s if grew or freed >= self.min_growth_bytes
-                          else min(self.max_interval_s, self._interval * 2))
+        # Productive (or the heap is growing): again soon; else back off, then stop.
+        if grew or freed >= self.min_growth_bytes:
+            self._interval, self._scheduled = self.min_interval_s, True
+        else:
+            self._interval *= 2
+            self._scheduled = self._interval <= self.max_interval_s
         TRIMS.inc()
         TRIMMED.inc(freed)
         log.debug("heap trimmed", extra={"rss_before": rss, "rss_after": after,
