@@ -21,8 +21,9 @@ Reported: requests by outcome, `lost` (no answer: a client deadline passed, or U
 / INTERNAL, or a Generate stream that ended without finishing or a status),
 `errors_by_code` (final, after retries), `divergent_blocks` (synthetic workers: the
 routers' snapshots against each worker's truth, block by block; sim engines: replica 0
-against replica 1), `rss_growth` of the router that was never killed, and Route decision
-p50/p99 inside and outside the fault windows.
+against replica 1), `rss_growth` of the router that was never killed (from the end of
+the warm-up, when its index is at its steady size: `indexed_blocks` then and at the end),
+and Route decision p50/p99 inside and outside the fault windows.
 
     python -m bench.chaos --quick --json bench/results/chaos-quick.json   # 2 minutes
     python -m bench.chaos --json bench/results/chaos.json                 # 10 minutes
@@ -51,6 +52,7 @@ import redis as redis_sync
 from bench.common import machine, summary, table, write_json
 from kvrouter import PrefixIndex
 from kvrouter._proto.v1 import common_pb2, router_pb2, router_pb2_grpc
+from kvrouter.client import RouterClient
 from kvrouter.events.keys import Keys
 from kvrouter.events.publisher import EventPublisher, redis_publisher
 from kvrouter.events.workload import SyntheticCache
@@ -66,6 +68,11 @@ BS = 16
 GEN_MODEL = "default"
 EVENTS_MODEL = "events"
 ENGINES = 4
+# The simulated engines' KV cache: small enough to fill during the warm-up (the load stores
+# ~250 new output blocks/s across the engines), so RSS is measured from a steady index
+# as the warm-up intends. At the profile's size (~27K blocks per engine) the index was
+# still filling at the end of a 10-minute run, and that growth read as RSS growth.
+GEN_KV_TOKENS = 16_384
 SYNTHETIC = 60
 RETRIABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 LOST_CODES = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -116,7 +123,8 @@ class Fleet:
     def start_engine(self, i: int) -> SimEngineProcess:
         eng = start_sim_engine(self.work / "engines", f"sim{i}", redis=self.sentinel.url,
                                namespace=self.namespace,
-                               args=("--time-scale", "0.05", "--block-size", str(BS)))
+                               args=("--time-scale", "0.05", "--block-size", str(BS),
+                                     "--kv-capacity-tokens", str(GEN_KV_TOKENS)))
         if i < len(self.engines):
             self.engines[i] = eng
         else:
@@ -264,6 +272,12 @@ def flood(targets: list[str], seconds: float) -> dict[str, int]:
     return dict(seen)
 
 
+def indexed_blocks(target: str) -> int:
+    """Blocks in a router's index, all models (what its RSS should follow)."""
+    with RouterClient(target) as c:
+        return sum(w.cached_blocks for w in c.list_workers())
+
+
 # ---------------------------------------------------------------------- truth after recovery
 def _snapshot_sets(r: redis_sync.Redis, keys: Keys, model: str, replica: str
                    ) -> tuple[float, dict[str, set[int]]]:
@@ -363,6 +377,7 @@ async def run(duration: float, work: Path) -> dict[str, Any]:
         # Warm-up to 25%: the indexes fill to their steady size; RSS is measured from there.
         await at(0.25)
         rss0 = rss_kib(fleet.routers[0].pid)
+        blocks0 = await asyncio.to_thread(indexed_blocks, fleet.routers[0].target)
         log(f"warm; router 0 RSS {rss0} KiB")
         await at(0.3)
         start = time.monotonic()
@@ -403,6 +418,7 @@ async def run(duration: float, work: Path) -> dict[str, Any]:
             await p.flush(30)
         div = await asyncio.to_thread(divergence, fleet, caches, end)
         rss1 = rss_kib(fleet.routers[0].pid)  # after the quiet period and the convergence check
+        blocks1 = await asyncio.to_thread(indexed_blocks, fleet.routers[0].target)
 
         def in_window(t: float) -> bool:
             return any(a <= t <= b for _, a, b in windows)
@@ -422,6 +438,7 @@ async def run(duration: float, work: Path) -> dict[str, Any]:
             "flood": dict(tally.flood),
             "divergent_blocks": div["synthetic_vs_truth"] + div["engines_replica0_vs_1"],
             "divergence": div,
+            "indexed_blocks": {"after_warmup": blocks0, "end": blocks1},
             "rss_kib": {"after_warmup": rss0, "end": rss1, "samples": [(round(t, 1), v) for t, v in rss_samples]},
             "rss_growth": (rss1 - rss0) / rss0 if rss0 else float("nan"),
             # Every k-th decision: enough for the plot, small enough to commit.
@@ -481,6 +498,7 @@ def main() -> None:
     inside, outside = res["route_ms_in_fault_windows"], res["route_ms_outside"]
     print(table([["lost", res["lost"]], ["divergent_blocks", res["divergent_blocks"]],
                  ["rss_growth", f"{res['rss_growth']:.2%}"],
+                 ["indexed blocks warm/end", "{after_warmup} / {end}".format(**res["indexed_blocks"])],
                  ["route p50/p99 ms in faults", f"{inside['p50']:.2f} / {inside['p99']:.2f}"],
                  ["route p50/p99 ms outside", f"{outside['p50']:.2f} / {outside['p99']:.2f}"]],
                 ["metric", "value"]))
