@@ -257,6 +257,28 @@ def test_async_client_and_route_stream_carry_the_token(auth_router: RouterProces
     asyncio.run(run())
 
 
+def test_a_refused_route_stream_reports_the_refusal_even_when_writing_after_it(
+        auth_router: RouterProcess) -> None:
+    """The router ends a RouteStream it refuses at once; a message written after that
+    fails in grpc.aio with INTERNAL, and the session reports the call's own status."""
+    import asyncio
+
+    from kvrouter.client import AsyncRouterClient
+
+    async def run() -> None:
+        async with AsyncRouterClient(auth_router.target, security=as_("w0")) as w:
+            with pytest.raises(grpc.RpcError) as err:
+                async with w.stream() as s:
+                    reader = s._reader
+                    assert reader is not None
+                    await asyncio.wait([reader], timeout=10)  # the refusal has arrived
+                    assert reader.done()
+                    await s.route_many([])
+            assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+    asyncio.run(run())
+
+
 def test_a_token_is_never_sent_in_plaintext_off_the_machine() -> None:
     from kvrouter.security.tls import TlsError
 

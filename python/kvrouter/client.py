@@ -483,10 +483,27 @@ class RouteStreamSession:
         fut: asyncio.Future[router_pb2.RouteStreamResponse] = (
             asyncio.get_running_loop().create_future())
         self._pending[seq] = fut
-        async with self._write_lock:
-            await self._call.write(router_pb2.RouteStreamRequest(seq=seq, items=items))
+        try:
+            async with self._write_lock:
+                await self._call.write(router_pb2.RouteStreamRequest(seq=seq, items=items))
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:
+            self._pending.pop(seq, None)
+            raise await self._ended_because(e) from None
         resp = await fut
         return list(resp.results)
+
+    async def _ended_because(self, write_error: BaseException) -> BaseException:
+        """A write failed because the call had ended (the router refused it, say): grpc.aio
+        then reports INTERNAL for the write, while the call's own status, which the reader
+        receives, says why. That status, else the write's error."""
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader), timeout=5.0)
+            except grpc.RpcError as status:
+                return status
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+        return write_error
 
     @staticmethod
     def _unwrap(r: router_pb2.RouteStreamResult) -> RouteResult | bool | StreamItemError:
