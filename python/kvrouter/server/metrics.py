@@ -119,8 +119,16 @@ class _WorkerCollector(Collector):
 class _Hist:
     """One histogram's counts per bucket (not cumulative; the last is +Inf) and sum."""
 
-    counts: list[int]
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
     total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # `le` is inclusive
+        self.total += value
 
 
 @dataclass(eq=False)  # hashable by identity: the registry keys collectors by them
@@ -147,27 +155,24 @@ class _DecisionTally(Collector):
         self.decisions[key] = self.decisions.get(key, 0) + 1
         h = self.latency.get(model)
         if h is None:
-            h = self.latency[model] = _Hist([0] * (len(LATENCY_BUCKETS) + 1))
-        h.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        h.total += seconds
+            h = self.latency[model] = _Hist(LATENCY_BUCKETS)
+        h.observe(seconds)
         o = self.ratio.get(model)
         if o is None:
-            o = self.ratio[model] = _Hist([0] * (len(RATIO_BUCKETS) + 1))
-        o.counts[bisect.bisect_left(RATIO_BUCKETS, overlap_ratio)] += 1
-        o.total += overlap_ratio
+            o = self.ratio[model] = _Hist(RATIO_BUCKETS)
+        o.observe(overlap_ratio)
 
     def failed(self, model: str, policy: str, outcome: str) -> None:
         key = (model, policy, outcome)
         self.decisions[key] = self.decisions.get(key, 0) + 1
 
     @staticmethod
-    def _histogram(name: str, doc: str, bounds: tuple[float, ...],
-                   hists: dict[str, _Hist]) -> HistogramMetricFamily:
+    def _histogram(name: str, doc: str, hists: dict[str, _Hist]) -> HistogramMetricFamily:
         fam = HistogramMetricFamily(name, doc, labels=["model"])
         for model, h in list(hists.items()):
             counts, total = list(h.counts), h.total
             cum, buckets = 0, []
-            for bound, n in zip((*bounds, INF), counts, strict=True):
+            for bound, n in zip((*h.bounds, INF), counts, strict=True):
                 cum += n
                 buckets.append((floatToGoString(bound), cum))
             fam.add_metric([model], buckets, total)
@@ -188,11 +193,10 @@ class _DecisionTally(Collector):
             tokens.add_metric([model, "expected_output"], expected)
         yield tokens
         yield self._histogram("kvrouter_decision_seconds",
-                              "Time to decide one request inside the router",
-                              LATENCY_BUCKETS, self.latency)
+                              "Time to decide one request inside the router", self.latency)
         yield self._histogram("kvrouter_predicted_overlap_ratio",
                               "Share of the prompt's blocks cached on the chosen worker "
-                              "(router's prediction)", RATIO_BUCKETS, self.ratio)
+                              "(router's prediction)", self.ratio)
 
 
 class RouterMetrics:
